@@ -1,0 +1,103 @@
+//! The admin listener (SPEC §9): `/metrics`, `/healthz`, `/readyz`, `/config`.
+//!
+//! Owns the operator-facing HTTP endpoints on their own address. It only
+//! reads: the metrics registry and the serving generation. It must never
+//! expose a secret: `/config` reports counts and file hashes, not contents.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use serde_json::json;
+
+use crate::proxy::Gateway;
+
+/// Answer one admin request.
+pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(gw.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        // A gateway object exists only once a valid generation has loaded.
+        "/readyz" => text(StatusCode::OK, "ready\n"),
+        "/config" => {
+            let g = gw.current();
+            let s = &g.snapshot;
+            let loaded_at = time::OffsetDateTime::from(s.loaded_at)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            let body = json!({
+                "generation": g.number,
+                "loaded_at": loaded_at,
+                "source": s.source,
+                "mode": s.mode,
+                "files": s.files,
+                "counts": {
+                    "routes": s.routes.len(),
+                    "tags": s.tags.len(),
+                    "plans": s.plans.len(),
+                    "accounts": s.accounts.len(),
+                    "tenants": s.tenants.len(),
+                    "pats": s.pats.len(),
+                    "jwt_keys": s.jwt.keys.len(),
+                },
+                "warnings": s.warnings,
+            });
+            let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// Serve the admin endpoints until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let r = handle(&gw, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}

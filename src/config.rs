@@ -1,0 +1,1052 @@
+//! gateway.yaml → one validated, compiled [`Snapshot`] (SPEC §3, §5).
+//!
+//! Owns the file formats (serde structs that deny unknown keys), every
+//! validation rule, and compiling names into the dense ids the hot path uses.
+//! It reads files (gateway.yaml, the PAT file, key files) but starts nothing:
+//! a snapshot is plain data plus an idle upstream client, so building one is
+//! safe to do off the request path and to throw away when it fails.
+//!
+//! Errors name the file, the line where the YAML parser gives one, and the
+//! key; all validation errors of a file are reported together.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::routes::RouteTable;
+use crate::scope::{AccountId, MethodSet, Plan, PlanId, TagId, TenantId, Vocabulary};
+use crate::token::jwt::{JwtKey, JwtKeys, is_hmac, parse_alg};
+use crate::token::pat::{PatFileSpec, PatStore};
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read: {message}", file.display())]
+    Io { file: PathBuf, message: String },
+    #[error("{}{}: {message}", file.display(), fmt_loc(*line, *column))]
+    Parse {
+        file: PathBuf,
+        line: Option<usize>,
+        column: Option<usize>,
+        message: String,
+    },
+    #[error("{}: {key}: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+fn fmt_loc(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+/// Every problem found while loading, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+fn parse_error(file: &Path, e: serde_yaml::Error) -> ConfigError {
+    let loc = e.location();
+    ConfigError::Parse {
+        file: file.to_path_buf(),
+        line: loc.as_ref().map(|l| l.line()),
+        column: loc.as_ref().map(|l| l.column()),
+        message: e.to_string(),
+    }
+}
+
+struct Problems<'f> {
+    file: &'f Path,
+    list: Vec<ConfigError>,
+}
+
+impl Problems<'_> {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.list.push(ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------
+// File format
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{s}` is not a duration with a unit such as 250ms, 2s or 5m ({e})"
+        ))
+    })
+}
+
+/// A mapping whose keys must be unique. serde_yaml would otherwise keep the
+/// last of two equal keys, silently changing a tenant, account or plan.
+fn unique_map<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Visitor<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    return Err(serde::de::Error::custom(format!("duplicate key `{key}`")));
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Visitor(std::marker::PhantomData))
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// gateway.yaml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    pub listen: ListenSpec,
+    #[serde(default)]
+    pub admin: Option<AdminSpec>,
+    pub upstream: UpstreamSpec,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub tokens: TokensSpec,
+    #[serde(default, deserialize_with = "unique_map")]
+    pub plans: BTreeMap<String, Vec<PlanEntrySpec>>,
+    #[serde(default, deserialize_with = "unique_map")]
+    pub accounts: BTreeMap<String, AccountSpec>,
+    #[serde(default, deserialize_with = "unique_map")]
+    pub tenants: BTreeMap<String, TenantSpec>,
+    pub routes: Vec<RouteSpec>,
+    #[serde(default)]
+    pub limits: LimitsSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenSpec {
+    pub addr: String,
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    pub addr: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub url: String,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default)]
+    pub forward_authorization: bool,
+    /// Speak HTTP/2 to a plaintext upstream (h2c prior knowledge). For
+    /// `https://` upstreams HTTP/2 is negotiated by ALPN regardless.
+    #[serde(default)]
+    pub http2: bool,
+}
+
+/// `enforce` denies; `shadow` logs and counts denials and forwards anyway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensSpec {
+    #[serde(default)]
+    pub pat_file: Option<String>,
+    #[serde(default)]
+    pub jwt: Option<JwtSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSpec {
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    pub kid: String,
+    pub alg: String,
+    #[serde(default)]
+    pub public_key: Option<String>,
+    #[serde(default)]
+    pub secret_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanEntrySpec {
+    pub tags: Vec<String>,
+    pub methods: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountSpec {
+    pub plan: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSpec {
+    pub account: String,
+    #[serde(default)]
+    pub plan: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    pub path: String,
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub public: bool,
+}
+
+/// Connection limits (SPEC §10). Every one has a default an operator can change.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Largest request head (request line + headers) accepted, in bytes.
+    #[serde(default = "LimitsSpec::default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head (slowloris guard).
+    #[serde(
+        default = "LimitsSpec::default_header_read_timeout",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub header_read_timeout: Duration,
+    /// Idle time after which a keep-alive connection is closed.
+    #[serde(
+        default = "LimitsSpec::default_idle_timeout",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub idle_timeout: Duration,
+    /// Connections served at once; further ones wait in the accept queue.
+    #[serde(default = "LimitsSpec::default_max_connections")]
+    pub max_connections: usize,
+    /// How long SIGTERM/SIGINT waits for requests in flight.
+    #[serde(
+        default = "LimitsSpec::default_drain_timeout",
+        deserialize_with = "duration",
+        serialize_with = "ser_duration"
+    )]
+    pub drain_timeout: Duration,
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+impl LimitsSpec {
+    fn default_max_header_bytes() -> usize {
+        16 * 1024
+    }
+    fn default_header_read_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    fn default_idle_timeout() -> Duration {
+        Duration::from_secs(60)
+    }
+    fn default_max_connections() -> usize {
+        10_000
+    }
+    fn default_drain_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        LimitsSpec {
+            max_header_bytes: Self::default_max_header_bytes(),
+            header_read_timeout: Self::default_header_read_timeout(),
+            idle_timeout: Self::default_idle_timeout(),
+            max_connections: Self::default_max_connections(),
+            drain_timeout: Self::default_drain_timeout(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Compiled form
+
+/// Where the gateway forwards to.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub forward_authorization: bool,
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Account {
+    pub name: Box<str>,
+    pub plan: PlanId,
+    pub header: HeaderValue,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub name: Box<str>,
+    pub account: AccountId,
+    /// Effective plan: the tenant's own, else its account's.
+    pub plan: PlanId,
+    pub header: HeaderValue,
+}
+
+/// A file the snapshot was built from, with its content hash (for `/config`
+/// and for telling whether a reload changed anything).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadedFile {
+    pub path: PathBuf,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// TLS termination settings, built when the snapshot is.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub files: TlsFiles,
+    pub config: std::sync::Arc<rustls::ServerConfig>,
+}
+
+/// One immutable, fully validated configuration generation. Everything a
+/// request needs is reachable from here; a request loads it once.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub source: PathBuf,
+    pub loaded_at: SystemTime,
+    pub listen_addr: SocketAddr,
+    pub tls: Option<Tls>,
+    pub admin_addr: Option<SocketAddr>,
+    pub upstream: Upstream,
+    pub mode: Mode,
+    pub limits: LimitsSpec,
+    pub routes: RouteTable,
+    pub tags: Vec<Box<str>>,
+    pub tag_ids: HashMap<Box<str>, TagId>,
+    pub tag_headers: Vec<HeaderValue>,
+    pub plans: Vec<Plan>,
+    pub plan_ids: HashMap<Box<str>, PlanId>,
+    pub plan_headers: Vec<HeaderValue>,
+    pub accounts: Vec<Account>,
+    pub account_ids: HashMap<Box<str>, AccountId>,
+    pub tenants: Vec<Tenant>,
+    pub tenant_ids: HashMap<Box<str>, TenantId>,
+    pub pats: PatStore,
+    pub jwt: JwtKeys,
+    pub files: Vec<LoadedFile>,
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// The names cubes are compiled against.
+    pub fn vocabulary(&self) -> Vocabulary<'_> {
+        Vocabulary {
+            tags: &self.tag_ids,
+            routes: self.routes.templates(),
+            tenants: &self.tenant_ids,
+            accounts: &self.account_ids,
+        }
+    }
+}
+
+/// Environment lookups go through this, so tests and `demo` never mutate
+/// the process environment.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Tenant and account ids appear in paths and headers: keep them to the
+/// unreserved URI characters so the canonical path and the config agree.
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn read_file(path: &Path, files: &mut Vec<LoadedFile>) -> Result<Vec<u8>, ConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| ConfigError::Io {
+        file: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    files.push(LoadedFile {
+        path: path.to_path_buf(),
+        sha256: sha256_hex(&bytes),
+    });
+    Ok(bytes)
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    // Callers pass names already checked by `valid_id` or route tags, which
+    // are restricted the same way; fall back to an empty value, never panic.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Read and compile the configuration at `path`.
+pub fn load(path: &Path, env: EnvLookup<'_>) -> Result<Snapshot, ConfigErrors> {
+    let mut files = Vec::new();
+    let bytes = read_file(path, &mut files)?;
+    let text = String::from_utf8(bytes).map_err(|_| ConfigError::Parse {
+        file: path.to_path_buf(),
+        line: None,
+        column: None,
+        message: "not UTF-8".into(),
+    })?;
+    compile(&text, path, files, env)
+}
+
+/// Compile configuration text as if read from `file` (relative paths resolve
+/// against its directory). For tests with inline YAML.
+pub fn from_yaml(text: &str, file: &Path, env: EnvLookup<'_>) -> Result<Snapshot, ConfigErrors> {
+    let files = vec![LoadedFile {
+        path: file.to_path_buf(),
+        sha256: sha256_hex(text.as_bytes()),
+    }];
+    compile(text, file, files, env)
+}
+
+fn compile(
+    text: &str,
+    file: &Path,
+    mut files: Vec<LoadedFile>,
+    env: EnvLookup<'_>,
+) -> Result<Snapshot, ConfigErrors> {
+    let spec: GatewaySpec = serde_yaml::from_str(text).map_err(|e| parse_error(file, e))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let resolve = |p: &str| -> PathBuf { base.join(p) };
+    let mut problems = Problems {
+        file,
+        list: Vec::new(),
+    };
+
+    // listen / admin / upstream
+    let listen_addr = spec.listen.addr.parse::<SocketAddr>().unwrap_or_else(|e| {
+        problems.add("listen.addr", format!("`{}` is not host:port ({e})", spec.listen.addr));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    let tls = match &spec.listen.tls {
+        None => None,
+        Some(t) => {
+            let files_ = TlsFiles {
+                cert: resolve(&t.cert),
+                key: resolve(&t.key),
+            };
+            let cert = read_file(&files_.cert, &mut files);
+            let key = read_file(&files_.key, &mut files);
+            match (cert, key) {
+                (Ok(c), Ok(k)) => match crate::tls::server_config(&files_, &c, &k) {
+                    Ok(config) => Some(Tls { files: files_, config }),
+                    Err(e) => {
+                        problems.add("listen.tls", e);
+                        None
+                    }
+                },
+                (c, k) => {
+                    for e in [c.err(), k.err()].into_iter().flatten() {
+                        problems.list.push(e);
+                    }
+                    None
+                }
+            }
+        }
+    };
+    let admin_addr = spec.admin.as_ref().and_then(|a| match a.addr.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(e) => {
+            problems.add("admin.addr", format!("`{}` is not host:port ({e})", a.addr));
+            None
+        }
+    });
+    let upstream = compile_upstream(&spec.upstream, &mut problems);
+    if spec.limits.max_header_bytes < 8192 {
+        problems.add("limits.max_header_bytes", "must be at least 8192 (hyper's smallest read buffer)");
+    }
+    if spec.limits.max_connections == 0 {
+        problems.add("limits.max_connections", "must be at least 1");
+    }
+
+    // routes → tags
+    let mut routes = RouteTable::default();
+    let mut tags: Vec<Box<str>> = Vec::new();
+    let mut tag_ids: HashMap<Box<str>, TagId> = HashMap::new();
+    for (i, r) in spec.routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let methods = match &r.methods {
+            None => MethodSet::ALL,
+            Some(list) => match MethodSet::parse(list) {
+                Ok(m) if !m.is_empty() => m,
+                Ok(_) => {
+                    problems.add(format!("{key}.methods"), "is empty; omit it to accept every method");
+                    continue;
+                }
+                Err(e) => {
+                    problems.add(format!("{key}.methods"), e);
+                    continue;
+                }
+            },
+        };
+        let tag = match (&r.tag, r.public) {
+            (Some(_), true) => {
+                problems.add(format!("{key}.tag"), "a public route has no tag (it skips authorization)");
+                continue;
+            }
+            (None, false) => {
+                problems.add(format!("{key}.tag"), "missing: every non-public route needs a tag");
+                continue;
+            }
+            (None, true) => None,
+            (Some(t), false) => {
+                if !valid_id(t) {
+                    problems.add(format!("{key}.tag"), format!("`{t}` must be letters, digits, '-', '_', '.' or '~'"));
+                    continue;
+                }
+                let next = tags.len() as TagId;
+                let id = *tag_ids.entry(t.as_str().into()).or_insert(next);
+                if id == next {
+                    tags.push(t.as_str().into());
+                }
+                Some(id)
+            }
+        };
+        if let Err(e) = routes.insert(&r.path, tag, methods) {
+            problems.add(format!("{key}.path"), e.0);
+        }
+    }
+    let mut warnings = Vec::new();
+    for r in routes.iter() {
+        if !r.is_public() && !r.has_tenant && !r.has_account {
+            warnings.push(format!(
+                "{}: route `{}` has neither {{tenant}} nor {{account}}: no plan applies, so every token is refused on `plan`; make it public or add {{account}}",
+                file.display(),
+                r.template
+            ));
+        }
+    }
+
+    // plans
+    let mut plans = Vec::new();
+    let mut plan_ids: HashMap<Box<str>, PlanId> = HashMap::new();
+    for (name, entries) in &spec.plans {
+        let mut per_tag = vec![MethodSet::NONE; tags.len()];
+        for (i, entry) in entries.iter().enumerate() {
+            let key = format!("plans.{name}[{i}]");
+            let methods = match MethodSet::parse(&entry.methods) {
+                Ok(m) => m,
+                Err(e) => {
+                    problems.add(format!("{key}.methods"), e);
+                    continue;
+                }
+            };
+            for t in &entry.tags {
+                if t == "*" {
+                    per_tag.iter_mut().for_each(|m| *m = m.union(methods));
+                } else if let Some(&id) = tag_ids.get(t.as_str()) {
+                    per_tag[id as usize] = per_tag[id as usize].union(methods);
+                } else {
+                    problems.add(format!("{key}.tags"), format!("unknown tag `{t}` (no route has it)"));
+                }
+            }
+        }
+        plan_ids.insert(name.as_str().into(), plans.len() as PlanId);
+        plans.push(Plan::new(name, per_tag));
+    }
+    let plan_headers = spec.plans.keys().map(|n| header_value(n)).collect();
+    for name in spec.plans.keys() {
+        if !valid_id(name) {
+            problems.add(format!("plans.{name}"), "plan names must be letters, digits, '-', '_', '.' or '~'");
+        }
+    }
+
+    // accounts, tenants
+    let mut accounts = Vec::new();
+    let mut account_ids: HashMap<Box<str>, AccountId> = HashMap::new();
+    for (name, a) in &spec.accounts {
+        if !valid_id(name) {
+            problems.add(format!("accounts.{name}"), "account ids must be letters, digits, '-', '_', '.' or '~'");
+        }
+        let plan = match plan_ids.get(a.plan.as_str()) {
+            Some(&p) => p,
+            None => {
+                problems.add(format!("accounts.{name}.plan"), format!("unknown plan `{}`", a.plan));
+                continue;
+            }
+        };
+        account_ids.insert(name.as_str().into(), accounts.len() as AccountId);
+        accounts.push(Account {
+            name: name.as_str().into(),
+            plan,
+            header: header_value(name),
+        });
+    }
+    let mut tenants = Vec::new();
+    let mut tenant_ids: HashMap<Box<str>, TenantId> = HashMap::new();
+    for (name, t) in &spec.tenants {
+        if !valid_id(name) {
+            problems.add(format!("tenants.{name}"), "tenant ids must be letters, digits, '-', '_', '.' or '~'");
+        }
+        let Some(&account) = account_ids.get(t.account.as_str()) else {
+            problems.add(format!("tenants.{name}.account"), format!("unknown account `{}`", t.account));
+            continue;
+        };
+        let plan = match &t.plan {
+            None => accounts[account as usize].plan,
+            Some(p) => match plan_ids.get(p.as_str()) {
+                Some(&id) => id,
+                None => {
+                    problems.add(format!("tenants.{name}.plan"), format!("unknown plan `{p}`"));
+                    continue;
+                }
+            },
+        };
+        tenant_ids.insert(name.as_str().into(), tenants.len() as TenantId);
+        tenants.push(Tenant {
+            name: name.as_str().into(),
+            account,
+            plan,
+            header: header_value(name),
+        });
+    }
+
+    // JWT keys
+    let mut jwt = JwtKeys::default();
+    if let Some(j) = &spec.tokens.jwt {
+        jwt.issuer = j.issuer.clone();
+        jwt.audience = j.audience.clone();
+        jwt.leeway = i64::try_from(j.leeway.as_secs()).unwrap_or(i64::MAX);
+        for (i, k) in j.keys.iter().enumerate() {
+            let key = format!("tokens.jwt.keys[{i}]");
+            if k.kid.is_empty() {
+                problems.add(format!("{key}.kid"), "is empty");
+                continue;
+            }
+            if jwt.keys.contains_key(k.kid.as_str()) {
+                problems.add(format!("{key}.kid"), format!("`{}` is listed twice", k.kid));
+                continue;
+            }
+            let alg = match parse_alg(&k.alg) {
+                Ok(a) => a,
+                Err(e) => {
+                    problems.add(format!("{key}.alg"), e);
+                    continue;
+                }
+            };
+            let loaded = match (&k.public_key, &k.secret_env, is_hmac(alg)) {
+                (None, Some(var), true) => match env(var) {
+                    Some(secret) => JwtKey::from_secret(&k.kid, alg, secret.as_bytes())
+                        .map_err(|e| (format!("{key}.secret_env"), format!("{var}: {e}"))),
+                    None => Err((
+                        format!("{key}.secret_env"),
+                        format!("environment variable {var} is not set"),
+                    )),
+                },
+                (Some(p), None, false) => {
+                    let path = resolve(p);
+                    match read_file(&path, &mut files) {
+                        Ok(pem) => JwtKey::from_pem(&k.kid, alg, &pem).map_err(|e| {
+                            (format!("{key}.public_key"), format!("{}: {e}", path.display()))
+                        }),
+                        Err(e) => Err((format!("{key}.public_key"), e.to_string())),
+                    }
+                }
+                (_, _, true) => Err((format!("{key}"), format!("{} needs `secret_env` and no `public_key`", k.alg))),
+                (_, _, false) => Err((format!("{key}"), format!("{} needs `public_key` and no `secret_env`", k.alg))),
+            };
+            match loaded {
+                Ok(jk) => {
+                    jwt.keys.insert(k.kid.as_str().into(), jk);
+                }
+                Err((key, msg)) => problems.add(key, msg),
+            }
+        }
+    }
+
+    let tag_headers = tags.iter().map(|t| header_value(t)).collect();
+    let mut snapshot = Snapshot {
+        source: file.to_path_buf(),
+        loaded_at: SystemTime::now(),
+        listen_addr,
+        tls,
+        admin_addr,
+        upstream,
+        mode: spec.mode,
+        limits: spec.limits,
+        routes,
+        tags,
+        tag_ids,
+        tag_headers,
+        plans,
+        plan_ids,
+        plan_headers,
+        accounts,
+        account_ids,
+        tenants,
+        tenant_ids,
+        pats: PatStore::default(),
+        jwt,
+        files: Vec::new(),
+        warnings,
+    };
+
+    // The PAT file is compiled against the finished vocabulary.
+    if let Some(p) = &spec.tokens.pat_file {
+        let path = resolve(p);
+        match read_file(&path, &mut files) {
+            Ok(bytes) => match load_pats(&path, &bytes, &snapshot) {
+                Ok(store) => snapshot.pats = store,
+                Err(mut errs) => problems.list.append(&mut errs),
+            },
+            Err(e) => problems.list.push(e),
+        }
+    }
+    snapshot.files = files;
+
+    if problems.list.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(ConfigErrors(problems.list))
+    }
+}
+
+fn compile_upstream(u: &UpstreamSpec, problems: &mut Problems<'_>) -> Upstream {
+    let fallback = || Upstream {
+        scheme: http::uri::Scheme::HTTP,
+        authority: http::uri::Authority::from_static("127.0.0.1"),
+        connect_timeout: u.connect_timeout,
+        timeout: u.timeout,
+        forward_authorization: u.forward_authorization,
+        http2: u.http2,
+    };
+    let uri = match u.url.parse::<http::Uri>() {
+        Ok(uri) => uri,
+        Err(e) => {
+            problems.add("upstream.url", format!("`{}` is not a URL ({e})", u.url));
+            return fallback();
+        }
+    };
+    let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+        problems.add("upstream.url", format!("`{}` needs a scheme and a host", u.url));
+        return fallback();
+    };
+    if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
+        problems.add("upstream.url", format!("scheme `{scheme}` is not http or https"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        problems.add(
+            "upstream.url",
+            "must not have a path or query: the request path is forwarded as checked",
+        );
+    }
+    if authority.as_str().contains('@') {
+        problems.add("upstream.url", "must not carry credentials");
+    }
+    if u.timeout.is_zero() || u.connect_timeout.is_zero() {
+        problems.add("upstream.timeout", "timeouts must be greater than zero");
+    }
+    Upstream {
+        scheme,
+        authority,
+        connect_timeout: u.connect_timeout,
+        timeout: u.timeout,
+        forward_authorization: u.forward_authorization,
+        http2: u.http2,
+    }
+}
+
+fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore, Vec<ConfigError>> {
+    let text = std::str::from_utf8(bytes).map_err(|_| {
+        vec![ConfigError::Parse {
+            file: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: "not UTF-8".into(),
+        }]
+    })?;
+    let spec: PatFileSpec = serde_yaml::from_str(text).map_err(|e| vec![parse_error(path, e)])?;
+    let vocab = snapshot.vocabulary();
+    let mut problems = Problems {
+        file: path,
+        list: Vec::new(),
+    };
+    let mut store = PatStore::default();
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(spec.tokens.len());
+    for (i, rec) in spec.tokens.iter().enumerate() {
+        if let Some(first) = ids.insert(rec.id.as_str(), i) {
+            problems.add(format!("tokens[{i}].id"), format!("`{}` is also the id of tokens[{first}]", rec.id));
+            continue;
+        }
+        match rec.compile(&vocab) {
+            Ok((hash, record)) => {
+                if !store.insert(hash, record) {
+                    problems.add(format!("tokens[{i}].sha256"), "the same hash appears in another record");
+                }
+            }
+            Err((key, msg)) => problems.add(format!("tokens[{i}].{key}"), msg),
+        }
+    }
+    if problems.list.is_empty() {
+        Ok(store)
+    } else {
+        Err(problems.list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const BASE: &str = r#"
+listen: { addr: "127.0.0.1:0" }
+upstream: { url: "http://127.0.0.1:9" }
+plans:
+  free:
+    - { tags: [analytics], methods: [GET] }
+  pro:
+    - { tags: ["*"], methods: ["*"] }
+accounts:
+  acme: { plan: pro }
+tenants:
+  acme-prod: { account: acme }
+  acme-trial: { account: acme, plan: free }
+routes:
+  - { path: /v1/health, public: true }
+  - { path: "/v1/tenants/{tenant}/analytics/{*rest}", tag: analytics, methods: [GET] }
+  - { path: "/v1/tenants/{tenant}/rules", tag: rules, methods: [GET, POST] }
+  - { path: "/v1/accounts/{account}", tag: accounts }
+"#;
+
+    fn load_str(text: &str) -> Result<Snapshot, ConfigErrors> {
+        from_yaml(text, Path::new("/etc/scopegate/gateway.yaml"), &no_env)
+    }
+
+    fn errors(text: &str) -> String {
+        match load_str(text) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn base_config_compiles() {
+        let s = load_str(BASE).expect("valid");
+        assert_eq!(s.routes.len(), 4);
+        assert_eq!(s.tags.len(), 3);
+        let trial = s.tenant_ids["acme-trial"];
+        assert_eq!(&*s.plans[s.tenants[trial as usize].plan as usize].name, "free");
+        let prod = s.tenant_ids["acme-prod"];
+        assert_eq!(&*s.plans[s.tenants[prod as usize].plan as usize].name, "pro");
+        assert_eq!(s.upstream.timeout, Duration::from_secs(30));
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_line_and_key() {
+        let e = errors(&BASE.replace("acme: { plan: pro }", "acme: { plan: pro, plna: free }"));
+        assert!(e.contains("/etc/scopegate/gateway.yaml:"), "{e}");
+        assert!(e.contains("plna"), "{e}");
+        let e = errors(&BASE.replace("methods: [GET, POST]", "methods: [GET, POST], tga: x"));
+        assert!(e.contains("tga") && e.contains("routes[2]"), "{e}");
+        assert!(e.contains(":17:"), "line number of the bad route: {e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_are_all_reported() {
+        let bad = BASE
+            .replace("acme: { plan: pro }", "acme: { plan: gold }")
+            .replace("tags: [analytics], methods: [GET]", "tags: [analitics], methods: [GOT]")
+            .replace("acme-trial: { account: acme, plan: free }", "acme-trial: { account: initech }");
+        let e = errors(&bad);
+        assert!(e.contains("accounts.acme.plan: unknown plan `gold`"), "{e}");
+        assert!(e.contains("plans.free[0].methods: unknown method `GOT`"), "{e}");
+        assert!(e.contains("tenants.acme-trial.account: unknown account `initech`"), "{e}");
+    }
+
+    #[test]
+    fn plan_naming_unknown_tag_is_an_error() {
+        let e = errors(&BASE.replace("tags: [analytics], methods: [GET]", "tags: [analitics], methods: [GET]"));
+        assert!(e.contains("plans.free[0].tags: unknown tag `analitics`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_and_conflicting_templates_are_errors() {
+        let dup = BASE.replace(
+            "  - { path: /v1/health, public: true }",
+            "  - { path: /v1/health, public: true }\n  - { path: /v1/health, public: true }",
+        );
+        assert!(errors(&dup).contains("routes[1].path"));
+        let conflict = BASE.replace(
+            "  - { path: /v1/health, public: true }",
+            "  - { path: \"/v1/tenants/{t}/rules\", tag: rules }",
+        );
+        let e = errors(&conflict);
+        assert!(e.contains("routes[2].path") && e.contains("conflict"), "{e}");
+    }
+
+    #[test]
+    fn route_tag_and_public_rules() {
+        let e = errors(&BASE.replace("{ path: /v1/health, public: true }", "{ path: /v1/health }"));
+        assert!(e.contains("routes[0].tag: missing"), "{e}");
+        let e = errors(&BASE.replace("{ path: /v1/health, public: true }", "{ path: /v1/health, public: true, tag: x }"));
+        assert!(e.contains("routes[0].tag"), "{e}");
+        let e = errors(&BASE.replace("methods: [GET, POST]", "methods: [GET, HEAD]"));
+        assert!(e.contains("routes[2].methods"), "{e}");
+    }
+
+    #[test]
+    fn bad_durations_and_urls() {
+        let e = errors(&BASE.replace("url: \"http://127.0.0.1:9\"", "url: \"http://127.0.0.1:9\", timeout: 30"));
+        assert!(e.contains("duration"), "{e}");
+        let e = errors(&BASE.replace("http://127.0.0.1:9", "ftp://127.0.0.1:9"));
+        assert!(e.contains("upstream.url"), "{e}");
+        let e = errors(&BASE.replace("http://127.0.0.1:9", "http://127.0.0.1:9/api"));
+        assert!(e.contains("upstream.url"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_yaml_keys_are_refused() {
+        let e = errors(&BASE.replace("acme: { plan: pro }", "acme: { plan: pro }\n  acme: { plan: free }"));
+        assert!(e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn missing_secret_env_and_short_secret() {
+        let yaml = format!(
+            "{BASE}tokens:\n  jwt:\n    keys:\n      - {{ kid: k1, alg: HS256, secret_env: SG_TEST_SECRET }}\n"
+        );
+        let e = match from_yaml(&yaml, Path::new("g.yaml"), &no_env) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("must fail"),
+        };
+        assert!(e.contains("tokens.jwt.keys[0].secret_env") && e.contains("SG_TEST_SECRET is not set"), "{e}");
+        let short = |_: &str| Some("short".to_string());
+        let e = match from_yaml(&yaml, Path::new("g.yaml"), &short) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("must fail"),
+        };
+        assert!(e.contains("at least 32 bytes"), "{e}");
+        // The secret itself never appears in an error.
+        assert!(!e.contains("short\""));
+        let long = |_: &str| Some("0123456789abcdef0123456789abcdef".to_string());
+        let s = from_yaml(&yaml, Path::new("g.yaml"), &long).expect("valid");
+        assert_eq!(s.jwt.keys.len(), 1);
+    }
+
+    #[test]
+    fn route_without_tenant_or_account_warns() {
+        let s = load_str(&BASE.replace(
+            "  - { path: /v1/health, public: true }",
+            "  - { path: /v1/health, public: true }\n  - { path: /v1/me, tag: accounts }",
+        ))
+        .expect("valid");
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].contains("/v1/me"));
+    }
+}

@@ -1,0 +1,465 @@
+//! The request path: decide, then forward or deny (SPEC §6, §7).
+//!
+//! Owns the [`Gateway`] (the current [`Generation`] behind one `ArcSwap`,
+//! and the metrics), the per-request handler, the rewriting of request and
+//! response headers, and forwarding with the pooled hyper client. Bodies are
+//! streamed in both directions, never buffered. A request loads the
+//! generation once and uses it to the end, so a reload never changes the
+//! rules under a request in flight.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Mode, Snapshot, Upstream};
+use crate::decision::{Outcome, decide};
+use crate::error::{self, Reason};
+use crate::metrics::{DecisionLabel, Metrics, NO_TAG, PUBLIC_TAG, method_label};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The pooled client to the upstream.
+pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>;
+
+/// What the gateway answers with: a small generated body, or the upstream's
+/// streamed one.
+pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
+
+/// A configuration snapshot and the client built for its upstream settings,
+/// published together with one store.
+pub struct Generation {
+    pub number: u64,
+    pub snapshot: Snapshot,
+    pub client: UpstreamClient,
+}
+
+impl Generation {
+    /// Pair a snapshot with a client. The previous generation's client (and
+    /// its warm connections) is reused when the upstream settings are equal.
+    pub fn new(number: u64, snapshot: Snapshot, previous: Option<&Generation>) -> Result<Generation, String> {
+        let client = match previous {
+            Some(p) if same_upstream(&p.snapshot.upstream, &snapshot.upstream) => p.client.clone(),
+            _ => build_client(&snapshot.upstream)?,
+        };
+        Ok(Generation {
+            number,
+            snapshot,
+            client,
+        })
+    }
+}
+
+fn same_upstream(a: &Upstream, b: &Upstream) -> bool {
+    a.scheme == b.scheme
+        && a.authority == b.authority
+        && a.connect_timeout == b.connect_timeout
+        && a.http2 == b.http2
+}
+
+/// Build the pooled client for an upstream: HTTP/1.1, and HTTP/2 by ALPN on
+/// `https://` or by prior knowledge on plaintext when `upstream.http2` is set.
+pub fn build_client(u: &Upstream) -> Result<UpstreamClient, String> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(u.connect_timeout));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(provider)
+        .map_err(|e| format!("upstream TLS setup: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    let mut b = Client::builder(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90));
+    if u.http2 && u.scheme == http::uri::Scheme::HTTP {
+        b.http2_only(true);
+    }
+    Ok(b.build(https))
+}
+
+/// The gateway: the serving generation and the metrics.
+pub struct Gateway {
+    current: ArcSwap<Generation>,
+    pub metrics: Metrics,
+}
+
+impl Gateway {
+    /// A gateway serving `snapshot` as generation 1.
+    pub fn new(snapshot: Snapshot) -> Result<Arc<Gateway>, String> {
+        let metrics = Metrics::new();
+        let generation = Generation::new(1, snapshot, None)?;
+        let gw = Gateway {
+            current: ArcSwap::from_pointee(generation),
+            metrics,
+        };
+        gw.record_success(&gw.current());
+        Ok(Arc::new(gw))
+    }
+
+    /// The serving generation.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Publish a new snapshot as the next generation (one store). Returns
+    /// the new generation number.
+    pub fn publish(&self, snapshot: Snapshot) -> Result<u64, String> {
+        let prev = self.current();
+        let next = Generation::new(prev.number + 1, snapshot, Some(&prev))?;
+        let n = next.number;
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        self.record_success(&next);
+        Ok(n)
+    }
+
+    fn record_success(&self, g: &Generation) {
+        let m = &self.metrics;
+        m.config_reloads.with_label_values(&["success"]).inc();
+        m.config_generation.set(i64::try_from(g.number).unwrap_or(i64::MAX));
+        let ts = g.snapshot.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        m.config_last_success.set(i64::try_from(ts).unwrap_or(0));
+        m.tokens_loaded.with_label_values(&["pat"]).set(g.snapshot.pats.len() as i64);
+        m.tokens_loaded.with_label_values(&["jwt_key"]).set(g.snapshot.jwt.keys.len() as i64);
+    }
+
+    /// Handle one request end to end. Never fails: every problem becomes a
+    /// response.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let generation = self.current();
+        let snap = &generation.snapshot;
+        let request_id = request_id(req.headers());
+        let (parts, body) = req.into_parts();
+        // Decide on a clone of the URI (refcounted bytes) so `parts` can move
+        // into the forwarded request while the outcome borrows the path.
+        let uri = parts.uri.clone();
+        let outcome = decide(snap, &parts.method, uri.path(), &parts.headers, unix_now());
+        self.metrics.authz_duration.observe(started.elapsed().as_secs_f64());
+
+        let tag = match outcome.matched {
+            None => NO_TAG,
+            Some(m) => match m.route.tag {
+                Some(t) => snap.tags.get(t as usize).map(|s| &**s).unwrap_or(NO_TAG),
+                None => PUBLIC_TAG,
+            },
+        };
+        let (label, denied) = match outcome.verdict {
+            Ok(true) => (DecisionLabel::Allow, None),
+            Ok(false) => (DecisionLabel::Public, None),
+            // Shadow mode forwards every denial except an ambiguous path:
+            // forwarding that would hand the upstream a path we could not read.
+            Err(r) if snap.mode == Mode::Shadow && r != Reason::BadPath => (DecisionLabel::ShadowDeny, Some(r)),
+            Err(r) => (DecisionLabel::Deny, Some(r)),
+        };
+        if let Some(r) = denied {
+            self.metrics.denial(r, tag);
+        }
+        self.metrics.requests.with_label_values(&[label.as_str(), tag, method_label(&parts.method)]).inc();
+
+        let mut upstream_time = None;
+        let (response, final_reason) = if label == DecisionLabel::Deny {
+            let allow = outcome.matched.map(|m| &m.route.allow);
+            let reason = denied.unwrap_or(Reason::BadPath);
+            (error::response(reason, &request_id, allow).map(Either::Left), Some(reason))
+        } else {
+            let forward_started = Instant::now();
+            let result = forward(&generation, &outcome, parts, body, &request_id, peer, tls).await;
+            let elapsed = forward_started.elapsed();
+            upstream_time = Some(elapsed);
+            self.metrics.upstream_duration.observe(elapsed.as_secs_f64());
+            match result {
+                Ok(resp) => (resp, denied),
+                Err(e) => {
+                    self.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
+                    let reason = e.reason();
+                    self.metrics.denial(reason, tag);
+                    (error::response(reason, &request_id, None).map(Either::Left), Some(reason))
+                }
+            }
+        };
+        let total = started.elapsed();
+        self.metrics.request_duration.with_label_values(&[tag]).observe(total.as_secs_f64());
+        access_log(snap, &outcome, &request_id, label, final_reason, response.status(), total, upstream_time);
+        response
+    }
+}
+
+/// Why forwarding failed.
+#[derive(Debug)]
+enum ForwardError {
+    Connect,
+    Timeout,
+    Protocol,
+}
+
+impl ForwardError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ForwardError::Connect => "connect",
+            ForwardError::Timeout => "timeout",
+            ForwardError::Protocol => "protocol",
+        }
+    }
+
+    fn reason(&self) -> Reason {
+        match self {
+            ForwardError::Timeout => Reason::UpstreamTimeout,
+            _ => Reason::UpstreamUnavailable,
+        }
+    }
+}
+
+async fn forward(
+    generation: &Generation,
+    outcome: &Outcome<'_, '_>,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    request_id: &HeaderValue,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Response<ResponseBody>, ForwardError> {
+    let snap = &generation.snapshot;
+    let up = &snap.upstream;
+    let deadline = tokio::time::Instant::now() + up.timeout;
+
+    // The path exactly as checked, and the query unchanged.
+    let path = outcome.path.as_deref().unwrap_or("/");
+    let path_and_query = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let uri = Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|_| ForwardError::Protocol)?;
+    let original_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    h.remove(header::HOST);
+    if !up.forward_authorization {
+        h.remove(header::AUTHORIZATION);
+    }
+    strip_airbrx(h);
+    append_forwarded_for(h, peer);
+    h.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    match original_host {
+        Some(v) => {
+            h.insert(HeaderName::from_static("x-forwarded-host"), v);
+        }
+        None => {
+            h.remove(HeaderName::from_static("x-forwarded-host"));
+        }
+    }
+    h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    set_identity(h, snap, outcome);
+
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let req = Request::from_parts(parts, body);
+
+    let resp = match tokio::time::timeout_at(deadline, generation.client.request(req)).await {
+        Err(_) => return Err(ForwardError::Timeout),
+        Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect),
+        Ok(Err(_)) => return Err(ForwardError::Protocol),
+        Ok(Ok(r)) => r,
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if !parts.headers.contains_key("x-request-id") {
+        parts.headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    }
+    let body = UpstreamBody {
+        inner: body,
+        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+    };
+    Ok(Response::from_parts(parts, Either::Right(body)))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and every header the `Connection`
+/// header names. Done before the identity headers are set, so a client
+/// cannot use `Connection` to strip them.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    let proxy: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    for n in proxy {
+        h.remove(n);
+    }
+}
+
+fn strip_airbrx(h: &mut HeaderMap) {
+    let names: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-airbrx-")).cloned().collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let value = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+}
+
+/// Identity headers from the verified decision only (SPEC §7).
+fn set_identity(h: &mut HeaderMap, snap: &Snapshot, outcome: &Outcome<'_, '_>) {
+    if let Some(p) = &outcome.principal {
+        if let Ok(v) = HeaderValue::from_str(&p.token_id) {
+            h.insert(HeaderName::from_static("x-airbrx-token-id"), v);
+        }
+        if let Some(sub) = &p.subject
+            && let Ok(v) = HeaderValue::from_str(sub)
+        {
+            h.insert(HeaderName::from_static("x-airbrx-subject"), v);
+        }
+    }
+    let Some(m) = outcome.matched else { return };
+    if let Some(a) = m.account.and_then(|a| snap.accounts.get(a as usize)) {
+        h.insert(HeaderName::from_static("x-airbrx-account"), a.header.clone());
+    }
+    if let Some(t) = m.tenant.and_then(|t| snap.tenants.get(t as usize)) {
+        h.insert(HeaderName::from_static("x-airbrx-tenant"), t.header.clone());
+    }
+    if let Some(v) = m.route.tag.and_then(|t| snap.tag_headers.get(t as usize)) {
+        h.insert(HeaderName::from_static("x-airbrx-tag"), v.clone());
+    }
+    if let Some(v) = m.plan.and_then(|p| snap.plan_headers.get(p as usize)) {
+        h.insert(HeaderName::from_static("x-airbrx-plan"), v.clone());
+    }
+}
+
+/// The incoming `X-Request-Id` when it is a sane token, else a new one.
+fn request_id(h: &HeaderMap) -> HeaderValue {
+    if let Some(v) = h.get("x-request-id") {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 128
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        {
+            return v.clone();
+        }
+    }
+    let id = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn access_log(
+    snap: &Snapshot,
+    outcome: &Outcome<'_, '_>,
+    request_id: &HeaderValue,
+    decision: DecisionLabel,
+    reason: Option<Reason>,
+    status: http::StatusCode,
+    total: Duration,
+    upstream: Option<Duration>,
+) {
+    let m = outcome.matched;
+    let route = m.map(|m| &*m.route.template).unwrap_or("");
+    let tag = m.and_then(|m| m.route.tag).and_then(|t| snap.tags.get(t as usize)).map(|s| &**s).unwrap_or("");
+    let tenant = m.and_then(|m| m.tenant).and_then(|t| snap.tenants.get(t as usize)).map(|t| &*t.name).unwrap_or("");
+    let account = m.and_then(|m| m.account).and_then(|a| snap.accounts.get(a as usize)).map(|a| &*a.name).unwrap_or("");
+    let token_id = outcome.principal.as_ref().map(|p| &*p.token_id).unwrap_or("");
+    tracing::info!(
+        target: "scopegate::access",
+        request_id = request_id.to_str().unwrap_or(""),
+        route,
+        tag,
+        tenant,
+        account,
+        token_id,
+        decision = decision.as_str(),
+        reason = reason.map(Reason::as_str).unwrap_or(""),
+        status = status.as_u16(),
+        duration_us = total.as_micros() as u64,
+        upstream_us = upstream.map(|d| d.as_micros() as u64).unwrap_or(0),
+    );
+}
+
+/// The upstream's response body, cut off when the whole-response deadline
+/// (`upstream.timeout`) passes.
+pub struct UpstreamBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|r| r.map_err(BoxError::from)));
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err("upstream response deadline passed".into())));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

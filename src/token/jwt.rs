@@ -1,0 +1,254 @@
+//! JSON Web Tokens (SPEC §4 "JWT", §6 step 3).
+//!
+//! Owns the configured verification keys and the checks on a compact JWS:
+//! key chosen by `kid`, `alg` pinned to that key (no `none`, no switching,
+//! `jku`/`x5u`/`jwk`/`x5c` header keys are never used), signature first,
+//! then `exp` (required), `nbf`, `iat`, `iss`, `aud` in the order SPEC §6
+//! lists, then the `cube`/`cubes` claim. Claims are only read after the
+//! signature verifies, so nothing an attacker writes is trusted before that.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde::Deserialize;
+
+use super::{AuthError, Principal, TokenKind, is_safe_identity};
+use crate::scope::{CubeSpec, Strictness, Vocabulary, one_or_many};
+
+/// One verification key.
+pub struct JwtKey {
+    pub kid: Box<str>,
+    pub alg: Algorithm,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for JwtKey {
+    // The key material (an HMAC secret in particular) is never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtKey").field("kid", &self.kid).field("alg", &self.alg).finish()
+    }
+}
+
+/// The algorithms a key may be configured with.
+pub fn parse_alg(s: &str) -> Result<Algorithm, String> {
+    let alg = match s {
+        "HS256" => Algorithm::HS256,
+        "HS384" => Algorithm::HS384,
+        "HS512" => Algorithm::HS512,
+        "RS256" => Algorithm::RS256,
+        "RS384" => Algorithm::RS384,
+        "RS512" => Algorithm::RS512,
+        "PS256" => Algorithm::PS256,
+        "PS384" => Algorithm::PS384,
+        "PS512" => Algorithm::PS512,
+        "ES256" => Algorithm::ES256,
+        "ES384" => Algorithm::ES384,
+        "EdDSA" => Algorithm::EdDSA,
+        other => {
+            return Err(format!(
+                "unknown alg `{other}` (expected HS256, HS384, HS512, RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA)"
+            ));
+        }
+    };
+    Ok(alg)
+}
+
+pub fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+/// DER encodings of the named-curve OIDs, to check an EC key fits its alg.
+const OID_P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const OID_P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+fn pem_der(pem: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(pem).ok()?;
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(|l| l.trim().chars())
+        .collect();
+    base64::engine::general_purpose::STANDARD.decode(body).ok()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+impl JwtKey {
+    /// An asymmetric key from a PEM public key (or certificate), checked
+    /// against `alg`.
+    pub fn from_pem(kid: &str, alg: Algorithm, pem: &[u8]) -> Result<JwtKey, String> {
+        let key = match alg {
+            Algorithm::ES256 | Algorithm::ES384 => {
+                let key = DecodingKey::from_ec_pem(pem)
+                    .map_err(|e| format!("not an EC public key in PEM ({e})"))?;
+                let der = pem_der(pem).ok_or("PEM body is not base64")?;
+                let (want, name) = if alg == Algorithm::ES256 {
+                    (OID_P256, "P-256")
+                } else {
+                    (OID_P384, "P-384")
+                };
+                if !contains(&der, want) {
+                    return Err(format!("{alg:?} needs a {name} key; this key is on another curve"));
+                }
+                key
+            }
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => DecodingKey::from_rsa_pem(pem)
+                .map_err(|e| format!("not an RSA public key in PEM ({e})"))?,
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(pem)
+                .map_err(|e| format!("not an Ed25519 public key in PEM ({e})"))?,
+            _ => return Err(format!("{alg:?} takes `secret_env`, not `public_key`")),
+        };
+        Ok(JwtKey {
+            kid: kid.into(),
+            alg,
+            key,
+        })
+    }
+
+    /// An HMAC key from its secret. Secrets shorter than 32 bytes are refused:
+    /// they are guessable offline from any one token.
+    pub fn from_secret(kid: &str, alg: Algorithm, secret: &[u8]) -> Result<JwtKey, String> {
+        if !is_hmac(alg) {
+            return Err(format!("{alg:?} takes `public_key`, not `secret_env`"));
+        }
+        if secret.len() < 32 {
+            return Err(format!(
+                "the secret is {} bytes; HMAC secrets must be at least 32 bytes",
+                secret.len()
+            ));
+        }
+        Ok(JwtKey {
+            kid: kid.into(),
+            alg,
+            key: DecodingKey::from_secret(secret),
+        })
+    }
+}
+
+/// `aud` may be one string or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Audience {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    iat: Option<f64>,
+    iss: Option<String>,
+    aud: Option<Audience>,
+    sub: Option<String>,
+    jti: Option<String>,
+    cube: Option<CubeSpec>,
+    cubes: Option<Vec<CubeSpec>>,
+}
+
+/// All JWT settings of one snapshot.
+#[derive(Debug, Default)]
+pub struct JwtKeys {
+    pub keys: HashMap<Box<str>, JwtKey>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
+    pub leeway: i64,
+}
+
+impl JwtKeys {
+    /// Verify a compact JWS and compile its cubes. `now` is Unix seconds.
+    pub fn authenticate(
+        &self,
+        token: &str,
+        now: i64,
+        vocab: &Vocabulary<'_>,
+    ) -> Result<Principal<'static>, AuthError> {
+        let mut parts = token.split('.');
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(AuthError::Malformed);
+        };
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+        // RFC 7515 §4.1.11: we understand no extension, so any `crit` is refused.
+        if header.crit.is_some() {
+            return Err(AuthError::Malformed);
+        }
+        let kid = header.kid.as_deref().ok_or(AuthError::UnknownKey)?;
+        let key = self.keys.get(kid).ok_or(AuthError::UnknownKey)?;
+        if header.alg != key.alg {
+            return Err(AuthError::BadSignature);
+        }
+        let message_len = h64.len() + 1 + p64.len();
+        let message = token.as_bytes().get(..message_len).ok_or(AuthError::Malformed)?;
+        match jsonwebtoken::crypto::verify(s64, message, &key.key, key.alg) {
+            Ok(true) => {}
+            _ => return Err(AuthError::BadSignature),
+        }
+
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p64)
+            .map_err(|_| AuthError::Malformed)?;
+        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| AuthError::Malformed)?;
+
+        let leeway = self.leeway as f64;
+        let now = now as f64;
+        let exp = claims.exp.ok_or(AuthError::Malformed)?;
+        if now >= exp + leeway {
+            return Err(AuthError::Expired);
+        }
+        if claims.nbf.is_some_and(|nbf| nbf > now + leeway) {
+            return Err(AuthError::NotYetValid);
+        }
+        if claims.iat.is_some_and(|iat| iat > now + leeway) {
+            return Err(AuthError::NotYetValid);
+        }
+        if let Some(want) = &self.issuer
+            && claims.iss.as_deref() != Some(want.as_str())
+        {
+            return Err(AuthError::WrongIssuer);
+        }
+        if let Some(want) = &self.audience {
+            let ok = match &claims.aud {
+                Some(Audience::One(a)) => a == want,
+                Some(Audience::Many(list)) => list.iter().any(|a| a == want),
+                None => false,
+            };
+            if !ok {
+                return Err(AuthError::WrongAudience);
+            }
+        }
+
+        let specs = one_or_many(claims.cube, claims.cubes).map_err(|_| AuthError::Malformed)?;
+        let cubes = specs
+            .iter()
+            .map(|s| s.compile(vocab, Strictness::Claims))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| AuthError::Malformed)?;
+        if let Some(sub) = &claims.sub
+            && !is_safe_identity(sub)
+        {
+            return Err(AuthError::Malformed);
+        }
+        let token_id = claims.jti.or_else(|| claims.sub.clone()).ok_or(AuthError::Malformed)?;
+        if !is_safe_identity(&token_id) {
+            return Err(AuthError::Malformed);
+        }
+        Ok(Principal {
+            kind: TokenKind::Jwt,
+            token_id: Cow::Owned(token_id),
+            subject: claims.sub.map(Cow::Owned),
+            cubes: Cow::Owned(cubes),
+        })
+    }
+}
