@@ -55,7 +55,10 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
                 "warnings": s.warnings,
             });
             let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -65,7 +68,10 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 

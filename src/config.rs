@@ -129,7 +129,10 @@ where
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a mapping")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
             let mut out = BTreeMap::new();
             while let Some(key) = map.next_key::<String>()? {
                 if out.contains_key(&key) {
@@ -462,7 +465,8 @@ pub fn process_env(name: &str) -> Option<String> {
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -526,7 +530,10 @@ fn compile(
 
     // listen / admin / upstream
     let listen_addr = spec.listen.addr.parse::<SocketAddr>().unwrap_or_else(|e| {
-        problems.add("listen.addr", format!("`{}` is not host:port ({e})", spec.listen.addr));
+        problems.add(
+            "listen.addr",
+            format!("`{}` is not host:port ({e})", spec.listen.addr),
+        );
         SocketAddr::from(([127, 0, 0, 1], 0))
     });
     let tls = match &spec.listen.tls {
@@ -540,7 +547,10 @@ fn compile(
             let key = read_file(&files_.key, &mut files);
             match (cert, key) {
                 (Ok(c), Ok(k)) => match crate::tls::server_config(&files_, &c, &k) {
-                    Ok(config) => Some(Tls { files: files_, config }),
+                    Ok(config) => Some(Tls {
+                        files: files_,
+                        config,
+                    }),
                     Err(e) => {
                         problems.add("listen.tls", e);
                         None
@@ -555,16 +565,22 @@ fn compile(
             }
         }
     };
-    let admin_addr = spec.admin.as_ref().and_then(|a| match a.addr.parse::<SocketAddr>() {
-        Ok(addr) => Some(addr),
-        Err(e) => {
-            problems.add("admin.addr", format!("`{}` is not host:port ({e})", a.addr));
-            None
-        }
-    });
+    let admin_addr = spec
+        .admin
+        .as_ref()
+        .and_then(|a| match a.addr.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                problems.add("admin.addr", format!("`{}` is not host:port ({e})", a.addr));
+                None
+            }
+        });
     let upstream = compile_upstream(&spec.upstream, &mut problems);
     if spec.limits.max_header_bytes < 8192 {
-        problems.add("limits.max_header_bytes", "must be at least 8192 (hyper's smallest read buffer)");
+        problems.add(
+            "limits.max_header_bytes",
+            "must be at least 8192 (hyper's smallest read buffer)",
+        );
     }
     if spec.limits.max_connections == 0 {
         problems.add("limits.max_connections", "must be at least 1");
@@ -581,7 +597,10 @@ fn compile(
             Some(list) => match MethodSet::parse(list) {
                 Ok(m) if !m.is_empty() => m,
                 Ok(_) => {
-                    problems.add(format!("{key}.methods"), "is empty; omit it to accept every method");
+                    problems.add(
+                        format!("{key}.methods"),
+                        "is empty; omit it to accept every method",
+                    );
                     continue;
                 }
                 Err(e) => {
@@ -592,17 +611,26 @@ fn compile(
         };
         let tag = match (&r.tag, r.public) {
             (Some(_), true) => {
-                problems.add(format!("{key}.tag"), "a public route has no tag (it skips authorization)");
+                problems.add(
+                    format!("{key}.tag"),
+                    "a public route has no tag (it skips authorization)",
+                );
                 continue;
             }
             (None, false) => {
-                problems.add(format!("{key}.tag"), "missing: every non-public route needs a tag");
+                problems.add(
+                    format!("{key}.tag"),
+                    "missing: every non-public route needs a tag",
+                );
                 continue;
             }
             (None, true) => None,
             (Some(t), false) => {
                 if !valid_id(t) {
-                    problems.add(format!("{key}.tag"), format!("`{t}` must be letters, digits, '-', '_', '.' or '~'"));
+                    problems.add(
+                        format!("{key}.tag"),
+                        format!("`{t}` must be letters, digits, '-', '_', '.' or '~'"),
+                    );
                     continue;
                 }
                 let next = tags.len() as TagId;
@@ -648,7 +676,10 @@ fn compile(
                 } else if let Some(&id) = tag_ids.get(t.as_str()) {
                     per_tag[id as usize] = per_tag[id as usize].union(methods);
                 } else {
-                    problems.add(format!("{key}.tags"), format!("unknown tag `{t}` (no route has it)"));
+                    problems.add(
+                        format!("{key}.tags"),
+                        format!("unknown tag `{t}` (no route has it)"),
+                    );
                 }
             }
         }
@@ -658,7 +689,10 @@ fn compile(
     let plan_headers = spec.plans.keys().map(|n| header_value(n)).collect();
     for name in spec.plans.keys() {
         if !valid_id(name) {
-            problems.add(format!("plans.{name}"), "plan names must be letters, digits, '-', '_', '.' or '~'");
+            problems.add(
+                format!("plans.{name}"),
+                "plan names must be letters, digits, '-', '_', '.' or '~'",
+            );
         }
     }
 
@@ -667,12 +701,18 @@ fn compile(
     let mut account_ids: HashMap<Box<str>, AccountId> = HashMap::new();
     for (name, a) in &spec.accounts {
         if !valid_id(name) {
-            problems.add(format!("accounts.{name}"), "account ids must be letters, digits, '-', '_', '.' or '~'");
+            problems.add(
+                format!("accounts.{name}"),
+                "account ids must be letters, digits, '-', '_', '.' or '~'",
+            );
         }
         let plan = match plan_ids.get(a.plan.as_str()) {
             Some(&p) => p,
             None => {
-                problems.add(format!("accounts.{name}.plan"), format!("unknown plan `{}`", a.plan));
+                problems.add(
+                    format!("accounts.{name}.plan"),
+                    format!("unknown plan `{}`", a.plan),
+                );
                 continue;
             }
         };
@@ -687,10 +727,16 @@ fn compile(
     let mut tenant_ids: HashMap<Box<str>, TenantId> = HashMap::new();
     for (name, t) in &spec.tenants {
         if !valid_id(name) {
-            problems.add(format!("tenants.{name}"), "tenant ids must be letters, digits, '-', '_', '.' or '~'");
+            problems.add(
+                format!("tenants.{name}"),
+                "tenant ids must be letters, digits, '-', '_', '.' or '~'",
+            );
         }
         let Some(&account) = account_ids.get(t.account.as_str()) else {
-            problems.add(format!("tenants.{name}.account"), format!("unknown account `{}`", t.account));
+            problems.add(
+                format!("tenants.{name}.account"),
+                format!("unknown account `{}`", t.account),
+            );
             continue;
         };
         let plan = match &t.plan {
@@ -698,7 +744,10 @@ fn compile(
             Some(p) => match plan_ids.get(p.as_str()) {
                 Some(&id) => id,
                 None => {
-                    problems.add(format!("tenants.{name}.plan"), format!("unknown plan `{p}`"));
+                    problems.add(
+                        format!("tenants.{name}.plan"),
+                        format!("unknown plan `{p}`"),
+                    );
                     continue;
                 }
             },
@@ -748,13 +797,22 @@ fn compile(
                     let path = resolve(p);
                     match read_file(&path, &mut files) {
                         Ok(pem) => JwtKey::from_pem(&k.kid, alg, &pem).map_err(|e| {
-                            (format!("{key}.public_key"), format!("{}: {e}", path.display()))
+                            (
+                                format!("{key}.public_key"),
+                                format!("{}: {e}", path.display()),
+                            )
                         }),
                         Err(e) => Err((format!("{key}.public_key"), e.to_string())),
                     }
                 }
-                (_, _, true) => Err((format!("{key}"), format!("{} needs `secret_env` and no `public_key`", k.alg))),
-                (_, _, false) => Err((format!("{key}"), format!("{} needs `public_key` and no `secret_env`", k.alg))),
+                (_, _, true) => Err((
+                    format!("{key}"),
+                    format!("{} needs `secret_env` and no `public_key`", k.alg),
+                )),
+                (_, _, false) => Err((
+                    format!("{key}"),
+                    format!("{} needs `public_key` and no `secret_env`", k.alg),
+                )),
             };
             match loaded {
                 Ok(jk) => {
@@ -829,11 +887,17 @@ fn compile_upstream(u: &UpstreamSpec, problems: &mut Problems<'_>) -> Upstream {
         }
     };
     let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
-        problems.add("upstream.url", format!("`{}` needs a scheme and a host", u.url));
+        problems.add(
+            "upstream.url",
+            format!("`{}` needs a scheme and a host", u.url),
+        );
         return fallback();
     };
     if scheme != http::uri::Scheme::HTTP && scheme != http::uri::Scheme::HTTPS {
-        problems.add("upstream.url", format!("scheme `{scheme}` is not http or https"));
+        problems.add(
+            "upstream.url",
+            format!("scheme `{scheme}` is not http or https"),
+        );
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         problems.add(
@@ -876,13 +940,19 @@ fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore,
     let mut ids: HashMap<&str, usize> = HashMap::with_capacity(spec.tokens.len());
     for (i, rec) in spec.tokens.iter().enumerate() {
         if let Some(first) = ids.insert(rec.id.as_str(), i) {
-            problems.add(format!("tokens[{i}].id"), format!("`{}` is also the id of tokens[{first}]", rec.id));
+            problems.add(
+                format!("tokens[{i}].id"),
+                format!("`{}` is also the id of tokens[{first}]", rec.id),
+            );
             continue;
         }
         match rec.compile(&vocab) {
             Ok((hash, record)) => {
                 if !store.insert(hash, record) {
-                    problems.add(format!("tokens[{i}].sha256"), "the same hash appears in another record");
+                    problems.add(
+                        format!("tokens[{i}].sha256"),
+                        "the same hash appears in another record",
+                    );
                 }
             }
             Err((key, msg)) => problems.add(format!("tokens[{i}].{key}"), msg),
@@ -940,9 +1010,15 @@ routes:
         assert_eq!(s.routes.len(), 4);
         assert_eq!(s.tags.len(), 3);
         let trial = s.tenant_ids["acme-trial"];
-        assert_eq!(&*s.plans[s.tenants[trial as usize].plan as usize].name, "free");
+        assert_eq!(
+            &*s.plans[s.tenants[trial as usize].plan as usize].name,
+            "free"
+        );
         let prod = s.tenant_ids["acme-prod"];
-        assert_eq!(&*s.plans[s.tenants[prod as usize].plan as usize].name, "pro");
+        assert_eq!(
+            &*s.plans[s.tenants[prod as usize].plan as usize].name,
+            "pro"
+        );
         assert_eq!(s.upstream.timeout, Duration::from_secs(30));
         assert!(s.warnings.is_empty());
     }
@@ -961,18 +1037,36 @@ routes:
     fn semantic_errors_name_key_and_are_all_reported() {
         let bad = BASE
             .replace("acme: { plan: pro }", "acme: { plan: gold }")
-            .replace("tags: [analytics], methods: [GET]", "tags: [analitics], methods: [GOT]")
-            .replace("acme-trial: { account: acme, plan: free }", "acme-trial: { account: initech }");
+            .replace(
+                "tags: [analytics], methods: [GET]",
+                "tags: [analitics], methods: [GOT]",
+            )
+            .replace(
+                "acme-trial: { account: acme, plan: free }",
+                "acme-trial: { account: initech }",
+            );
         let e = errors(&bad);
         assert!(e.contains("accounts.acme.plan: unknown plan `gold`"), "{e}");
-        assert!(e.contains("plans.free[0].methods: unknown method `GOT`"), "{e}");
-        assert!(e.contains("tenants.acme-trial.account: unknown account `initech`"), "{e}");
+        assert!(
+            e.contains("plans.free[0].methods: unknown method `GOT`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("tenants.acme-trial.account: unknown account `initech`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn plan_naming_unknown_tag_is_an_error() {
-        let e = errors(&BASE.replace("tags: [analytics], methods: [GET]", "tags: [analitics], methods: [GET]"));
-        assert!(e.contains("plans.free[0].tags: unknown tag `analitics`"), "{e}");
+        let e = errors(&BASE.replace(
+            "tags: [analytics], methods: [GET]",
+            "tags: [analitics], methods: [GET]",
+        ));
+        assert!(
+            e.contains("plans.free[0].tags: unknown tag `analitics`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -987,14 +1081,20 @@ routes:
             "  - { path: \"/v1/tenants/{t}/rules\", tag: rules }",
         );
         let e = errors(&conflict);
-        assert!(e.contains("routes[2].path") && e.contains("conflict"), "{e}");
+        assert!(
+            e.contains("routes[2].path") && e.contains("conflict"),
+            "{e}"
+        );
     }
 
     #[test]
     fn route_tag_and_public_rules() {
         let e = errors(&BASE.replace("{ path: /v1/health, public: true }", "{ path: /v1/health }"));
         assert!(e.contains("routes[0].tag: missing"), "{e}");
-        let e = errors(&BASE.replace("{ path: /v1/health, public: true }", "{ path: /v1/health, public: true, tag: x }"));
+        let e = errors(&BASE.replace(
+            "{ path: /v1/health, public: true }",
+            "{ path: /v1/health, public: true, tag: x }",
+        ));
         assert!(e.contains("routes[0].tag"), "{e}");
         let e = errors(&BASE.replace("methods: [GET, POST]", "methods: [GET, HEAD]"));
         assert!(e.contains("routes[2].methods"), "{e}");
@@ -1002,7 +1102,10 @@ routes:
 
     #[test]
     fn bad_durations_and_urls() {
-        let e = errors(&BASE.replace("url: \"http://127.0.0.1:9\"", "url: \"http://127.0.0.1:9\", timeout: 30"));
+        let e = errors(&BASE.replace(
+            "url: \"http://127.0.0.1:9\"",
+            "url: \"http://127.0.0.1:9\", timeout: 30",
+        ));
         assert!(e.contains("duration"), "{e}");
         let e = errors(&BASE.replace("http://127.0.0.1:9", "ftp://127.0.0.1:9"));
         assert!(e.contains("upstream.url"), "{e}");
@@ -1012,7 +1115,10 @@ routes:
 
     #[test]
     fn duplicate_yaml_keys_are_refused() {
-        let e = errors(&BASE.replace("acme: { plan: pro }", "acme: { plan: pro }\n  acme: { plan: free }"));
+        let e = errors(&BASE.replace(
+            "acme: { plan: pro }",
+            "acme: { plan: pro }\n  acme: { plan: free }",
+        ));
         assert!(e.contains("duplicate"), "{e}");
     }
 
@@ -1025,7 +1131,10 @@ routes:
             Err(e) => e.to_string(),
             Ok(_) => panic!("must fail"),
         };
-        assert!(e.contains("tokens.jwt.keys[0].secret_env") && e.contains("SG_TEST_SECRET is not set"), "{e}");
+        assert!(
+            e.contains("tokens.jwt.keys[0].secret_env") && e.contains("SG_TEST_SECRET is not set"),
+            "{e}"
+        );
         let short = |_: &str| Some("short".to_string());
         let e = match from_yaml(&yaml, Path::new("g.yaml"), &short) {
             Err(e) => e.to_string(),

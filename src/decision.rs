@@ -136,7 +136,8 @@ fn route<'s>(
         account: None,
         plan: None,
     };
-    let Some(method_bit) = MethodSet::of_method(method).filter(|&b| m.route.methods.contains(b)) else {
+    let Some(method_bit) = MethodSet::of_method(method).filter(|&b| m.route.methods.contains(b))
+    else {
         return (Some(matched), Err(Reason::MethodNotAllowed));
     };
     if let Some(name) = m.tenant {

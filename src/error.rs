@@ -217,7 +217,10 @@ pub fn response<B: From<Bytes>>(
     let mut resp = Response::new(B::from(body(reason, request_id.to_str().unwrap_or(""))));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-request-id", request_id.clone());
     match status {
@@ -267,13 +270,17 @@ mod tests {
         }
         for r in Reason::ALL {
             // serde's name and as_str agree for every reason.
-            assert_eq!(serde_json::to_value(r).ok(), Some(serde_json::Value::from(r.as_str())));
+            assert_eq!(
+                serde_json::to_value(r).ok(),
+                Some(serde_json::Value::from(r.as_str()))
+            );
         }
     }
 
     #[test]
     fn body_is_json_with_the_four_fields() {
-        let v: serde_json::Value = serde_json::from_slice(&body(Reason::Tenant, "rid-1")).expect("json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&body(Reason::Tenant, "rid-1")).expect("json");
         assert_eq!(v["error"], "insufficient_scope");
         assert_eq!(v["reason"], "tenant");
         assert_eq!(v["request_id"], "rid-1");

@@ -71,11 +71,17 @@ pub fn method_label(m: &http::Method) -> &'static str {
 fn build() -> Result<Metrics, prometheus::Error> {
     let registry = Registry::new();
     let requests = IntCounterVec::new(
-        Opts::new("scopegate_requests_total", "Requests by decision, route tag and method."),
+        Opts::new(
+            "scopegate_requests_total",
+            "Requests by decision, route tag and method.",
+        ),
         &["decision", "tag", "method"],
     )?;
     let denials = IntCounterVec::new(
-        Opts::new("scopegate_denials_total", "Denied requests by reason and route tag."),
+        Opts::new(
+            "scopegate_denials_total",
+            "Denied requests by reason and route tag.",
+        ),
         &["reason", "tag"],
     )?;
     let request_duration = HistogramVec::new(
@@ -111,11 +117,17 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ]),
     )?;
     let upstream_errors = IntCounterVec::new(
-        Opts::new("scopegate_upstream_errors_total", "Upstream failures by kind."),
+        Opts::new(
+            "scopegate_upstream_errors_total",
+            "Upstream failures by kind.",
+        ),
         &["kind"],
     )?;
     let config_reloads = IntCounterVec::new(
-        Opts::new("scopegate_config_reloads_total", "Configuration loads by result."),
+        Opts::new(
+            "scopegate_config_reloads_total",
+            "Configuration loads by result.",
+        ),
         &["result"],
     )?;
     let config_generation = IntGauge::new(
@@ -127,7 +139,10 @@ fn build() -> Result<Metrics, prometheus::Error> {
         "Unix time of the last successful configuration load.",
     )?;
     let tokens_loaded = IntGaugeVec::new(
-        Opts::new("scopegate_tokens_loaded", "PAT records and JWT keys in the serving generation."),
+        Opts::new(
+            "scopegate_tokens_loaded",
+            "PAT records and JWT keys in the serving generation.",
+        ),
         &["kind"],
     )?;
     registry.register(Box::new(requests.clone()))?;
@@ -171,7 +186,9 @@ impl Metrics {
     }
 
     pub fn denial(&self, reason: Reason, tag: &str) {
-        self.denials.with_label_values(&[reason.as_str(), tag]).inc();
+        self.denials
+            .with_label_values(&[reason.as_str(), tag])
+            .inc();
     }
 
     /// The registry in Prometheus text format.

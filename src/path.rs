@@ -105,7 +105,11 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, BadPath> {
                 if is_unreserved(v) {
                     out.get_or_insert_with(|| bytes[..i].to_vec()).push(v);
                 } else {
-                    let canonical = [b'%', HEX_UPPER[(v >> 4) as usize], HEX_UPPER[(v & 15) as usize]];
+                    let canonical = [
+                        b'%',
+                        HEX_UPPER[(v >> 4) as usize],
+                        HEX_UPPER[(v & 15) as usize],
+                    ];
                     if canonical[1] != h || canonical[2] != l {
                         out.get_or_insert_with(|| bytes[..i].to_vec());
                     }

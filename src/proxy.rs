@@ -49,7 +49,11 @@ pub struct Generation {
 impl Generation {
     /// Pair a snapshot with a client. The previous generation's client (and
     /// its warm connections) is reused when the upstream settings are equal.
-    pub fn new(number: u64, snapshot: Snapshot, previous: Option<&Generation>) -> Result<Generation, String> {
+    pub fn new(
+        number: u64,
+        snapshot: Snapshot,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, String> {
         let client = match previous {
             Some(p) if same_upstream(&p.snapshot.upstream, &snapshot.upstream) => p.client.clone(),
             _ => build_client(&snapshot.upstream)?,
@@ -133,16 +137,31 @@ impl Gateway {
     fn record_success(&self, g: &Generation) {
         let m = &self.metrics;
         m.config_reloads.with_label_values(&["success"]).inc();
-        m.config_generation.set(i64::try_from(g.number).unwrap_or(i64::MAX));
-        let ts = g.snapshot.loaded_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        m.config_generation
+            .set(i64::try_from(g.number).unwrap_or(i64::MAX));
+        let ts = g
+            .snapshot
+            .loaded_at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         m.config_last_success.set(i64::try_from(ts).unwrap_or(0));
-        m.tokens_loaded.with_label_values(&["pat"]).set(g.snapshot.pats.len() as i64);
-        m.tokens_loaded.with_label_values(&["jwt_key"]).set(g.snapshot.jwt.keys.len() as i64);
+        m.tokens_loaded
+            .with_label_values(&["pat"])
+            .set(g.snapshot.pats.len() as i64);
+        m.tokens_loaded
+            .with_label_values(&["jwt_key"])
+            .set(g.snapshot.jwt.keys.len() as i64);
     }
 
     /// Handle one request end to end. Never fails: every problem becomes a
     /// response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<ResponseBody> {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        tls: bool,
+    ) -> Response<ResponseBody> {
         let started = Instant::now();
         let generation = self.current();
         let snap = &generation.snapshot;
@@ -152,7 +171,9 @@ impl Gateway {
         // into the forwarded request while the outcome borrows the path.
         let uri = parts.uri.clone();
         let outcome = decide(snap, &parts.method, uri.path(), &parts.headers, unix_now());
-        self.metrics.authz_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .authz_duration
+            .observe(started.elapsed().as_secs_f64());
 
         let tag = match outcome.matched {
             None => NO_TAG,
@@ -166,38 +187,66 @@ impl Gateway {
             Ok(false) => (DecisionLabel::Public, None),
             // Shadow mode forwards every denial except an ambiguous path:
             // forwarding that would hand the upstream a path we could not read.
-            Err(r) if snap.mode == Mode::Shadow && r != Reason::BadPath => (DecisionLabel::ShadowDeny, Some(r)),
+            Err(r) if snap.mode == Mode::Shadow && r != Reason::BadPath => {
+                (DecisionLabel::ShadowDeny, Some(r))
+            }
             Err(r) => (DecisionLabel::Deny, Some(r)),
         };
         if let Some(r) = denied {
             self.metrics.denial(r, tag);
         }
-        self.metrics.requests.with_label_values(&[label.as_str(), tag, method_label(&parts.method)]).inc();
+        self.metrics
+            .requests
+            .with_label_values(&[label.as_str(), tag, method_label(&parts.method)])
+            .inc();
 
         let mut upstream_time = None;
         let (response, final_reason) = if label == DecisionLabel::Deny {
             let allow = outcome.matched.map(|m| &m.route.allow);
             let reason = denied.unwrap_or(Reason::BadPath);
-            (error::response(reason, &request_id, allow).map(Either::Left), Some(reason))
+            (
+                error::response(reason, &request_id, allow).map(Either::Left),
+                Some(reason),
+            )
         } else {
             let forward_started = Instant::now();
             let result = forward(&generation, &outcome, parts, body, &request_id, peer, tls).await;
             let elapsed = forward_started.elapsed();
             upstream_time = Some(elapsed);
-            self.metrics.upstream_duration.observe(elapsed.as_secs_f64());
+            self.metrics
+                .upstream_duration
+                .observe(elapsed.as_secs_f64());
             match result {
                 Ok(resp) => (resp, denied),
                 Err(e) => {
-                    self.metrics.upstream_errors.with_label_values(&[e.kind()]).inc();
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[e.kind()])
+                        .inc();
                     let reason = e.reason();
                     self.metrics.denial(reason, tag);
-                    (error::response(reason, &request_id, None).map(Either::Left), Some(reason))
+                    (
+                        error::response(reason, &request_id, None).map(Either::Left),
+                        Some(reason),
+                    )
                 }
             }
         };
         let total = started.elapsed();
-        self.metrics.request_duration.with_label_values(&[tag]).observe(total.as_secs_f64());
-        access_log(snap, &outcome, &request_id, label, final_reason, response.status(), total, upstream_time);
+        self.metrics
+            .request_duration
+            .with_label_values(&[tag])
+            .observe(total.as_secs_f64());
+        access_log(
+            snap,
+            &outcome,
+            &request_id,
+            label,
+            final_reason,
+            response.status(),
+            total,
+            upstream_time,
+        );
         response
     }
 }
@@ -252,11 +301,12 @@ async fn forward(
         .path_and_query(path_and_query)
         .build()
         .map_err(|_| ForwardError::Protocol)?;
-    let original_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
 
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
@@ -294,7 +344,9 @@ async fn forward(
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key("x-request-id") {
-        parts.headers.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-request-id"), request_id.clone());
     }
     let body = UpstreamBody {
         inner: body,
@@ -327,14 +379,22 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     h.remove("keep-alive");
-    let proxy: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("proxy-")).cloned().collect();
+    let proxy: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
     for n in proxy {
         h.remove(n);
     }
 }
 
 fn strip_airbrx(h: &mut HeaderMap) {
-    let names: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-airbrx-")).cloned().collect();
+    let names: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-airbrx-"))
+        .cloned()
+        .collect();
     for n in names {
         h.remove(n);
     }
@@ -365,7 +425,10 @@ fn set_identity(h: &mut HeaderMap, snap: &Snapshot, outcome: &Outcome<'_, '_>) {
     }
     let Some(m) = outcome.matched else { return };
     if let Some(a) = m.account.and_then(|a| snap.accounts.get(a as usize)) {
-        h.insert(HeaderName::from_static("x-airbrx-account"), a.header.clone());
+        h.insert(
+            HeaderName::from_static("x-airbrx-account"),
+            a.header.clone(),
+        );
     }
     if let Some(t) = m.tenant.and_then(|t| snap.tenants.get(t as usize)) {
         h.insert(HeaderName::from_static("x-airbrx-tenant"), t.header.clone());
@@ -384,7 +447,8 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
         {
             return v.clone();
         }
@@ -413,10 +477,26 @@ fn access_log(
 ) {
     let m = outcome.matched;
     let route = m.map(|m| &*m.route.template).unwrap_or("");
-    let tag = m.and_then(|m| m.route.tag).and_then(|t| snap.tags.get(t as usize)).map(|s| &**s).unwrap_or("");
-    let tenant = m.and_then(|m| m.tenant).and_then(|t| snap.tenants.get(t as usize)).map(|t| &*t.name).unwrap_or("");
-    let account = m.and_then(|m| m.account).and_then(|a| snap.accounts.get(a as usize)).map(|a| &*a.name).unwrap_or("");
-    let token_id = outcome.principal.as_ref().map(|p| &*p.token_id).unwrap_or("");
+    let tag = m
+        .and_then(|m| m.route.tag)
+        .and_then(|t| snap.tags.get(t as usize))
+        .map(|s| &**s)
+        .unwrap_or("");
+    let tenant = m
+        .and_then(|m| m.tenant)
+        .and_then(|t| snap.tenants.get(t as usize))
+        .map(|t| &*t.name)
+        .unwrap_or("");
+    let account = m
+        .and_then(|m| m.account)
+        .and_then(|a| snap.accounts.get(a as usize))
+        .map(|a| &*a.name)
+        .unwrap_or("");
+    let token_id = outcome
+        .principal
+        .as_ref()
+        .map(|p| &*p.token_id)
+        .unwrap_or("");
     tracing::info!(
         target: "scopegate::access",
         request_id = request_id.to_str().unwrap_or(""),
@@ -444,7 +524,10 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             return Poll::Ready(frame.map(|r| r.map_err(BoxError::from)));

@@ -69,7 +69,9 @@ impl RouteTable {
         methods: MethodSet,
     ) -> Result<RouteId, RouteError> {
         if !template.starts_with('/') {
-            return Err(RouteError(format!("template `{template}` must start with '/'")));
+            return Err(RouteError(format!(
+                "template `{template}` must start with '/'"
+            )));
         }
         if self.by_template.contains_key(template) {
             return Err(RouteError(format!("template `{template}` is listed twice")));
@@ -79,10 +81,14 @@ impl RouteTable {
         for p in params(template) {
             match p {
                 "tenant" if has_tenant => {
-                    return Err(RouteError(format!("template `{template}` names {{tenant}} twice")));
+                    return Err(RouteError(format!(
+                        "template `{template}` names {{tenant}} twice"
+                    )));
                 }
                 "account" if has_account => {
-                    return Err(RouteError(format!("template `{template}` names {{account}} twice")));
+                    return Err(RouteError(format!(
+                        "template `{template}` names {{account}} twice"
+                    )));
                 }
                 "tenant" => has_tenant = true,
                 "account" => has_account = true,
@@ -211,10 +217,22 @@ mod tests {
     fn conflicts_and_bad_templates_are_load_errors() {
         let mut t = table();
         assert!(t.insert("/v1/health", None, MethodSet::ALL).is_err());
-        assert!(t.insert("/v1/tenants/{t}/rules", Some(1), MethodSet::ALL).is_err());
-        assert!(t.insert("/v1/x/{unclosed", Some(1), MethodSet::ALL).is_err());
+        assert!(
+            t.insert("/v1/tenants/{t}/rules", Some(1), MethodSet::ALL)
+                .is_err()
+        );
+        assert!(
+            t.insert("/v1/x/{unclosed", Some(1), MethodSet::ALL)
+                .is_err()
+        );
         assert!(t.insert("v1/x", Some(1), MethodSet::ALL).is_err());
-        assert!(t.insert("/v1/y/{tenant}/{tenant}", Some(1), MethodSet::ALL).is_err());
-        assert!(t.insert("/v1/z/{*tenant}", Some(1), MethodSet::ALL).is_err());
+        assert!(
+            t.insert("/v1/y/{tenant}/{tenant}", Some(1), MethodSet::ALL)
+                .is_err()
+        );
+        assert!(
+            t.insert("/v1/z/{*tenant}", Some(1), MethodSet::ALL)
+                .is_err()
+        );
     }
 }

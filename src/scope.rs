@@ -340,7 +340,12 @@ pub fn one_or_many(
 mod tests {
     use super::*;
 
-    fn cube(methods: MethodSet, tags: &[u32], tenants: Option<&[u32]>, accounts: Option<&[u32]>) -> Cube {
+    fn cube(
+        methods: MethodSet,
+        tags: &[u32],
+        tenants: Option<&[u32]>,
+        accounts: Option<&[u32]>,
+    ) -> Cube {
         let set = |o: Option<&[u32]>| match o {
             None => IdSet::Any,
             Some(ids) => IdSet::from_ids(ids.to_vec()),
@@ -370,7 +375,10 @@ mod tests {
         assert_eq!(MethodSet::parse(&["*"]).ok(), Some(MethodSet::ALL));
         assert!(MethodSet::parse(&["get"]).is_err());
         assert!(MethodSet::parse(&["HEAD"]).is_err());
-        assert_eq!(MethodSet::ALL.allow_header(), "GET, HEAD, POST, PUT, PATCH, DELETE");
+        assert_eq!(
+            MethodSet::ALL.allow_header(),
+            "GET, HEAD, POST, PUT, PATCH, DELETE"
+        );
         assert_eq!(MethodSet::POST.allow_header(), "POST");
         assert!(!MethodSet::ALL.contains(MethodSet::NONE));
     }
@@ -382,8 +390,14 @@ mod tests {
         let a = cube(MethodSet::GET, &[1], None, None);
         let b = cube(MethodSet::POST, &[1], Some(&[9]), Some(&[0]));
         let t = target(MethodSet::POST, 1, Some(3), Some(0));
-        assert_eq!(authorize(&[a.clone(), b.clone()], Some(&plan), &t), Err(Refusal::Cube(Axis::Tenant)));
-        assert_eq!(authorize(&[b, a], Some(&plan), &t), Err(Refusal::Cube(Axis::Tenant)));
+        assert_eq!(
+            authorize(&[a.clone(), b.clone()], Some(&plan), &t),
+            Err(Refusal::Cube(Axis::Tenant))
+        );
+        assert_eq!(
+            authorize(&[b, a], Some(&plan), &t),
+            Err(Refusal::Cube(Axis::Tenant))
+        );
     }
 
     #[test]
@@ -391,7 +405,10 @@ mod tests {
         let plan = Plan::new("pro", vec![MethodSet::ALL; 4]);
         let only_acct1 = cube(MethodSet::ALL, &[2], None, Some(&[1]));
         let t = target(MethodSet::GET, 2, Some(5), Some(0));
-        assert_eq!(authorize(&[only_acct1.clone()], Some(&plan), &t), Err(Refusal::Cube(Axis::Account)));
+        assert_eq!(
+            authorize(&[only_acct1.clone()], Some(&plan), &t),
+            Err(Refusal::Cube(Axis::Account))
+        );
         let acct0 = cube(MethodSet::ALL, &[2], None, Some(&[0]));
         assert_eq!(authorize(&[only_acct1, acct0], Some(&plan), &t), Ok(()));
     }
@@ -400,9 +417,20 @@ mod tests {
     fn tenant_axis_skipped_on_account_routes() {
         let plan = Plan::new("pro", vec![MethodSet::ALL; 4]);
         let c = cube(MethodSet::GET, &[0], Some(&[]), Some(&[0]));
-        assert_eq!(authorize(&[c.clone()], Some(&plan), &target(MethodSet::GET, 0, None, Some(0))), Ok(()));
         assert_eq!(
-            authorize(&[c], Some(&plan), &target(MethodSet::GET, 0, Some(1), Some(0))),
+            authorize(
+                &[c.clone()],
+                Some(&plan),
+                &target(MethodSet::GET, 0, None, Some(0))
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            authorize(
+                &[c],
+                Some(&plan),
+                &target(MethodSet::GET, 0, Some(1), Some(0))
+            ),
             Err(Refusal::Cube(Axis::Tenant))
         );
     }
@@ -413,19 +441,46 @@ mod tests {
         per_tag[1] = MethodSet::GET;
         let free = Plan::new("free", per_tag);
         let broad = cube(MethodSet::ALL, &[0, 1, 2], None, None);
-        assert_eq!(authorize(&[broad.clone()], Some(&free), &target(MethodSet::POST, 1, None, Some(0))), Err(Refusal::Plan));
-        assert_eq!(authorize(&[broad.clone()], Some(&free), &target(MethodSet::GET, 1, None, Some(0))), Ok(()));
+        assert_eq!(
+            authorize(
+                &[broad.clone()],
+                Some(&free),
+                &target(MethodSet::POST, 1, None, Some(0))
+            ),
+            Err(Refusal::Plan)
+        );
+        assert_eq!(
+            authorize(
+                &[broad.clone()],
+                Some(&free),
+                &target(MethodSet::GET, 1, None, Some(0))
+            ),
+            Ok(())
+        );
         // No plan to consult: refused on plan, never a pass.
-        assert_eq!(authorize(&[broad], None, &target(MethodSet::GET, 1, None, None)), Err(Refusal::Plan));
+        assert_eq!(
+            authorize(&[broad], None, &target(MethodSet::GET, 1, None, None)),
+            Err(Refusal::Plan)
+        );
         // A cube refusal is reported before the plan is looked at.
         let narrow = cube(MethodSet::GET, &[0], None, None);
-        assert_eq!(authorize(&[narrow], Some(&free), &target(MethodSet::POST, 1, None, None)), Err(Refusal::Cube(Axis::Method)));
+        assert_eq!(
+            authorize(
+                &[narrow],
+                Some(&free),
+                &target(MethodSet::POST, 1, None, None)
+            ),
+            Err(Refusal::Cube(Axis::Method))
+        );
     }
 
     #[test]
     fn empty_cube_list_refuses() {
         let plan = Plan::new("pro", vec![MethodSet::ALL]);
-        assert_eq!(authorize(&[], Some(&plan), &target(MethodSet::GET, 0, None, None)), Err(Refusal::Cube(Axis::Method)));
+        assert_eq!(
+            authorize(&[], Some(&plan), &target(MethodSet::GET, 0, None, None)),
+            Err(Refusal::Cube(Axis::Method))
+        );
     }
 
     #[test]
@@ -433,6 +488,9 @@ mod tests {
         assert!(one_or_many(None, None).is_err());
         assert!(one_or_many(Some(CubeSpec::default()), Some(vec![])).is_err());
         assert!(one_or_many(None, Some(vec![])).is_err());
-        assert_eq!(one_or_many(Some(CubeSpec::default()), None).map(|v| v.len()), Ok(1));
+        assert_eq!(
+            one_or_many(Some(CubeSpec::default()), None).map(|v| v.len()),
+            Ok(1)
+        );
     }
 }

@@ -14,10 +14,19 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::TlsFiles;
 
 /// Build the server configuration from PEM bytes. Errors name the file.
-pub fn server_config(files: &TlsFiles, cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(
+    files: &TlsFiles,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: not a PEM certificate chain ({e})", files.cert.display()))?;
+        .map_err(|e| {
+            format!(
+                "{}: not a PEM certificate chain ({e})",
+                files.cert.display()
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!("{}: holds no certificate", files.cert.display()));
     }

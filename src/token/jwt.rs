@@ -27,7 +27,10 @@ pub struct JwtKey {
 impl std::fmt::Debug for JwtKey {
     // The key material (an HMAC secret in particular) is never printed.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtKey").field("kid", &self.kid).field("alg", &self.alg).finish()
+        f.debug_struct("JwtKey")
+            .field("kid", &self.kid)
+            .field("alg", &self.alg)
+            .finish()
     }
 }
 
@@ -92,7 +95,9 @@ impl JwtKey {
                     (OID_P384, "P-384")
                 };
                 if !contains(&der, want) {
-                    return Err(format!("{alg:?} needs a {name} key; this key is on another curve"));
+                    return Err(format!(
+                        "{alg:?} needs a {name} key; this key is on another curve"
+                    ));
                 }
                 key
             }
@@ -190,7 +195,10 @@ impl JwtKeys {
             return Err(AuthError::BadSignature);
         }
         let message_len = h64.len() + 1 + p64.len();
-        let message = token.as_bytes().get(..message_len).ok_or(AuthError::Malformed)?;
+        let message = token
+            .as_bytes()
+            .get(..message_len)
+            .ok_or(AuthError::Malformed)?;
         match jsonwebtoken::crypto::verify(s64, message, &key.key, key.alg) {
             Ok(true) => {}
             _ => return Err(AuthError::BadSignature),
@@ -240,7 +248,10 @@ impl JwtKeys {
         {
             return Err(AuthError::Malformed);
         }
-        let token_id = claims.jti.or_else(|| claims.sub.clone()).ok_or(AuthError::Malformed)?;
+        let token_id = claims
+            .jti
+            .or_else(|| claims.sub.clone())
+            .ok_or(AuthError::Malformed)?;
         if !is_safe_identity(&token_id) {
             return Err(AuthError::Malformed);
         }

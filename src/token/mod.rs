@@ -101,7 +101,10 @@ mod tests {
     fn h(values: &[&str]) -> HeaderMap {
         let mut m = HeaderMap::new();
         for v in values {
-            m.append(http::header::AUTHORIZATION, HeaderValue::from_str(v).expect("value"));
+            m.append(
+                http::header::AUTHORIZATION,
+                HeaderValue::from_str(v).expect("value"),
+            );
         }
         m
     }
@@ -109,8 +112,14 @@ mod tests {
     #[test]
     fn bearer_header_shapes() {
         assert_eq!(bearer(&h(&[])), Err(AuthError::MissingToken));
-        assert_eq!(bearer(&h(&["Bearer a", "Bearer b"])), Err(AuthError::BadAuthorization));
-        assert_eq!(bearer(&h(&["Basic dXNlcjpw"])), Err(AuthError::BadAuthorization));
+        assert_eq!(
+            bearer(&h(&["Bearer a", "Bearer b"])),
+            Err(AuthError::BadAuthorization)
+        );
+        assert_eq!(
+            bearer(&h(&["Basic dXNlcjpw"])),
+            Err(AuthError::BadAuthorization)
+        );
         assert_eq!(bearer(&h(&["Bearer"])), Err(AuthError::BadAuthorization));
         assert_eq!(bearer(&h(&["Bearer "])), Err(AuthError::Malformed));
         assert_eq!(bearer(&h(&["Bearer a b"])), Err(AuthError::Malformed));

@@ -145,7 +145,11 @@ impl PatRecordSpec {
             .map_err(|m| ("cube".to_string(), m.to_string()))?;
         let mut cubes = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            let key = if self.cube.is_some() { "cube".to_string() } else { format!("cubes[{i}]") };
+            let key = if self.cube.is_some() {
+                "cube".to_string()
+            } else {
+                format!("cubes[{i}]")
+            };
             cubes.push(spec.compile(v, Strictness::Config).map_err(|m| (key, m))?);
         }
         Ok((
@@ -191,7 +195,10 @@ impl PatStore {
         if !well_formed(token) {
             return Err(AuthError::Malformed);
         }
-        let record = self.by_hash.get(&hash(token)).ok_or(AuthError::UnknownToken)?;
+        let record = self
+            .by_hash
+            .get(&hash(token))
+            .ok_or(AuthError::UnknownToken)?;
         if record.expires.is_some_and(|exp| now >= exp) {
             return Err(AuthError::Expired);
         }
@@ -242,7 +249,9 @@ mod tests {
         assert!(!well_formed(&t.replacen("abx_pat_", "abx_pot_", 1)));
         let mut non_alnum = t.into_bytes();
         non_alnum[12] = b'-';
-        assert!(!well_formed(std::str::from_utf8(&non_alnum).expect("ascii")));
+        assert!(!well_formed(
+            std::str::from_utf8(&non_alnum).expect("ascii")
+        ));
         assert!(!well_formed("abx_pat_é"));
     }
 }
