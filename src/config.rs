@@ -806,11 +806,11 @@ fn compile(
                     }
                 }
                 (_, _, true) => Err((
-                    format!("{key}"),
+                    key.clone(),
                     format!("{} needs `secret_env` and no `public_key`", k.alg),
                 )),
                 (_, _, false) => Err((
-                    format!("{key}"),
+                    key.clone(),
                     format!("{} needs `public_key` and no `secret_env`", k.alg),
                 )),
             };

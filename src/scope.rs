@@ -277,8 +277,8 @@ pub enum Strictness {
     Claims,
 }
 
-fn ids<'n>(
-    names: &'n [String],
+fn ids(
+    names: &[String],
     table: &HashMap<Box<str>, u32>,
     strict: bool,
     what: &str,
@@ -406,7 +406,7 @@ mod tests {
         let only_acct1 = cube(MethodSet::ALL, &[2], None, Some(&[1]));
         let t = target(MethodSet::GET, 2, Some(5), Some(0));
         assert_eq!(
-            authorize(&[only_acct1.clone()], Some(&plan), &t),
+            authorize(std::slice::from_ref(&only_acct1), Some(&plan), &t),
             Err(Refusal::Cube(Axis::Account))
         );
         let acct0 = cube(MethodSet::ALL, &[2], None, Some(&[0]));
@@ -419,7 +419,7 @@ mod tests {
         let c = cube(MethodSet::GET, &[0], Some(&[]), Some(&[0]));
         assert_eq!(
             authorize(
-                &[c.clone()],
+                std::slice::from_ref(&c),
                 Some(&plan),
                 &target(MethodSet::GET, 0, None, Some(0))
             ),
@@ -443,7 +443,7 @@ mod tests {
         let broad = cube(MethodSet::ALL, &[0, 1, 2], None, None);
         assert_eq!(
             authorize(
-                &[broad.clone()],
+                std::slice::from_ref(&broad),
                 Some(&free),
                 &target(MethodSet::POST, 1, None, Some(0))
             ),
@@ -451,7 +451,7 @@ mod tests {
         );
         assert_eq!(
             authorize(
-                &[broad.clone()],
+                std::slice::from_ref(&broad),
                 Some(&free),
                 &target(MethodSet::GET, 1, None, Some(0))
             ),

@@ -1,0 +1,284 @@
+//! The command line (SPEC §2), run as the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_scopegate");
+const DEMO_SECRET_ENV: (&str, &str) = (
+    "SCOPEGATE_DEV_HS256",
+    "cli-test-secret-0123456789abcdef0123",
+);
+
+fn shipped_config() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.yaml")
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env(DEMO_SECRET_ENV.0, DEMO_SECRET_ENV.1)
+        .output()
+        .expect("run scopegate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_accepts_the_shipped_example_and_names_file_and_key_on_errors() {
+    let cfg = shipped_config();
+    let (code, out, _) = run(&["check", "--config", cfg.to_str().expect("utf8")]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("valid") && out.contains("routes 8 (tags 6)"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = std::fs::read_to_string(&cfg)
+        .expect("read")
+        .replace("globex:  { plan: free }", "globex:  { plan: gold }")
+        .replace("pat_file: tokens.yaml", "pat_file: missing.yaml");
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, bad).expect("write");
+    std::fs::create_dir(dir.path().join("keys")).expect("mkdir");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("keys/es-2026-11.pub.pem"),
+        dir.path().join("keys/es-2026-11.pub.pem"),
+    )
+    .expect("copy");
+    let (code, _, err) = run(&["check", "--config", path.to_str().expect("utf8")]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("accounts.globex.plan: unknown plan `gold`"),
+        "{err}"
+    );
+    assert!(err.contains("missing.yaml: cannot read"), "{err}");
+    assert!(err.contains(&path.display().to_string()), "{err}");
+
+    // A typo in a key is refused with its line.
+    std::fs::write(&path, "listen: { addr: 127.0.0.1:0 }\nupstream: { url: http://127.0.0.1:1 }\nroutes: []\nmdoe: shadow\n").expect("write");
+    let (code, _, err) = run(&["check", "--config", path.to_str().expect("utf8")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("mdoe") && err.contains(":4:"), "{err}");
+}
+
+#[test]
+fn explain_prints_the_decision_and_exits_by_it() {
+    let cfg = shipped_config();
+    let cfg = cfg.to_str().expect("utf8");
+    let secrets: std::collections::BTreeMap<String, String> = serde_yaml::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/pats.yaml"))
+            .expect("read"),
+    )
+    .expect("yaml");
+    let export = &secrets["tok_analytics_export"];
+
+    let (code, out, _) = run(&[
+        "explain",
+        "--config",
+        cfg,
+        "--token",
+        export,
+        "GET",
+        "/v1/tenants/acme-prod/analytics/daily?x=1",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["decision"], "allow");
+    assert_eq!(v["route"], "/v1/tenants/{tenant}/analytics/{*rest}");
+    assert_eq!(v["token"]["id"], "tok_analytics_export");
+    assert!(!out.contains(export.as_str()), "explain echoed the token");
+
+    let (code, out, _) = run(&[
+        "explain",
+        "--config",
+        cfg,
+        "--token",
+        export,
+        "GET",
+        "/v1/tenants/acme-trial/analytics/daily",
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (
+            v["decision"].as_str(),
+            v["reason"].as_str(),
+            v["status"].as_u64()
+        ),
+        (Some("deny"), Some("tenant"), Some(403))
+    );
+    assert_eq!(v["cubes"][0]["refused_on"], "tenant");
+
+    let (code, out, _) = run(&["explain", "--config", cfg, "GET", "/v1/health"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"public\""));
+}
+
+#[tokio::test]
+async fn token_new_round_trips_through_a_pat_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg_path = dir.path().join("none.yaml");
+    let cube =
+        r#"{"methods":["GET"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}"#;
+    let (code, out, err) = run(&[
+        "token",
+        "new",
+        "--config",
+        cfg_path.to_str().expect("utf8"),
+        "--id",
+        "tok_cli",
+        "--name",
+        "made by the cli test",
+        "--expires",
+        "2099-01-01T00:00:00Z",
+        "--cube",
+        cube,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let secret = out
+        .split_whitespace()
+        .find(|w| w.starts_with(pat::PREFIX))
+        .expect("a secret is printed")
+        .to_string();
+    assert!(pat::well_formed(&secret));
+    assert_eq!(
+        out.matches(&secret).count(),
+        1,
+        "the secret is printed exactly once"
+    );
+    let record: String = out
+        .lines()
+        .skip_while(|l| !l.contains("Record to paste"))
+        .skip(1)
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(record.contains(&hex::encode(pat::hash(&secret))));
+
+    // Paste the record into a PAT file and use the secret against a gateway.
+    let up = Upstream::start(Default::default()).await;
+    let pasted = Pat {
+        secret: secret.clone(),
+        yaml: record,
+    };
+    let gw = TestGateway::start(up.addr, &[&pasted], Options::default()).await;
+    let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &secret).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        up.last()
+            .and_then(|s| s.header("x-airbrx-token-id").map(str::to_string))
+            .as_deref(),
+        Some("tok_cli")
+    );
+
+    // A cube typo is refused against the config when one is given.
+    let (code, _, err) = run(&[
+        "token",
+        "new",
+        "--config",
+        shipped_config().to_str().expect("utf8"),
+        "--id",
+        "x",
+        "--cube",
+        r#"{"methods":["GET"],"tags":["analitics"]}"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown tag `analitics`"), "{err}");
+    let (code, _, err) = run(&[
+        "token",
+        "new",
+        "--id",
+        "x",
+        "--cube",
+        r#"{"methods":["GET"],"tagz":[]}"#,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("tagz"), "{err}");
+}
+
+#[tokio::test]
+async fn demo_serves_the_shipped_example() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0", "--log-format", "text"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("SCOPEGATE_DEV_HS256")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn demo");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let done = line.starts_with("DEMO-READY");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    })
+    .await
+    .expect("join");
+    let ready = lines
+        .iter()
+        .find(|l| l.starts_with("DEMO-READY"))
+        .expect("demo became ready");
+    let base = ready
+        .trim_start_matches("DEMO-READY ")
+        .trim_start_matches("http://");
+    let addr: std::net::SocketAddr = base.parse().expect("address");
+
+    // Replay every curl line the demo printed: each must give the status its
+    // caption announces.
+    let mut checked = 0;
+    for pair in lines.windows(2) {
+        let (caption, line) = (&pair[0], &pair[1]);
+        if !caption.starts_with("# ") || !line.starts_with("curl ") {
+            continue;
+        }
+        let expect: u16 = caption
+            .split_whitespace()
+            .nth(1)
+            .and_then(|w| w.parse().ok())
+            .unwrap_or(200);
+        let token = line
+            .split("Bearer ")
+            .nth(1)
+            .map(|r| r.split('\'').next().unwrap_or(""));
+        let method = if line.contains("-X POST") {
+            "POST"
+        } else if line.contains("-X DELETE") {
+            "DELETE"
+        } else {
+            "GET"
+        };
+        let target = line.rsplit(base).next().expect("target");
+        let mut headers = Vec::new();
+        let auth;
+        if let Some(t) = token {
+            auth = format!("Bearer {t}");
+            headers.push(("authorization", auth.as_str()));
+        }
+        let r = send(addr, method, target, &headers).await;
+        assert_eq!(
+            r.status,
+            expect,
+            "{caption}\n{line}\n{}",
+            String::from_utf8_lossy(&r.body)
+        );
+        checked += 1;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(checked >= 15, "only {checked} demo lines checked");
+}

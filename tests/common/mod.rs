@@ -1,0 +1,520 @@
+//! Test harness: a real hyper upstream on 127.0.0.1:0 that records what it
+//! receives, the gateway loaded from real files in a temp dir and served on
+//! 127.0.0.1:0, real signed JWTs, real PATs, and a raw-socket HTTP/1.1
+//! client so that hostile request lines reach the gateway byte for byte.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use scopegate::Gateway;
+pub use scopegate::token::pat;
+
+pub const HS_SECRET: &str = "integration-test-hs256-secret-0123456789";
+pub const ISSUER: &str = "https://auth.test.example";
+pub const AUDIENCE: &str = "airbrx-api";
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+// ---------------------------------------------------------------------------
+// Upstream
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: Vec<(String, String)>,
+    pub body_len: usize,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// How the upstream behaves.
+#[derive(Clone, Copy, Default)]
+pub struct UpstreamBehaviour {
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Body bytes received so far, across requests, updated per frame.
+    pub received: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start(behaviour: UpstreamBehaviour) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let received: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let counter = received.clone();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let log = log.clone();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let log = log.clone();
+                            let counter = counter.clone();
+                            async move {
+                                let (parts, body) = req.into_parts();
+                                // Count the body as it streams; never hold it.
+                                let mut body = body;
+                                let mut body_len = 0usize;
+                                while let Some(frame) = body.frame().await {
+                                    match frame {
+                                        Ok(f) => {
+                                            let n = f.data_ref().map(|d| d.len()).unwrap_or(0);
+                                            body_len += n;
+                                            counter
+                                                .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+                                        }
+                                        Err(_) => break,
+                                    }
+                                }
+                                let record = Seen {
+                                    method: parts.method.to_string(),
+                                    path_and_query: parts
+                                        .uri
+                                        .path_and_query()
+                                        .map(|p| p.to_string())
+                                        .unwrap_or_default(),
+                                    headers: parts
+                                        .headers
+                                        .iter()
+                                        .map(|(k, v)| {
+                                            (
+                                                k.to_string(),
+                                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                                            )
+                                        })
+                                        .collect(),
+                                    body_len,
+                                };
+                                log.lock().expect("lock").push(record);
+                                if let Some(d) = behaviour.delay {
+                                    tokio::time::sleep(d).await;
+                                }
+                                let body = json!({"ok": true, "path": parts.uri.path(), "body_len": body_len});
+                                let mut resp =
+                                    http::Response::new(Full::new(Bytes::from(body.to_string())));
+                                resp.headers_mut().insert(
+                                    "content-type",
+                                    http::HeaderValue::from_static("application/json"),
+                                );
+                                // A hop-by-hop header the gateway must strip on the way back.
+                                resp.headers_mut().insert(
+                                    "keep-alive",
+                                    http::HeaderValue::from_static("timeout=5"),
+                                );
+                                Ok::<_, Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            received,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().expect("lock").len()
+    }
+
+    pub fn last(&self) -> Option<Seen> {
+        self.seen.lock().expect("lock").last().cloned()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Gateway
+
+/// The YAML body shared by most tests; `{UPSTREAM}` is replaced.
+pub const CONFIG: &str = r#"
+listen: { addr: "127.0.0.1:0" }
+upstream:
+  url: "http://{UPSTREAM}"
+  connect_timeout: 1s
+  timeout: {TIMEOUT}
+mode: {MODE}
+tokens:
+  pat_file: tokens.yaml
+  jwt:
+    issuer: https://auth.test.example
+    audience: airbrx-api
+    leeway: 30s
+    keys:
+      - { kid: es-test, alg: ES256, public_key: es256.pub.pem }
+      - { kid: hs-test, alg: HS256, secret_env: SG_TEST_HS256 }
+      - { kid: rs-test, alg: RS256, public_key: rs256.pub.pem }
+      - { kid: ed-test, alg: EdDSA, public_key: ed25519.pub.pem }
+plans:
+  free:
+    - { tags: [analytics, markers, tenants, accounts, team], methods: [GET] }
+    - { tags: [markers], methods: [POST] }
+  pro:
+    - { tags: ["*"], methods: ["*"] }
+accounts:
+  acme:   { plan: pro }
+  globex: { plan: free }
+  initech: { plan: pro }
+tenants:
+  acme-prod:    { account: acme }
+  acme-staging: { account: acme }
+  acme-trial:   { account: acme, plan: free }
+  globex-web:   { account: globex }
+  initech-eu:   { account: initech }
+routes:
+  - { path: /v1/health, public: true }
+  - { path: "/v1/tenants/{tenant}/analytics/{*rest}", tag: analytics, methods: [GET] }
+  - { path: "/v1/tenants/{tenant}/rules", tag: rules, methods: [GET, POST] }
+  - { path: "/v1/tenants/{tenant}/rules/{rule_id}", tag: rules, methods: [GET, PUT, DELETE] }
+  - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
+  - { path: "/v1/accounts/{account}/tenants", tag: tenants, methods: [GET] }
+  - { path: "/v1/accounts/{account}", tag: accounts, methods: [GET, PUT] }
+  - { path: "/v1/accounts/{account}/team/{*rest}", tag: team }
+  - { path: "/v1/accounts/{account}/tenants/{tenant}/settings", tag: tenants, methods: [GET] }
+  - { path: /v1/platform/status, tag: accounts, methods: [GET] }
+"#;
+
+/// A PAT record to write into tokens.yaml, with its secret.
+pub struct Pat {
+    pub secret: String,
+    pub yaml: String,
+}
+
+/// Mint a PAT and its record. `extra` is more YAML keys for the record
+/// (e.g. `disabled: true`), `cube` the flow-style cube.
+pub fn pat_record(id: &str, cube: &str, extra: &str) -> Pat {
+    let secret = pat::mint().expect("random");
+    let sha = hex::encode(pat::hash(&secret));
+    let mut yaml = format!("  - id: {id}\n    sha256: {sha}\n    cube: {cube}\n");
+    if !extra.is_empty() {
+        for line in extra.lines() {
+            yaml.push_str(&format!("    {line}\n"));
+        }
+    }
+    Pat { secret, yaml }
+}
+
+pub struct Options {
+    pub timeout: &'static str,
+    pub mode: &'static str,
+    pub patch: Box<dyn Fn(String) -> String + Send>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeout: "5s",
+            mode: "enforce",
+            patch: Box::new(|s| s),
+        }
+    }
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub gw: Arc<Gateway>,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestGateway {
+    /// Write gateway.yaml, tokens.yaml and key files to a temp dir, load
+    /// them as `serve` does, and serve on 127.0.0.1:0.
+    pub async fn start(upstream: SocketAddr, pats: &[&Pat], opts: Options) -> TestGateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
+            std::fs::copy(fixture(f), dir.path().join(f)).expect("copy key");
+        }
+        let mut tokens = String::from("tokens:\n");
+        for p in pats {
+            tokens.push_str(&p.yaml);
+        }
+        if pats.is_empty() {
+            tokens = "tokens: []\n".into();
+        }
+        std::fs::write(dir.path().join("tokens.yaml"), tokens).expect("write tokens");
+        let yaml = CONFIG
+            .replace("{UPSTREAM}", &upstream.to_string())
+            .replace("{TIMEOUT}", opts.timeout)
+            .replace("{MODE}", opts.mode);
+        let yaml = (opts.patch)(yaml);
+        let path = dir.path().join("gateway.yaml");
+        std::fs::write(&path, yaml).expect("write config");
+        let env = |n: &str| (n == "SG_TEST_HS256").then(|| HS_SECRET.to_string());
+        let snap = match scopegate::config::load(&path, &env) {
+            Ok(s) => s,
+            Err(e) => panic!("test config invalid:\n{e}"),
+        };
+        let gw = Gateway::new(snap).expect("gateway");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind gateway");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(scopegate::serve(listener, gw.clone(), async move {
+            let _ = rx.await;
+        }));
+        TestGateway {
+            addr,
+            gw,
+            dir,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Ask the gateway to stop (graceful drain).
+    pub fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// JWTs
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+/// Standard claims valid for an hour, merged with `extra`.
+pub fn claims(extra: Value) -> Value {
+    let mut base = json!({
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "user-1",
+        "jti": "jwt-1",
+        "iat": now(),
+        "exp": now() + 3600,
+    });
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            if v.is_null() {
+                b.remove(k);
+            } else {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    base
+}
+
+pub fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+    let key = match alg {
+        Algorithm::ES256 => {
+            EncodingKey::from_ec_pem(&std::fs::read(fixture("es256.key.pem")).expect("key"))
+                .expect("es key")
+        }
+        Algorithm::RS256 | Algorithm::PS256 => {
+            EncodingKey::from_rsa_pem(&std::fs::read(fixture("rs256.key.pem")).expect("key"))
+                .expect("rsa key")
+        }
+        Algorithm::EdDSA => {
+            EncodingKey::from_ed_pem(&std::fs::read(fixture("ed25519.key.pem")).expect("key"))
+                .expect("ed key")
+        }
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            EncodingKey::from_secret(HS_SECRET.as_bytes())
+        }
+        other => panic!("no test key for {other:?}"),
+    };
+    let mut header = Header::new(alg);
+    header.kid = kid.map(str::to_string);
+    jsonwebtoken::encode(&header, claims, &key).expect("sign")
+}
+
+pub fn es256(cube: Value) -> String {
+    sign(
+        Algorithm::ES256,
+        Some("es-test"),
+        &claims(json!({ "cube": cube })),
+    )
+}
+
+pub fn hs256(cube: Value) -> String {
+    sign(
+        Algorithm::HS256,
+        Some("hs-test"),
+        &claims(json!({ "cube": cube })),
+    )
+}
+
+/// Base64url without padding, for hand-built tokens.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP/1.1 client
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HashMap<String, Vec<String>>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(name)
+            .and_then(|v| v.first())
+            .map(|s| s.as_str())
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+    pub fn reason(&self) -> String {
+        self.json()["reason"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// Send raw bytes, read until the server closes, parse one response.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> Option<Resp> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.ok()?;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    parse_response(&buf)
+}
+
+pub fn parse_response(buf: &[u8]) -> Option<Resp> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut headers: HashMap<String, Vec<String>> = HashMap::new();
+    for l in lines {
+        let (k, v) = l.split_once(':')?;
+        headers
+            .entry(k.trim().to_ascii_lowercase())
+            .or_default()
+            .push(v.trim().to_string());
+    }
+    let mut body = buf[end + 4..].to_vec();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.iter().any(|x| x.contains("chunked")))
+    {
+        body = dechunk(&body);
+    }
+    Some(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&b[..nl])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok());
+        let Some(size) = size.filter(|&n| n > 0) else {
+            break;
+        };
+        let Some(chunk) = b.get(nl + 2..nl + 2 + size) else {
+            break;
+        };
+        out.extend_from_slice(chunk);
+        b = b.get(nl + 2 + size + 2..).unwrap_or_default();
+    }
+    out
+}
+
+/// A request with the given method, target and extra header lines.
+pub async fn send(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, &str)]) -> Resp {
+    send_body(addr, method, target, headers, b"").await
+}
+
+pub async fn send_body(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut req =
+        format!("{method} {target} HTTP/1.1\r\nhost: gateway.test\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" || method == "PUT" {
+        req.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    match raw(addr, &bytes).await {
+        Some(r) => r,
+        None => panic!("no parsable response to {method} {target}"),
+    }
+}
+
+/// GET with a bearer token.
+pub async fn get(addr: SocketAddr, target: &str, token: &str) -> Resp {
+    let auth = format!("Bearer {token}");
+    send(addr, "GET", target, &[("authorization", &auth)]).await
+}
+
+pub async fn call(addr: SocketAddr, method: &str, target: &str, token: &str) -> Resp {
+    let auth = format!("Bearer {token}");
+    send(addr, method, target, &[("authorization", &auth)]).await
+}
