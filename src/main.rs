@@ -190,11 +190,12 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
         let admin_listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding admin.addr {addr}"))?;
+        let bound = admin_listener.local_addr()?;
         let mut rx = stop_rx.clone();
         tokio::spawn(admin::serve(admin_listener, gw.clone(), async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
-        tracing::info!(%addr, "admin listening");
+        tracing::info!(addr = %bound, "admin listening");
     }
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
     scopegate::serve(listener, gw, shutdown_signal()).await;

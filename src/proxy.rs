@@ -170,6 +170,7 @@ impl Gateway {
         // Decide on a clone of the URI (refcounted bytes) so `parts` can move
         // into the forwarded request while the outcome borrows the path.
         let uri = parts.uri.clone();
+        let method = parts.method.clone();
         let outcome = decide(snap, &parts.method, uri.path(), &parts.headers, unix_now());
         self.metrics
             .authz_duration
@@ -240,6 +241,7 @@ impl Gateway {
         access_log(
             snap,
             &outcome,
+            method.as_str(),
             &request_id,
             label,
             final_reason,
@@ -468,6 +470,7 @@ fn unix_now() -> i64 {
 fn access_log(
     snap: &Snapshot,
     outcome: &Outcome<'_, '_>,
+    method: &str,
     request_id: &HeaderValue,
     decision: DecisionLabel,
     reason: Option<Reason>,
@@ -497,9 +500,14 @@ fn access_log(
         .as_ref()
         .map(|p| &*p.token_id)
         .unwrap_or("");
+    let time = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
     tracing::info!(
         target: "scopegate::access",
+        time,
         request_id = request_id.to_str().unwrap_or(""),
+        method,
         route,
         tag,
         tenant,

@@ -282,3 +282,158 @@ async fn demo_serves_the_shipped_example() {
     let _ = child.wait();
     assert!(checked >= 15, "only {checked} demo lines checked");
 }
+
+/// Lines of a child's stdout, read on a thread.
+fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for(
+    rx: &std::sync::mpsc::Receiver<String>,
+    all: &mut Vec<String>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no matching log line; saw:\n{}", all.join("\n")));
+        all.push(line.clone());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && pred(&v)
+        {
+            return v;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
+        std::fs::copy(fixture(f), dir.path().join(f)).expect("copy");
+    }
+    let p = pat_record(
+        "tok_serve",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    std::fs::write(
+        dir.path().join("tokens.yaml"),
+        format!("tokens:\n{}", p.yaml),
+    )
+    .expect("write");
+    let yaml = CONFIG
+        .replace("{UPSTREAM}", &up.addr.to_string())
+        .replace("{TIMEOUT}", "5s")
+        .replace("{MODE}", "enforce")
+        .replace(
+            "listen: { addr: \"127.0.0.1:0\" }",
+            "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
+        );
+    let cfg = dir.path().join("gateway.yaml");
+    std::fs::write(&cfg, yaml).expect("write");
+
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env("SG_TEST_HS256", HS_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn serve");
+    let rx = line_reader(child.stdout.take().expect("stdout"));
+    let mut log = Vec::new();
+    let addr_of = |v: &serde_json::Value| -> std::net::SocketAddr {
+        v["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("socket addr")
+    };
+    let admin = addr_of(&wait_for(&rx, &mut log, |v| {
+        v["message"] == "admin listening"
+    }));
+    let gw = addr_of(&wait_for(&rx, &mut log, |v| {
+        v["message"] == "gateway listening"
+    }));
+
+    let jwt = es256(
+        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    assert_eq!(
+        get(gw, "/v1/tenants/acme-prod/markers", &p.secret)
+            .await
+            .status,
+        200
+    );
+    let line = wait_for(&rx, &mut log, |v| v["target"] == "scopegate::access");
+    for (k, want) in [
+        ("method", "GET"),
+        ("route", "/v1/tenants/{tenant}/markers"),
+        ("tag", "markers"),
+        ("tenant", "acme-prod"),
+        ("account", "acme"),
+        ("token_id", "tok_serve"),
+        ("decision", "allow"),
+    ] {
+        assert_eq!(line[k], want, "{k} in {line}");
+    }
+    assert_eq!(line["status"], 200);
+    assert!(line["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(line["time"].as_str().is_some_and(|s| s.contains('T')));
+    assert!(line["duration_us"].is_u64() && line["upstream_us"].is_u64());
+
+    let r = get(gw, "/v1/tenants/acme-staging/markers", &jwt).await;
+    assert_eq!(r.status, 403);
+    let line = wait_for(&rx, &mut log, |v| v["target"] == "scopegate::access");
+    assert_eq!(
+        (line["decision"].as_str(), line["reason"].as_str()),
+        (Some("deny"), Some("tenant"))
+    );
+
+    // The admin listener answers, and /config carries no secret.
+    let metrics = send(admin, "GET", "/metrics", &[]).await;
+    assert_eq!(metrics.status, 200);
+    assert!(
+        String::from_utf8_lossy(&metrics.body)
+            .contains("scopegate_denials_total{reason=\"tenant\",tag=\"markers\"} 1")
+    );
+    let config = send(admin, "GET", "/config", &[]).await;
+    assert_eq!(config.json()["counts"]["pats"], 1);
+    let config_text = String::from_utf8_lossy(&config.body).into_owned();
+
+    // SIGTERM: stop accepting, drain, exit 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
+        log.push(l);
+    }
+    let all = log.join("\n");
+    for secret in [p.secret.as_str(), jwt.as_str(), HS_SECRET] {
+        assert!(!all.contains(secret), "a secret reached the log");
+        assert!(!config_text.contains(secret), "a secret reached /config");
+        assert!(
+            !String::from_utf8_lossy(&metrics.body).contains(secret),
+            "a secret reached /metrics"
+        );
+    }
+}

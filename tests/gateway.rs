@@ -957,6 +957,7 @@ async fn upstream_down_is_502_and_slow_is_504() {
 
     let slow = Upstream::start(UpstreamBehaviour {
         delay: Some(Duration::from_secs(3)),
+        ..Default::default()
     })
     .await;
     let gw = TestGateway::start(
@@ -981,22 +982,6 @@ async fn upstream_down_is_502_and_slow_is_504() {
         metrics.contains("scopegate_upstream_errors_total{kind=\"timeout\"} 1"),
         "{metrics}"
     );
-}
-
-/// A request body fed from a channel, so the test controls when bytes are sent.
-struct ChannelBody(tokio::sync::mpsc::Receiver<bytes::Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|o| o.map(|b| Ok(http_body::Frame::data(b))))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1127,4 +1112,114 @@ async fn shadow_mode_forwards_denials_but_not_ambiguous_paths() {
         m.contains("scopegate_denials_total{reason=\"tenant\",tag=\"markers\"} 1"),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_stream_back_without_waiting_for_the_whole_body() {
+    use http_body_util::BodyExt;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = Upstream::start(UpstreamBehaviour {
+        hold: Some(release.clone()),
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    let stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/tenants/acme-prod/markers")
+        .header("host", "gateway.test")
+        .header("authorization", format!("Bearer {tok}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("head in time")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // The first chunk arrives while the upstream still holds the rest.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.frame())
+        .await
+        .expect("first chunk before the upstream finished")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"first;"[..]));
+    release.notify_one();
+    let rest = body.collect().await.expect("rest").to_bytes();
+    assert_eq!(&rest[..], b"rest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_from_clients_and_to_the_upstream() {
+    let up = Upstream::start(Default::default()).await;
+    let opts = Options {
+        patch: Box::new(|s| s.replace("connect_timeout: 1s", "connect_timeout: 1s\n  http2: true")),
+        ..Default::default()
+    };
+    let gw = TestGateway::start(up.addr, &[], opts).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    // h2c prior knowledge from the client.
+    let stream = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    for (path, expect) in [
+        ("/v1/tenants/acme-prod/markers", 200),
+        ("/v1/tenants/acme-staging/markers", 403),
+    ] {
+        let req = http::Request::get(format!("http://gateway.test{path}"))
+            .header("authorization", format!("Bearer {tok}"))
+            .header("x-airbrx-tenant", "spoofed")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let resp = sender.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), expect, "{path}");
+    }
+    assert_eq!(up.count(), 1);
+    let seen = up.last().expect("reached");
+    assert_eq!(
+        seen.version,
+        http::Version::HTTP_2,
+        "upstream.http2 speaks h2c to the upstream"
+    );
+    assert_eq!(seen.headers_named("x-airbrx-tenant"), vec!["acme-prod"]);
+    assert_eq!(seen.header("x-forwarded-host"), Some("gateway.test"));
+}
+
+#[tokio::test]
+async fn a_token_in_the_query_string_does_not_authenticate() {
+    let up = Upstream::start(Default::default()).await;
+    let p = pat_record(
+        "tok_q",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let gw = TestGateway::start(up.addr, &[&p], Options::default()).await;
+    for q in ["access_token", "token", "authorization"] {
+        let target = format!("/v1/tenants/acme-prod/markers?{q}={}", p.secret);
+        denied(
+            &send(gw.addr, "GET", &target, &[]).await,
+            401,
+            "missing_token",
+            &up,
+            0,
+        );
+    }
 }

@@ -38,6 +38,7 @@ pub fn fixture(name: &str) -> PathBuf {
 /// One request as the upstream saw it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    pub version: http::Version,
     pub method: String,
     pub path_and_query: String,
     pub headers: Vec<(String, String)>,
@@ -61,10 +62,29 @@ impl Seen {
 }
 
 /// How the upstream behaves.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 pub struct UpstreamBehaviour {
     /// Wait this long before answering.
     pub delay: Option<Duration>,
+    /// Answer with a streamed body: `first` at once, then `rest` only
+    /// after this is notified.
+    pub hold: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// A response body fed from a channel.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|o| o.map(|b| Ok(http_body::Frame::data(b))))
+    }
 }
 
 pub struct Upstream {
@@ -76,6 +96,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(behaviour: UpstreamBehaviour) -> Upstream {
+        let behaviour = Arc::new(behaviour);
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind upstream");
@@ -91,11 +112,13 @@ impl Upstream {
                 };
                 let log = log.clone();
                 let counter = counter.clone();
+                let behaviour = behaviour.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
                             let log = log.clone();
                             let counter = counter.clone();
+                            let behaviour = behaviour.clone();
                             async move {
                                 let (parts, body) = req.into_parts();
                                 // Count the body as it streams; never hold it.
@@ -113,6 +136,7 @@ impl Upstream {
                                     }
                                 }
                                 let record = Seen {
+                                    version: parts.version,
                                     method: parts.method.to_string(),
                                     path_and_query: parts
                                         .uri
@@ -136,8 +160,22 @@ impl Upstream {
                                     tokio::time::sleep(d).await;
                                 }
                                 let body = json!({"ok": true, "path": parts.uri.path(), "body_len": body_len});
-                                let mut resp =
-                                    http::Response::new(Full::new(Bytes::from(body.to_string())));
+                                let body = match &behaviour.hold {
+                                    None => http_body_util::Either::Left(Full::new(Bytes::from(
+                                        body.to_string(),
+                                    ))),
+                                    Some(release) => {
+                                        let (tx, rx) = tokio::sync::mpsc::channel(2);
+                                        let release = release.clone();
+                                        tokio::spawn(async move {
+                                            let _ = tx.send(Bytes::from_static(b"first;")).await;
+                                            release.notified().await;
+                                            let _ = tx.send(Bytes::from_static(b"rest")).await;
+                                        });
+                                        http_body_util::Either::Right(ChannelBody(rx))
+                                    }
+                                };
+                                let mut resp = http::Response::new(body);
                                 resp.headers_mut().insert(
                                     "content-type",
                                     http::HeaderValue::from_static("application/json"),
