@@ -53,6 +53,7 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
                     "jwt_keys": s.jwt.keys.len(),
                 },
                 "warnings": s.warnings,
+                "last_reload_error": gw.last_error(),
             });
             let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
             r.headers_mut().insert(

@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::routes::RouteTable;
 use crate::scope::{AccountId, MethodSet, Plan, PlanId, TagId, TenantId, Vocabulary};
 use crate::token::jwt::{JwtKey, JwtKeys, is_hmac, parse_alg};
-use crate::token::pat::{PatFileSpec, PatStore};
+use crate::token::pat::{PatFileSpec, PatRecordSpec, PatStore};
 
 // ---------------------------------------------------------------------------
 // Errors
@@ -930,15 +930,40 @@ fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore,
             message: "not UTF-8".into(),
         }]
     })?;
-    let spec: PatFileSpec = serde_yaml::from_str(text).map_err(|e| vec![parse_error(path, e)])?;
+    let records = parse_pat_file(path, text).map_err(|e| vec![e])?;
     let vocab = snapshot.vocabulary();
+
+    // Compile in parallel; merge (and check duplicates) in file order.
+    let threads = parallelism(records.len());
+    let per = records.len().div_ceil(threads).max(1);
+    let compiled: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = records
+            .chunks(per)
+            .map(|chunk| {
+                let vocab = &vocab;
+                scope.spawn(move || chunk.iter().map(|r| r.compile(vocab)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    if compiled.len() != records.len() {
+        return Err(vec![ConfigError::Invalid {
+            file: path.to_path_buf(),
+            key: "tokens".into(),
+            message: "compiling the records failed".into(),
+        }]);
+    }
+
     let mut problems = Problems {
         file: path,
         list: Vec::new(),
     };
-    let mut store = PatStore::default();
-    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(spec.tokens.len());
-    for (i, rec) in spec.tokens.iter().enumerate() {
+    let mut store = PatStore::with_capacity(records.len());
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(records.len());
+    for (i, (rec, result)) in records.iter().zip(compiled).enumerate() {
         if let Some(first) = ids.insert(rec.id.as_str(), i) {
             problems.add(
                 format!("tokens[{i}].id"),
@@ -946,7 +971,7 @@ fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore,
             );
             continue;
         }
-        match rec.compile(&vocab) {
+        match result {
             Ok((hash, record)) => {
                 if !store.insert(hash, record) {
                     problems.add(
@@ -963,6 +988,121 @@ fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore,
     } else {
         Err(problems.list)
     }
+}
+
+/// Worker threads for work over `n` items: all cores for large inputs,
+/// one for small ones (threads cost more than they save there).
+fn parallelism(n: usize) -> usize {
+    if n < 2_000 {
+        return 1;
+    }
+    std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(1)
+        .min(16)
+}
+
+/// Parse a PAT file. JSON (which is valid YAML) takes serde_json's fast
+/// path; a large block-style YAML list is parsed in parallel chunks; any
+/// other shape, and any chunk that does not parse, takes serde_yaml over
+/// the whole file, so errors and their line numbers are always exact.
+fn parse_pat_file(path: &Path, text: &str) -> Result<Vec<PatRecordSpec>, ConfigError> {
+    let body = text.trim_start();
+    if body.starts_with('{') {
+        return serde_json::from_str::<PatFileSpec>(text)
+            .map(|f| f.tokens)
+            .map_err(|e| ConfigError::Parse {
+                file: path.to_path_buf(),
+                line: Some(e.line()),
+                column: Some(e.column()),
+                message: e.to_string(),
+            });
+    }
+    if let Some(chunks) = split_pat_list(text, parallelism(text.len() / 200)) {
+        let parsed: Vec<Option<Vec<PatRecordSpec>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|c| {
+                    scope.spawn(move || {
+                        serde_yaml::from_str::<PatFileSpec>(c)
+                            .ok()
+                            .map(|f| f.tokens)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().ok().flatten())
+                .collect()
+        });
+        if parsed.iter().all(Option::is_some) {
+            return Ok(parsed.into_iter().flatten().flatten().collect());
+        }
+    }
+    serde_yaml::from_str::<PatFileSpec>(text)
+        .map(|f| f.tokens)
+        .map_err(|e| parse_error(path, e))
+}
+
+/// Split a PAT file of the plain shape `tokens:` followed by a block list
+/// into `n` documents of the same shape, each holding a run of whole items.
+/// Returns `None` for any other shape (another top-level line, document
+/// markers, flow style, odd indentation), which then parses as one
+/// document. An item is split off only at a line that starts exactly at the
+/// list's indentation with `- `; YAML cannot continue a scalar or a
+/// collection of a deeper item on such a line, and a chunk cut mid-construct
+/// fails to parse and sends the whole file to the sequential parser.
+fn split_pat_list(text: &str, n: usize) -> Option<Vec<String>> {
+    if n < 2 {
+        return None;
+    }
+    let mut starts: Vec<usize> = Vec::new();
+    let mut seen_key = false;
+    let mut indent: Option<usize> = None;
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let at = offset;
+        offset += line.len();
+        let content = line.trim_end_matches(['\n', '\r']);
+        let trimmed = content.trim_start_matches(' ');
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let depth = content.len() - trimmed.len();
+        if !seen_key {
+            let key = content.split('#').next().unwrap_or("").trim_end();
+            if depth != 0 || key != "tokens:" {
+                return None;
+            }
+            seen_key = true;
+            continue;
+        }
+        let item = trimmed == "-" || trimmed.starts_with("- ");
+        match indent {
+            None if item => indent = Some(depth),
+            None => return None,
+            Some(d) if depth < d => return None,
+            Some(d) if depth == d && !item => return None,
+            Some(_) => {}
+        }
+        if item && Some(depth) == indent {
+            starts.push(at);
+        }
+    }
+    if starts.len() < 2 * n {
+        return None;
+    }
+    let per = starts.len().div_ceil(n);
+    let mut chunks = Vec::with_capacity(n);
+    for k in 0..starts.len().div_ceil(per) {
+        let from = starts[k * per];
+        let to = starts.get((k + 1) * per).copied().unwrap_or(text.len());
+        let mut doc = String::with_capacity(to - from + 8);
+        doc.push_str("tokens:\n");
+        doc.push_str(&text[from..to]);
+        chunks.push(doc);
+    }
+    Some(chunks)
 }
 
 #[cfg(test)]
@@ -1146,6 +1286,100 @@ routes:
         let long = |_: &str| Some("0123456789abcdef0123456789abcdef".to_string());
         let s = from_yaml(&yaml, Path::new("g.yaml"), &long).expect("valid");
         assert_eq!(s.jwt.keys.len(), 1);
+    }
+
+    fn pat_text(n: usize) -> String {
+        let mut t = String::from("# a comment before the key\ntokens:   # trailing comment\n");
+        for i in 0..n {
+            t.push_str(&format!("  - id: tok_{i}\n"));
+            if i % 3 == 0 {
+                // A block scalar and a quoted value that contain list-like text.
+                t.push_str("    name: |\n      line one\n      - not an item\n");
+            } else {
+                t.push_str("    name: \"a - b\"\n");
+            }
+            t.push_str(&format!("    sha256: {:064x}\n", i + 1));
+            if i % 5 == 0 {
+                t.push_str("\n# a comment between items\n");
+            }
+            t.push_str("    cube: { methods: [GET], tags: [analytics] }\n");
+        }
+        t
+    }
+
+    #[test]
+    fn chunked_pat_parse_equals_the_whole_file_parse() {
+        let text = pat_text(500);
+        let whole: PatFileSpec = serde_yaml::from_str(&text).expect("whole");
+        let chunks = split_pat_list(&text, 4).expect("plain shape is split");
+        assert_eq!(chunks.len(), 4);
+        let mut joined = Vec::new();
+        for c in &chunks {
+            let part: PatFileSpec = serde_yaml::from_str(c).expect("chunk parses");
+            joined.extend(part.tokens);
+        }
+        assert_eq!(joined.len(), whole.tokens.len());
+        for (a, b) in joined.iter().zip(&whole.tokens) {
+            assert_eq!(
+                (&a.id, &a.name, &a.sha256, &a.cube),
+                (&b.id, &b.name, &b.sha256, &b.cube)
+            );
+        }
+        let parsed = parse_pat_file(Path::new("t.yaml"), &text).expect("parse");
+        assert_eq!(parsed.len(), 500);
+    }
+
+    #[test]
+    fn other_pat_file_shapes_are_not_split() {
+        let text = pat_text(50);
+        for other in [
+            format!("---\n{text}"),
+            format!("version: 1\n{text}"),
+            format!("{text}extra: 1\n"),
+            "tokens: [{id: a, sha256: b}]\n".to_string(),
+            text.replace("  - id: tok_7\n", " - id: tok_7\n"),
+        ] {
+            assert!(split_pat_list(&other, 2).is_none(), "{other:.80}");
+        }
+        // Too few items to be worth threads.
+        assert!(split_pat_list(&pat_text(3), 2).is_none());
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_parse_falls_back_to_the_whole_file() {
+        // An alias in a late item refers to an anchor in the first: chunks
+        // cannot resolve it, the whole file can.
+        let mut text = pat_text(40).replacen(
+            "cube: { methods: [GET], tags: [analytics] }",
+            "cube: &c { methods: [GET], tags: [analytics] }",
+            1,
+        );
+        text.push_str(&format!(
+            "  - id: tok_last\n    sha256: {:064x}\n    cube: *c\n",
+            999
+        ));
+        assert!(split_pat_list(&text, 2).is_some());
+        let parsed = parse_pat_file(Path::new("t.yaml"), &text).expect("whole-file fallback");
+        assert_eq!(parsed.len(), 41);
+        assert_eq!(parsed[40].cube, parsed[0].cube);
+        // A real error still names its line in the whole file.
+        let broken = text.replace("  - id: tok_30\n", "  - id: tok_30\n    sha256: [\n");
+        match parse_pat_file(Path::new("t.yaml"), &broken) {
+            Err(ConfigError::Parse { line: Some(l), .. }) => assert!(l > 100, "line {l}"),
+            other => panic!("expected a located parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_pat_files_take_the_fast_path() {
+        let json = r#"{"tokens": [{"id": "a", "sha256": "00", "cube": {"methods": ["GET"]}}]}"#;
+        let parsed = parse_pat_file(Path::new("t.json"), json).expect("json");
+        assert_eq!(parsed[0].id, "a");
+        let bad = r#"{"tokens": [{"id": "a", "sha256": "00", "cubez": {}}]}"#;
+        assert!(matches!(
+            parse_pat_file(Path::new("t.json"), bad),
+            Err(ConfigError::Parse { line: Some(1), .. })
+        ));
     }
 
     #[test]

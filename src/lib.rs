@@ -15,6 +15,7 @@ pub mod error;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod scope;
 pub mod tls;

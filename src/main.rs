@@ -211,6 +211,23 @@ async fn serve(path: &Path, log_format: LogFormat) -> Result<ExitCode> {
     }
     let listen = snap.listen_addr;
     let gw = Gateway::new(snap).map_err(|e| anyhow!(e))?;
+    // Files are watched from here on; SIGHUP forces a reload.
+    let force = scopegate::reload::spawn(
+        gw.clone(),
+        path.to_path_buf(),
+        Arc::new(config::process_env),
+    );
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading");
+                let _ = force.send(()).await;
+            }
+        });
+    }
     run_gateway(gw, listen).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -102,6 +102,8 @@ pub fn build_client(u: &Upstream) -> Result<UpstreamClient, String> {
 pub struct Gateway {
     current: ArcSwap<Generation>,
     pub metrics: Metrics,
+    /// The last failed reload's errors, until a reload succeeds.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Gateway {
@@ -112,6 +114,7 @@ impl Gateway {
         let gw = Gateway {
             current: ArcSwap::from_pointee(generation),
             metrics,
+            last_error: std::sync::Mutex::new(None),
         };
         gw.record_success(&gw.current());
         Ok(Arc::new(gw))
@@ -134,7 +137,26 @@ impl Gateway {
         Ok(n)
     }
 
+    /// Count a failed reload and remember its errors for `/config`.
+    pub fn record_failure(&self, errors: &str) {
+        self.metrics
+            .config_reloads
+            .with_label_values(&["failure"])
+            .inc();
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = Some(errors.to_string());
+        }
+    }
+
+    /// The errors of the last reload, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
     fn record_success(&self, g: &Generation) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
         let m = &self.metrics;
         m.config_reloads.with_label_values(&["success"]).inc();
         m.config_generation

@@ -323,12 +323,12 @@ impl CubeSpec {
 }
 
 /// `cube` or `cubes`, exactly one of them, non-empty.
-pub fn one_or_many(
-    cube: Option<CubeSpec>,
-    cubes: Option<Vec<CubeSpec>>,
-) -> Result<Vec<CubeSpec>, &'static str> {
+pub fn cube_list<'a>(
+    cube: &'a Option<CubeSpec>,
+    cubes: &'a Option<Vec<CubeSpec>>,
+) -> Result<&'a [CubeSpec], &'static str> {
     match (cube, cubes) {
-        (Some(c), None) => Ok(vec![c]),
+        (Some(c), None) => Ok(std::slice::from_ref(c)),
         (None, Some(cs)) if !cs.is_empty() => Ok(cs),
         (None, Some(_)) => Err("`cubes` is empty"),
         (Some(_), Some(_)) => Err("both `cube` and `cubes` are present"),
@@ -485,12 +485,16 @@ mod tests {
 
     #[test]
     fn exactly_one_of_cube_and_cubes() {
-        assert!(one_or_many(None, None).is_err());
-        assert!(one_or_many(Some(CubeSpec::default()), Some(vec![])).is_err());
-        assert!(one_or_many(None, Some(vec![])).is_err());
+        assert!(cube_list(&None, &None).is_err());
+        assert!(cube_list(&Some(CubeSpec::default()), &Some(vec![])).is_err());
+        assert!(cube_list(&None, &Some(vec![])).is_err());
         assert_eq!(
-            one_or_many(Some(CubeSpec::default()), None).map(|v| v.len()),
+            cube_list(&Some(CubeSpec::default()), &None).map(|v| v.len()),
             Ok(1)
+        );
+        assert_eq!(
+            cube_list(&None, &Some(vec![CubeSpec::default(); 2])).map(|v| v.len()),
+            Ok(2)
         );
     }
 }

@@ -413,6 +413,20 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     assert_eq!(config.json()["counts"]["pats"], 1);
     let config_text = String::from_utf8_lossy(&config.body).into_owned();
 
+    // SIGHUP forces a reload: the next generation is published and logged.
+    assert_eq!(config.json()["generation"], 1);
+    let status = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let reloaded = wait_for(&rx, &mut log, |v| v["message"] == "configuration reloaded");
+    assert_eq!(reloaded["generation"], 2);
+    assert_eq!(
+        send(admin, "GET", "/config", &[]).await.json()["generation"],
+        2
+    );
+
     // SIGTERM: stop accepting, drain, exit 0.
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -15,7 +15,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
 
 use super::{AuthError, Principal, TokenKind, is_safe_identity};
-use crate::scope::{CubeSpec, Strictness, Vocabulary, one_or_many};
+use crate::scope::{CubeSpec, Strictness, Vocabulary, cube_list};
 
 /// One verification key.
 pub struct JwtKey {
@@ -237,7 +237,7 @@ impl JwtKeys {
             }
         }
 
-        let specs = one_or_many(claims.cube, claims.cubes).map_err(|_| AuthError::Malformed)?;
+        let specs = cube_list(&claims.cube, &claims.cubes).map_err(|_| AuthError::Malformed)?;
         let cubes = specs
             .iter()
             .map(|s| s.compile(vocab, Strictness::Claims))

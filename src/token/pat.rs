@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{AuthError, Principal, TokenKind, is_safe_identity};
-use crate::scope::{Cube, CubeSpec, Strictness, Vocabulary, one_or_many};
+use crate::scope::{Cube, CubeSpec, Strictness, Vocabulary, cube_list};
 
 pub const PREFIX: &str = "abx_pat_";
 const RANDOM_LEN: usize = 30;
@@ -141,8 +141,8 @@ impl PatRecordSpec {
             Some(s) => Some(parse_rfc3339(s).map_err(|m| ("expires".to_string(), m))?),
             None => None,
         };
-        let specs = one_or_many(self.cube.clone(), self.cubes.clone())
-            .map_err(|m| ("cube".to_string(), m.to_string()))?;
+        let specs =
+            cube_list(&self.cube, &self.cubes).map_err(|m| ("cube".to_string(), m.to_string()))?;
         let mut cubes = Vec::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
             let key = if self.cube.is_some() {
@@ -171,6 +171,12 @@ pub struct PatStore {
 }
 
 impl PatStore {
+    pub fn with_capacity(n: usize) -> PatStore {
+        PatStore {
+            by_hash: HashMap::with_capacity(n),
+        }
+    }
+
     pub fn insert(&mut self, hash: [u8; 32], record: PatRecord) -> bool {
         match self.by_hash.entry(hash) {
             std::collections::hash_map::Entry::Occupied(_) => false,

@@ -282,6 +282,51 @@ pub fn pat_record(id: &str, cube: &str, extra: &str) -> Pat {
     Pat { secret, yaml }
 }
 
+/// The environment the test configurations read.
+pub fn test_env(name: &str) -> Option<String> {
+    (name == "SG_TEST_HS256").then(|| HS_SECRET.to_string())
+}
+
+/// The tokens.yaml text for these records.
+pub fn tokens_yaml(pats: &[&Pat]) -> String {
+    if pats.is_empty() {
+        return "tokens: []\n".into();
+    }
+    let mut tokens = String::from("tokens:\n");
+    for p in pats {
+        tokens.push_str(&p.yaml);
+    }
+    tokens
+}
+
+/// The gateway.yaml text for these options.
+pub fn config_yaml(upstream: SocketAddr, opts: &Options) -> String {
+    let yaml = CONFIG
+        .replace("{UPSTREAM}", &upstream.to_string())
+        .replace("{TIMEOUT}", opts.timeout)
+        .replace("{MODE}", opts.mode);
+    (opts.patch)(yaml)
+}
+
+/// Write gateway.yaml, tokens.yaml and the key files into `dir`.
+pub fn write_files(dir: &Path, upstream: SocketAddr, pats: &[&Pat], opts: &Options) -> PathBuf {
+    for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
+        std::fs::copy(fixture(f), dir.join(f)).expect("copy key");
+    }
+    std::fs::write(dir.join("tokens.yaml"), tokens_yaml(pats)).expect("write tokens");
+    let path = dir.join("gateway.yaml");
+    std::fs::write(&path, config_yaml(upstream, opts)).expect("write config");
+    path
+}
+
+/// Replace a file the way editors and config tools do: write a temporary
+/// file beside it, then rename it into place.
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text).expect("write tmp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
 pub struct Options {
     pub timeout: &'static str,
     pub mode: &'static str,
@@ -302,6 +347,7 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     pub gw: Arc<Gateway>,
     pub dir: tempfile::TempDir,
+    pub path: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -311,26 +357,13 @@ impl TestGateway {
     /// them as `serve` does, and serve on 127.0.0.1:0.
     pub async fn start(upstream: SocketAddr, pats: &[&Pat], opts: Options) -> TestGateway {
         let dir = tempfile::tempdir().expect("tempdir");
-        for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
-            std::fs::copy(fixture(f), dir.path().join(f)).expect("copy key");
-        }
-        let mut tokens = String::from("tokens:\n");
-        for p in pats {
-            tokens.push_str(&p.yaml);
-        }
-        if pats.is_empty() {
-            tokens = "tokens: []\n".into();
-        }
-        std::fs::write(dir.path().join("tokens.yaml"), tokens).expect("write tokens");
-        let yaml = CONFIG
-            .replace("{UPSTREAM}", &upstream.to_string())
-            .replace("{TIMEOUT}", opts.timeout)
-            .replace("{MODE}", opts.mode);
-        let yaml = (opts.patch)(yaml);
-        let path = dir.path().join("gateway.yaml");
-        std::fs::write(&path, yaml).expect("write config");
-        let env = |n: &str| (n == "SG_TEST_HS256").then(|| HS_SECRET.to_string());
-        let snap = match scopegate::config::load(&path, &env) {
+        let path = write_files(dir.path(), upstream, pats, &opts);
+        TestGateway::serve_from(path, dir).await
+    }
+
+    /// Load the configuration at `path` and serve it on 127.0.0.1:0.
+    pub async fn serve_from(path: PathBuf, dir: tempfile::TempDir) -> TestGateway {
+        let snap = match scopegate::config::load(&path, &test_env) {
             Ok(s) => s,
             Err(e) => panic!("test config invalid:\n{e}"),
         };
@@ -347,9 +380,25 @@ impl TestGateway {
             addr,
             gw,
             dir,
+            path,
             stop: Some(tx),
             task: Some(task),
         }
+    }
+
+    /// Start watching the configuration files, as `serve` does. The
+    /// returned sender forces a reload (what SIGHUP does).
+    pub fn watch(&self) -> tokio::sync::mpsc::Sender<()> {
+        scopegate::reload::spawn(
+            self.gw.clone(),
+            self.path.clone(),
+            std::sync::Arc::new(test_env),
+        )
+    }
+
+    /// The serving generation number.
+    pub fn generation(&self) -> u64 {
+        self.gw.current().number
     }
 
     /// Ask the gateway to stop (graceful drain).
@@ -555,4 +604,36 @@ pub async fn get(addr: SocketAddr, target: &str, token: &str) -> Resp {
 pub async fn call(addr: SocketAddr, method: &str, target: &str, token: &str) -> Resp {
     let auth = format!("Bearer {token}");
     send(addr, method, target, &[("authorization", &auth)]).await
+}
+
+/// The value of one series in the gateway's metrics text, e.g.
+/// `scopegate_config_reloads_total{result="failure"}`.
+pub fn metric(gw: &Gateway, series: &str) -> f64 {
+    let text = String::from_utf8(gw.metrics.render()).expect("utf8");
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Poll `cond` every 20 ms until it holds or `within` passes; returns how
+/// long it took, or panics with `what`.
+pub async fn eventually(
+    within: Duration,
+    what: &str,
+    mut cond: impl AsyncFnMut() -> bool,
+) -> Duration {
+    let started = std::time::Instant::now();
+    loop {
+        if cond().await {
+            return started.elapsed();
+        }
+        if started.elapsed() > within {
+            panic!("not within {within:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

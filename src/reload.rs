@@ -1,0 +1,226 @@
+//! Hot reload (SPEC §8): watch files and SIGHUP, build a new snapshot off
+//! the request path, publish it with one store.
+//!
+//! Owns *when* to reload and what to do with the result; *how* to build a
+//! snapshot is [`crate::config`], and publishing is [`Gateway::publish`].
+//! A generation that fails anywhere is discarded whole: the previous one
+//! keeps serving, the error is logged with file, line and key, and
+//! `scopegate_config_reloads_total{result="failure"}` counts it.
+//!
+//! Watching is done on the *directories* of every file the snapshot was
+//! built from, not on the files: in-place writes, write-then-rename and the
+//! Kubernetes ConfigMap/Secret `..data` symlink swap all show up as events
+//! in those directories, while a watch on a file's inode would be lost at
+//! the first rename. Events are debounced; a reload whose files all hash as
+//! before publishes nothing (an unrelated file in the same folder changed).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::{self, ConfigErrors, Snapshot};
+use crate::proxy::Gateway;
+
+/// Quiet time after the last file event before reloading.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// Longest a burst of events can postpone a reload.
+pub const MAX_DELAY: Duration = Duration::from_millis(1000);
+
+/// Environment lookup usable from the reload task.
+pub type SharedEnv = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reloaded {
+    /// A new generation was published.
+    Published(u64),
+    /// Every file hashed as before; nothing was published.
+    Unchanged,
+}
+
+/// Reloads the gateway's configuration from `path`.
+pub struct Reloader {
+    gw: Arc<Gateway>,
+    path: PathBuf,
+    env: SharedEnv,
+}
+
+/// Whether two snapshots were built from byte-identical files.
+fn same_files(a: &Snapshot, b: &Snapshot) -> bool {
+    a.files.len() == b.files.len()
+        && a.files
+            .iter()
+            .zip(&b.files)
+            .all(|(x, y)| x.path == y.path && x.sha256 == y.sha256)
+}
+
+impl Reloader {
+    pub fn new(gw: Arc<Gateway>, path: PathBuf, env: SharedEnv) -> Reloader {
+        Reloader { gw, path, env }
+    }
+
+    /// Build and publish the next generation now. `force` publishes even
+    /// when no file changed (SIGHUP). The build runs on a blocking thread:
+    /// a large PAT file must not stall the request workers.
+    pub async fn reload(&self, force: bool) -> Result<Reloaded, ConfigErrors> {
+        let path = self.path.clone();
+        let env = self.env.clone();
+        let built = tokio::task::spawn_blocking(move || config::load(&path, &*env))
+            .await
+            .unwrap_or_else(|e| {
+                Err(ConfigErrors(vec![config::ConfigError::Io {
+                    file: self.path.clone(),
+                    message: format!("reload task failed: {e}"),
+                }]))
+            });
+        let snapshot = match built {
+            Ok(s) => s,
+            Err(e) => {
+                self.gw.record_failure(&e.to_string());
+                tracing::error!(errors = %e, "configuration reload failed; the previous generation keeps serving");
+                return Err(e);
+            }
+        };
+        if !force && same_files(&self.gw.current().snapshot, &snapshot) {
+            return Ok(Reloaded::Unchanged);
+        }
+        let current = self.gw.current();
+        if snapshot.listen_addr != current.snapshot.listen_addr
+            || snapshot.admin_addr != current.snapshot.admin_addr
+        {
+            tracing::warn!(
+                "listen.addr and admin.addr are read at start only; restart to move the listeners"
+            );
+        }
+        for w in &snapshot.warnings {
+            tracing::warn!(warning = %w, "configuration warning");
+        }
+        match self.gw.publish(snapshot) {
+            Ok(n) => {
+                tracing::info!(generation = n, "configuration reloaded");
+                Ok(Reloaded::Published(n))
+            }
+            Err(e) => {
+                let errors = ConfigErrors(vec![config::ConfigError::Io {
+                    file: self.path.clone(),
+                    message: e,
+                }]);
+                self.gw.record_failure(&errors.to_string());
+                tracing::error!(errors = %errors, "configuration reload failed; the previous generation keeps serving");
+                Err(errors)
+            }
+        }
+    }
+
+    /// The directories to watch for the serving generation.
+    fn watch_dirs(&self) -> BTreeSet<PathBuf> {
+        let g = self.gw.current();
+        let mut dirs: BTreeSet<PathBuf> = g
+            .snapshot
+            .files
+            .iter()
+            .filter_map(|f| f.path.parent().map(dir_or_dot))
+            .collect();
+        if let Some(p) = self.path.parent() {
+            dirs.insert(dir_or_dot(p));
+        }
+        dirs
+    }
+
+    /// Install the file watches now, then return the task that reloads on
+    /// change and on every message from `force` (SIGHUP), until `force`
+    /// closes. Watching starts before this returns, so no change made after
+    /// it can be missed.
+    pub fn start(
+        self,
+        mut force: mpsc::Receiver<()>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        let (tx, mut events) = mpsc::unbounded_channel::<()>();
+        let mut watcher = match self.watcher(tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch configuration files; only SIGHUP reloads");
+                None
+            }
+        };
+        async move {
+            loop {
+                tokio::select! {
+                    f = force.recv() => {
+                        if f.is_none() {
+                            return;
+                        }
+                        let _ = self.reload(true).await;
+                    }
+                    e = events.recv() => {
+                        if e.is_none() {
+                            return;
+                        }
+                        // Debounce: wait for a quiet period, bounded.
+                        let deadline = tokio::time::Instant::now() + MAX_DELAY;
+                        loop {
+                            let quiet = tokio::time::sleep(DEBOUNCE);
+                            tokio::select! {
+                                more = events.recv() => if more.is_none() { return },
+                                _ = quiet => break,
+                            }
+                            if tokio::time::Instant::now() >= deadline {
+                                break;
+                            }
+                        }
+                        let _ = self.reload(false).await;
+                    }
+                }
+                // The set of files (and a ConfigMap's resolved folders) may have
+                // changed: watch afresh.
+                if let Some(w) = watcher.as_mut() {
+                    self.rewatch(w);
+                }
+            }
+        }
+    }
+
+    fn watcher(&self, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
+        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res
+                && !matches!(ev.kind, notify::EventKind::Access(_))
+            {
+                let _ = tx.send(());
+            }
+        })?;
+        for d in self.watch_dirs() {
+            w.watch(&d, RecursiveMode::NonRecursive)?;
+        }
+        Ok(w)
+    }
+
+    fn rewatch(&self, w: &mut notify::RecommendedWatcher) {
+        for d in self.watch_dirs() {
+            let _ = w.unwatch(&d);
+            if let Err(e) = w.watch(&d, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder");
+            }
+        }
+    }
+}
+
+fn dir_or_dot(p: &Path) -> PathBuf {
+    if p.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// Start the reload task: file watching plus a channel for forced reloads.
+/// Dropping the returned sender stops the task.
+pub fn spawn(gw: Arc<Gateway>, path: PathBuf, env: SharedEnv) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel(4);
+    let reloader = Reloader::new(gw, path, env);
+    tokio::spawn(reloader.start(rx));
+    tx
+}

@@ -1,0 +1,403 @@
+//! Hot reload (SPEC §8) with real files in a temp dir, changed while
+//! clients send requests.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const WITHIN: Duration = Duration::from_secs(2);
+
+fn markers_jwt() -> String {
+    es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_failed_requests_across_many_reloads() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let _watch = gw.watch();
+    let tok = markers_jwt();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, tok, addr) = (
+            stop.clone(),
+            ok.clone(),
+            failed.clone(),
+            tok.clone(),
+            gw.addr,
+        );
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = get(addr, "/v1/tenants/acme-prod/markers", &tok).await;
+                if r.status == 200 { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let base = config_yaml(up.addr, &Options::default());
+    let start_gen = gw.generation();
+    for i in 1..=20u64 {
+        // Each edit adds an unrelated tenant: the clients' access never changes.
+        let text = base.replace(
+            "  initech-eu:   { account: initech }",
+            &format!("  initech-eu:   {{ account: initech }}\n  extra-{i}: {{ account: initech }}"),
+        );
+        write_atomic(&gw.path, &text);
+        eventually(WITHIN, "generation advanced", async || {
+            gw.generation() >= start_gen + i
+        })
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.expect("client");
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 40,
+        "too few requests to mean anything: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(
+        metric(&gw.gw, "scopegate_config_generation"),
+        (start_gen + 20) as f64
+    );
+    assert_eq!(
+        metric(&gw.gw, "scopegate_config_reloads_total{result=\"failure\"}"),
+        0.0
+    );
+    // The last edit is live.
+    let all = es256(json!({"methods": ["*"], "tags": ["*"], "tenants": ["*"], "accounts": ["*"]}));
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/extra-20/markers", &all)
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn revoked_pat_is_refused_within_two_seconds() {
+    let up = Upstream::start(Default::default()).await;
+    let p = pat_record(
+        "tok_laptop",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let gw = TestGateway::start(up.addr, &[&p], Options::default()).await;
+    let _watch = gw.watch();
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &p.secret)
+            .await
+            .status,
+        200
+    );
+
+    // An in-place edit (truncate and write), as `vi` or `echo >` would do.
+    let revoked = Pat {
+        secret: p.secret.clone(),
+        yaml: format!("{}    disabled: true\n", p.yaml),
+    };
+    std::fs::write(gw.dir.path().join("tokens.yaml"), tokens_yaml(&[&revoked])).expect("write");
+    let took = eventually(WITHIN, "PAT refused as revoked", async || {
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &p.secret)
+            .await
+            .reason()
+            == "revoked"
+    })
+    .await;
+    assert!(took < WITHIN);
+
+    // A new token takes effect the same way.
+    let fresh = pat_record(
+        "tok_new",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    write_atomic(
+        &gw.dir.path().join("tokens.yaml"),
+        &tokens_yaml(&[&revoked, &fresh]),
+    );
+    eventually(WITHIN, "new PAT accepted", async || {
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &fresh.secret)
+            .await
+            .status
+            == 200
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn broken_yaml_keeps_the_old_generation_and_counts_the_failure() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let _watch = gw.watch();
+    let tok = markers_jwt();
+    let good = std::fs::read_to_string(&gw.path).expect("read");
+    let generation = gw.generation();
+
+    write_atomic(&gw.path, &good.replace("routes:", "routes: [oops"));
+    eventually(WITHIN, "failure counted", async || {
+        metric(&gw.gw, "scopegate_config_reloads_total{result=\"failure\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(gw.generation(), generation);
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &tok)
+            .await
+            .status,
+        200
+    );
+    let err = gw.gw.last_error().expect("error kept for /config");
+    assert!(err.contains("gateway.yaml:"), "{err}");
+
+    // A semantically invalid edit is refused the same way, naming the key.
+    write_atomic(
+        &gw.path,
+        &good.replace("globex: { plan: free }", "globex: { plan: gold }"),
+    );
+    eventually(WITHIN, "second failure counted", async || {
+        metric(&gw.gw, "scopegate_config_reloads_total{result=\"failure\"}") >= 2.0
+    })
+    .await;
+    assert!(
+        gw.gw
+            .last_error()
+            .is_some_and(|e| e.contains("accounts.globex.plan"))
+    );
+    assert_eq!(gw.generation(), generation);
+    assert_eq!(
+        metric(&gw.gw, "scopegate_config_generation"),
+        generation as f64
+    );
+
+    // Fixing it publishes the next generation.
+    write_atomic(
+        &gw.path,
+        &good.replace("globex: { plan: free }", "globex: { plan: pro }"),
+    );
+    eventually(WITHIN, "recovered", async || {
+        gw.generation() == generation + 1
+    })
+    .await;
+    assert!(gw.gw.last_error().is_none());
+}
+
+#[tokio::test]
+async fn a_deleted_pat_file_is_a_failed_reload_not_an_empty_store() {
+    let up = Upstream::start(Default::default()).await;
+    let p = pat_record(
+        "tok_keep",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let gw = TestGateway::start(up.addr, &[&p], Options::default()).await;
+    let _watch = gw.watch();
+    std::fs::remove_file(gw.dir.path().join("tokens.yaml")).expect("rm");
+    eventually(WITHIN, "failure counted", async || {
+        metric(&gw.gw, "scopegate_config_reloads_total{result=\"failure\"}") >= 1.0
+    })
+    .await;
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &p.secret)
+            .await
+            .status,
+        200
+    );
+    assert!(
+        gw.gw
+            .last_error()
+            .is_some_and(|e| e.contains("tokens.yaml: cannot read"))
+    );
+}
+
+#[tokio::test]
+async fn plan_changes_and_route_edits_take_effect() {
+    let up = Upstream::start(Default::default()).await;
+    let broad = pat_record(
+        "tok_globex",
+        "{ methods: [\"*\"], tags: [\"*\"], tenants: [\"*\"], accounts: [globex] }",
+        "",
+    );
+    let gw = TestGateway::start(up.addr, &[&broad], Options::default()).await;
+    let _watch = gw.watch();
+    let base = std::fs::read_to_string(&gw.path).expect("read");
+    assert_eq!(
+        call(
+            gw.addr,
+            "POST",
+            "/v1/tenants/globex-web/rules",
+            &broad.secret
+        )
+        .await
+        .reason(),
+        "plan"
+    );
+
+    write_atomic(
+        &gw.path,
+        &base.replace("globex: { plan: free }", "globex: { plan: pro }"),
+    );
+    eventually(WITHIN, "plan upgrade applies", async || {
+        call(
+            gw.addr,
+            "POST",
+            "/v1/tenants/globex-web/rules",
+            &broad.secret,
+        )
+        .await
+        .status
+            == 200
+    })
+    .await;
+
+    // A route edit: markers stop accepting POST.
+    let tok = es256(
+        json!({"methods": ["POST"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    assert_eq!(
+        call(gw.addr, "POST", "/v1/tenants/acme-prod/markers", &tok)
+            .await
+            .status,
+        200
+    );
+    let edited = base
+        .replace("globex: { plan: free }", "globex: { plan: pro }")
+        .replace(
+            "\"/v1/tenants/{tenant}/markers\", tag: markers, methods: [GET, POST]",
+            "\"/v1/tenants/{tenant}/markers\", tag: markers, methods: [GET]",
+        );
+    write_atomic(&gw.path, &edited);
+    eventually(WITHIN, "route edit applies", async || {
+        call(gw.addr, "POST", "/v1/tenants/acme-prod/markers", &tok)
+            .await
+            .status
+            == 405
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_in_flight_finish_on_the_generation_they_started_with() {
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(Duration::from_millis(800)),
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let force = gw.watch();
+    let tok = markers_jwt();
+    let addr = gw.addr;
+    let tok2 = tok.clone();
+    let in_flight =
+        tokio::spawn(async move { get(addr, "/v1/tenants/acme-prod/markers", &tok2).await });
+    eventually(WITHIN, "request reached the upstream", async || {
+        up.count() == 1
+    })
+    .await;
+    // Remove the tenant while the request is at the upstream.
+    let base = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(
+        &gw.path,
+        &base.replace("  acme-prod:    { account: acme }\n", ""),
+    );
+    eventually(WITHIN, "reloaded", async || gw.generation() == 2).await;
+    assert_eq!(
+        in_flight.await.expect("join").status,
+        200,
+        "the in-flight request was changed by a reload"
+    );
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &tok)
+            .await
+            .reason(),
+        "unknown_tenant"
+    );
+    drop(force);
+}
+
+#[tokio::test]
+async fn forced_reload_publishes_even_when_nothing_changed() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let force = gw.watch();
+    force.send(()).await.expect("send");
+    eventually(WITHIN, "forced generation", async || gw.generation() == 2).await;
+    // A touch that changes no byte publishes nothing.
+    let text = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(&gw.path, &text);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(gw.generation(), 2);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn kubernetes_configmap_symlink_swap_is_picked_up() {
+    use std::os::unix::fs::symlink;
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The kubelet's layout: files are links through `..data` to a
+    // timestamped folder, and an update swaps `..data` atomically.
+    let v1 = dir.path().join("..2026_11_22_v1");
+    std::fs::create_dir(&v1).expect("mkdir");
+    write_files(&v1, up.addr, &[], &Options::default());
+    symlink("..2026_11_22_v1", dir.path().join("..data")).expect("link");
+    for f in [
+        "gateway.yaml",
+        "tokens.yaml",
+        "es256.pub.pem",
+        "rs256.pub.pem",
+        "ed25519.pub.pem",
+    ] {
+        symlink(format!("..data/{f}"), dir.path().join(f)).expect("link");
+    }
+    let path = dir.path().join("gateway.yaml");
+    let gw = TestGateway::serve_from(path, dir).await;
+    let _watch = gw.watch();
+    let all = es256(json!({"methods": ["*"], "tags": ["*"], "tenants": ["*"], "accounts": ["*"]}));
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/umbrella-1/markers", &all)
+            .await
+            .reason(),
+        "unknown_tenant"
+    );
+
+    let v2 = gw.dir.path().join("..2026_11_22_v2");
+    std::fs::create_dir(&v2).expect("mkdir");
+    let opts = Options {
+        patch: Box::new(|s| {
+            s.replace(
+                "  initech-eu:   { account: initech }",
+                "  initech-eu:   { account: initech }\n  umbrella-1: { account: initech }",
+            )
+        }),
+        ..Default::default()
+    };
+    write_files(&v2, up.addr, &[], &opts);
+    symlink("..2026_11_22_v2", gw.dir.path().join("..data_tmp")).expect("link");
+    std::fs::rename(
+        gw.dir.path().join("..data_tmp"),
+        gw.dir.path().join("..data"),
+    )
+    .expect("swap");
+    eventually(WITHIN, "symlink swap picked up", async || {
+        get(gw.addr, "/v1/tenants/umbrella-1/markers", &all)
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert_eq!(gw.generation(), 2);
+}
