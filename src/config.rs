@@ -215,6 +215,10 @@ pub struct UpstreamSpec {
     /// `https://` upstreams HTTP/2 is negotiated by ALPN regardless.
     #[serde(default)]
     pub http2: bool,
+    /// PEM bundle of the CAs an `https://` upstream's certificate must chain
+    /// to, instead of the public web PKI roots.
+    #[serde(default)]
+    pub ca: Option<String>,
 }
 
 /// `enforce` denies; `shadow` logs and counts denials and forwards anyway.
@@ -371,6 +375,10 @@ pub struct Upstream {
     pub timeout: Duration,
     pub forward_authorization: bool,
     pub http2: bool,
+    /// Trusted roots for an `https://` upstream; `None` is the web PKI.
+    pub ca: Option<std::sync::Arc<rustls::RootCertStore>>,
+    /// SHA-256 of the CA bundle, to tell whether a reload changed it.
+    pub ca_sha256: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -575,7 +583,16 @@ fn compile(
                 None
             }
         });
-    let upstream = compile_upstream(&spec.upstream, &mut problems);
+    let mut upstream = compile_upstream(&spec.upstream, &mut problems);
+    if let Some(ca) = &spec.upstream.ca {
+        match load_ca(&resolve(ca), &mut files) {
+            Ok((roots, sha)) => {
+                upstream.ca = Some(std::sync::Arc::new(roots));
+                upstream.ca_sha256 = Some(sha);
+            }
+            Err(e) => problems.list.push(e),
+        }
+    }
     if spec.limits.max_header_bytes < 8192 {
         problems.add(
             "limits.max_header_bytes",
@@ -878,6 +895,8 @@ fn compile_upstream(u: &UpstreamSpec, problems: &mut Problems<'_>) -> Upstream {
         timeout: u.timeout,
         forward_authorization: u.forward_authorization,
         http2: u.http2,
+        ca: None,
+        ca_sha256: None,
     };
     let uri = match u.url.parse::<http::Uri>() {
         Ok(uri) => uri,
@@ -918,7 +937,36 @@ fn compile_upstream(u: &UpstreamSpec, problems: &mut Problems<'_>) -> Upstream {
         timeout: u.timeout,
         forward_authorization: u.forward_authorization,
         http2: u.http2,
+        ca: None,
+        ca_sha256: None,
     }
+}
+
+/// Read `upstream.ca` into a root store. Errors name the file.
+fn load_ca(
+    path: &Path,
+    files: &mut Vec<LoadedFile>,
+) -> Result<(rustls::RootCertStore, String), ConfigError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_file(path, files)?;
+    let sha = sha256_hex(&bytes);
+    let invalid = |message: String| ConfigError::Invalid {
+        file: path.to_path_buf(),
+        key: "upstream.ca".into(),
+        message,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&bytes) {
+        let cert = cert.map_err(|e| invalid(format!("not a PEM certificate bundle ({e})")))?;
+        roots
+            .add(cert)
+            .map_err(|e| invalid(format!("unusable CA certificate ({e})")))?;
+    }
+    if roots.is_empty() {
+        return Err(invalid("holds no certificate".into()));
+    }
+    Ok((roots, sha))
 }
 
 fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore, Vec<ConfigError>> {

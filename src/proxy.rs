@@ -71,6 +71,7 @@ fn same_upstream(a: &Upstream, b: &Upstream) -> bool {
         && a.authority == b.authority
         && a.connect_timeout == b.connect_timeout
         && a.http2 == b.http2
+        && a.ca_sha256 == b.ca_sha256
 }
 
 /// Build the pooled client for an upstream: HTTP/1.1, and HTTP/2 by ALPN on
@@ -81,9 +82,21 @@ pub fn build_client(u: &Upstream) -> Result<UpstreamClient, String> {
     http.set_nodelay(true);
     http.set_connect_timeout(Some(u.connect_timeout));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(provider)
-        .map_err(|e| format!("upstream TLS setup: {e}"))?
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match &u.ca {
+        None => builder
+            .with_provider_and_webpki_roots(provider)
+            .map_err(|e| format!("upstream TLS setup: {e}"))?,
+        Some(roots) => {
+            let tls = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("upstream TLS setup: {e}"))?
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+            builder.with_tls_config(tls)
+        }
+    };
+    let https = builder
         .https_or_http()
         .enable_http1()
         .enable_http2()

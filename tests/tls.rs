@@ -1,0 +1,272 @@
+//! TLS: termination with ALPN h2 and http/1.1, certificates reloaded with
+//! the generation, and an `https://` upstream trusted through `upstream.ca`.
+//! Certificates are generated per test.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::json;
+
+/// A CA and a `localhost` leaf it signed: (ca_pem, leaf_pem, leaf_key_pem).
+fn pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn client_config(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("add");
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+}
+
+fn tls_opts() -> Options {
+    Options {
+        patch: Box::new(|s| {
+            s.replace(
+                "listen: { addr: \"127.0.0.1:0\" }",
+                "listen:\n  addr: \"127.0.0.1:0\"\n  tls: { cert: server.crt, key: server.key }",
+            )
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca1, cert1, key1) = pki();
+    std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
+    std::fs::write(dir.path().join("server.key"), &key1).expect("write");
+    let path = write_files(dir.path(), up.addr, &[], &tls_opts());
+    let gw = TestGateway::serve_from(path, dir).await;
+    let _watch = gw.watch();
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+
+    // HTTP/2 by ALPN.
+    let tls = tls_connect(gw.addr, client_config(&ca1, &[b"h2", b"http/1.1"]))
+        .await
+        .expect("tls");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    let req = http::Request::get("https://localhost/v1/tenants/acme-prod/markers")
+        .header("authorization", format!("Bearer {tok}"))
+        .body(Empty::<Bytes>::new())
+        .expect("req");
+    assert_eq!(h2.send_request(req).await.expect("resp").status(), 200);
+    assert_eq!(
+        up.last()
+            .and_then(|s| s.header("x-forwarded-proto").map(str::to_string))
+            .as_deref(),
+        Some("https")
+    );
+
+    // HTTP/1.1 by ALPN.
+    let tls = tls_connect(gw.addr, client_config(&ca1, &[b"http/1.1"]))
+        .await
+        .expect("tls");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/tenants/acme-prod/markers")
+        .header("host", "localhost")
+        .header("authorization", format!("Bearer {tok}"))
+        .body(Empty::<Bytes>::new())
+        .expect("req");
+    let resp = h1.send_request(req).await.expect("resp");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_11);
+
+    // Plaintext to a TLS listener gets no HTTP answer.
+    let r = raw(
+        gw.addr,
+        b"GET /v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.is_none(), "plaintext was served on the TLS listener");
+
+    // Certificate and key replaced on disk: new connections get the new one.
+    let (ca2, cert2, key2) = pki();
+    write_atomic(&gw.dir.path().join("server.key"), &key2);
+    write_atomic(&gw.dir.path().join("server.crt"), &cert2);
+    eventually(
+        Duration::from_secs(3),
+        "new certificate served",
+        async || {
+            tls_connect(gw.addr, client_config(&ca2, &[b"http/1.1"]))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    assert!(
+        tls_connect(gw.addr, client_config(&ca1, &[b"http/1.1"]))
+            .await
+            .is_err(),
+        "old certificate still served"
+    );
+}
+
+#[tokio::test]
+async fn a_mismatched_certificate_and_key_is_a_config_error() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, cert1, _) = pki();
+    let (_, _, key2) = pki();
+    std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
+    std::fs::write(dir.path().join("server.key"), &key2).expect("write");
+    let path = write_files(dir.path(), up.addr, &[], &tls_opts());
+    let err = scopegate::config::load(&path, &test_env)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("listen.tls") && err.contains("server.crt"),
+        "{err}"
+    );
+}
+
+/// An HTTPS upstream with a certificate from its own CA; offers h2 and http/1.1.
+async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let body = format!(
+                            "{:?} {}",
+                            req.version(),
+                            req.headers()
+                                .get("x-airbrx-tenant")
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_trusted_through_a_configured_ca() {
+    let (ca, cert, key) = pki();
+    let upstream = tls_upstream(&cert, &key).await;
+    let port = upstream.port();
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+
+    // With the CA configured: forwarded over TLS, HTTP/2 negotiated by ALPN.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("upstream-ca.pem"), &ca).expect("write");
+    let with_ca = Options {
+        patch: Box::new(move |s| {
+            s.replace("url: \"http://", "url: \"https://").replace(
+                &format!("127.0.0.1:{port}\""),
+                &format!("localhost:{port}\"\n  ca: upstream-ca.pem"),
+            )
+        }),
+        ..Default::default()
+    };
+    let path = write_files(dir.path(), upstream, &[], &with_ca);
+    let gw = TestGateway::serve_from(path, dir).await;
+    let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(String::from_utf8_lossy(&r.body), "HTTP/2.0 acme-prod");
+
+    // Without it the web PKI roots do not know this CA: 502, never a pass.
+    let plain = Options {
+        patch: Box::new(move |s| {
+            s.replace("url: \"http://", "url: \"https://").replace(
+                &format!("127.0.0.1:{port}\""),
+                &format!("localhost:{port}\""),
+            )
+        }),
+        ..Default::default()
+    };
+    let gw = TestGateway::start(upstream, &[], plain).await;
+    let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (502, "upstream_unavailable")
+    );
+}
