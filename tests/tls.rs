@@ -164,10 +164,10 @@ async fn a_mismatched_certificate_and_key_is_a_config_error() {
     std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
     std::fs::write(dir.path().join("server.key"), &key2).expect("write");
     let path = write_files(dir.path(), up.addr, &[], &tls_opts());
-    let err = scopegate::config::load(&path, &test_env)
-        .err()
-        .expect("refused")
-        .to_string();
+    let err = match scopegate::config::load(&path, &test_env) {
+        Ok(_) => panic!("a mismatched certificate and key must be refused"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains("listen.tls") && err.contains("server.crt"),
         "{err}"
