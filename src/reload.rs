@@ -184,28 +184,70 @@ impl Reloader {
         }
     }
 
-    fn watcher(&self, tx: mpsc::UnboundedSender<()>) -> notify::Result<notify::RecommendedWatcher> {
-        let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+    fn watcher(&self, tx: mpsc::UnboundedSender<()>) -> notify::Result<Watches> {
+        let w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if let Ok(ev) = res
                 && !matches!(ev.kind, notify::EventKind::Access(_))
             {
                 let _ = tx.send(());
             }
         })?;
+        let mut watches = Watches {
+            watcher: w,
+            watched: std::collections::BTreeMap::new(),
+        };
         for d in self.watch_dirs() {
-            w.watch(&d, RecursiveMode::NonRecursive)?;
+            let canonical = std::fs::canonicalize(&d).unwrap_or_else(|_| d.clone());
+            watches.watcher.watch(&d, RecursiveMode::NonRecursive)?;
+            watches.watched.insert(d, canonical);
         }
-        Ok(w)
+        Ok(watches)
     }
 
-    fn rewatch(&self, w: &mut notify::RecommendedWatcher) {
-        for d in self.watch_dirs() {
-            let _ = w.unwatch(&d);
-            if let Err(e) = w.watch(&d, RecursiveMode::NonRecursive) {
-                tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder");
+    /// Bring the watches in line with the serving generation without ever
+    /// dropping a watch that is still needed: a gap would lose an edit made
+    /// right after a reload. A folder whose resolved path changed (a
+    /// symlinked folder swapped by a ConfigMap update) is watched anew, the
+    /// new watch added before the old one is removed.
+    fn rewatch(&self, w: &mut Watches) {
+        let wanted = self.watch_dirs();
+        for d in &wanted {
+            let canonical = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+            match w.watched.get(d) {
+                Some(old) if *old == canonical => {}
+                Some(_) => {
+                    // inotify follows the folder it resolved at watch time:
+                    // re-watching the path picks up the new target.
+                    if let Err(e) = w.watcher.watch(d, RecursiveMode::NonRecursive) {
+                        tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder");
+                    }
+                    w.watched.insert(d.clone(), canonical);
+                }
+                None => match w.watcher.watch(d, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        w.watched.insert(d.clone(), canonical);
+                    }
+                    Err(e) => tracing::warn!(dir = %d.display(), error = %e, "cannot watch folder"),
+                },
             }
         }
+        let stale: Vec<PathBuf> = w
+            .watched
+            .keys()
+            .filter(|d| !wanted.contains(*d))
+            .cloned()
+            .collect();
+        for d in stale {
+            let _ = w.watcher.unwatch(&d);
+            w.watched.remove(&d);
+        }
     }
+}
+
+/// The watcher and what it watches (folder → its resolved path when watched).
+struct Watches {
+    watcher: notify::RecommendedWatcher,
+    watched: std::collections::BTreeMap<PathBuf, PathBuf>,
 }
 
 fn dir_or_dot(p: &Path) -> PathBuf {

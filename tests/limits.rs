@@ -1,0 +1,212 @@
+//! Connection limits and graceful drain (SPEC §10).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn limits(extra: &'static str) -> Options {
+    Options {
+        patch: Box::new(move |s| format!("{s}limits:\n{extra}")),
+        ..Default::default()
+    }
+}
+
+fn markers_jwt() -> String {
+    es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    )
+}
+
+fn request(tok: &str, close: bool) -> Vec<u8> {
+    format!(
+        "GET /v1/tenants/acme-prod/markers HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\n{}\r\n",
+        if close { "connection: close\r\n" } else { "" }
+    )
+    .into_bytes()
+}
+
+/// Read one response head (and a small body) from a keep-alive connection.
+async fn read_response(s: &mut TcpStream) -> Option<u16> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    parse_response(&buf[..n]).map(|r| r.status)
+}
+
+/// Whether the server closed the connection (EOF) within `within`.
+async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_but_busy_ones_are_not() {
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(Duration::from_millis(900)),
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], limits("  idle_timeout: 300ms\n")).await;
+    let tok = markers_jwt();
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    // The request takes 900 ms at the upstream: three idle periods with no
+    // byte moving, but a request in progress keeps the connection.
+    s.write_all(&request(&tok, false)).await.expect("write");
+    assert_eq!(read_response(&mut s).await, Some(200));
+    // Now idle: closed after about 300 ms.
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "idle connection stayed open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn slowloris_headers_are_cut_off() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], limits("  header_read_timeout: 300ms\n")).await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(b"GET /v1/health HTTP/1.1\r\nhost: g\r\nx-slow: ")
+        .await
+        .expect("write");
+    let started = Instant::now();
+    // Keep trickling bytes; the head is never completed.
+    let mut closed = false;
+    for _ in 0..40 {
+        if s.write_all(b"a").await.is_err() {
+            closed = true;
+            break;
+        }
+        if closed_within(&mut s, Duration::from_millis(50)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a head trickled for 2 s was not cut off");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test]
+async fn oversized_headers_are_refused_and_never_forwarded() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], limits("  max_header_bytes: 16384\n")).await;
+    let big = "a".repeat(20 * 1024);
+    let req =
+        format!("GET /v1/health HTTP/1.1\r\nhost: g\r\nx-big: {big}\r\nconnection: close\r\n\r\n");
+    let r = raw(gw.addr, req.as_bytes()).await;
+    // hyper answers 431 or closes; either way nothing is forwarded.
+    assert!(r.as_ref().is_none_or(|r| r.status == 431), "{r:?}");
+    assert_eq!(up.count(), 0);
+    // A normal request on a new connection still works.
+    assert_eq!(send(gw.addr, "GET", "/v1/health", &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn max_connections_holds_further_connections_in_the_queue() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        limits("  max_connections: 1\n  idle_timeout: 30s\n"),
+    )
+    .await;
+    let tok = markers_jwt();
+    let mut first = TcpStream::connect(gw.addr).await.expect("connect");
+    first.write_all(&request(&tok, false)).await.expect("write");
+    assert_eq!(read_response(&mut first).await, Some(200));
+    // The second connection is accepted by the kernel but not served while
+    // the first one holds the only slot.
+    let mut second = TcpStream::connect(gw.addr).await.expect("connect");
+    second.write_all(&request(&tok, true)).await.expect("write");
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(400), second.read(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "second connection served beyond max_connections"
+    );
+    drop(first);
+    assert_eq!(read_response(&mut second).await, Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(Duration::from_millis(800)),
+        ..Default::default()
+    })
+    .await;
+    let mut gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = markers_jwt();
+    let addr = gw.addr;
+    let slow = tokio::spawn({
+        let tok = tok.clone();
+        async move { get(addr, "/v1/tenants/acme-prod/markers", &tok).await }
+    });
+    eventually(Duration::from_secs(2), "request in flight", async || {
+        up.count() == 1
+    })
+    .await;
+    gw.shutdown();
+    // The in-flight request completes normally after shutdown began.
+    assert_eq!(slow.await.expect("join").status, 200);
+    let task = gw.task.take().expect("task");
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("serve returned after the drain")
+        .expect("join");
+    // And nothing listens any more.
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn drain_timeout_bounds_the_wait() {
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(Duration::from_secs(10)),
+        ..Default::default()
+    })
+    .await;
+    let mut gw = TestGateway::start(
+        up.addr,
+        &[],
+        Options {
+            timeout: "30s",
+            patch: Box::new(|s| format!("{s}limits:\n  drain_timeout: 300ms\n")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tok = markers_jwt();
+    let addr = gw.addr;
+    let _stuck = tokio::spawn(async move { raw(addr, &request(&tok, true)).await });
+    eventually(Duration::from_secs(2), "request in flight", async || {
+        up.count() == 1
+    })
+    .await;
+    let started = Instant::now();
+    gw.shutdown();
+    let task = gw.task.take().expect("task");
+    tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("serve gave up after drain_timeout")
+        .expect("join");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
