@@ -178,6 +178,18 @@ pub struct GatewaySpec {
     pub routes: Vec<RouteSpec>,
     #[serde(default)]
     pub limits: LimitsSpec,
+    #[serde(default)]
+    pub metrics: MetricsSpec,
+}
+
+/// Metric options. Tenant ids are unbounded, so they are a label only when
+/// an operator asks for it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSpec {
+    /// Also count requests in `scopegate_tenant_requests_total{tenant, decision}`.
+    #[serde(default)]
+    pub tenant_label: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +442,7 @@ pub struct Snapshot {
     pub upstream: Upstream,
     pub mode: Mode,
     pub limits: LimitsSpec,
+    pub metrics: MetricsSpec,
     pub routes: RouteTable,
     pub tags: Vec<Box<str>>,
     pub tag_ids: HashMap<Box<str>, TagId>,
@@ -850,6 +863,7 @@ fn compile(
         upstream,
         mode: spec.mode,
         limits: spec.limits,
+        metrics: spec.metrics,
         routes,
         tags,
         tag_ids,

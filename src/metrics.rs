@@ -32,6 +32,8 @@ pub struct Metrics {
     pub config_generation: IntGauge,
     pub config_last_success: IntGauge,
     pub tokens_loaded: IntGaugeVec,
+    /// Only fed when `metrics.tenant_label` is set.
+    pub tenant_requests: IntCounterVec,
 }
 
 /// The `decision` label.
@@ -145,6 +147,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
         ),
         &["kind"],
     )?;
+    let tenant_requests = IntCounterVec::new(
+        Opts::new(
+            "scopegate_tenant_requests_total",
+            "Requests by tenant and decision (only with metrics.tenant_label: true).",
+        ),
+        &["tenant", "decision"],
+    )?;
+    registry.register(Box::new(tenant_requests.clone()))?;
     registry.register(Box::new(requests.clone()))?;
     registry.register(Box::new(denials.clone()))?;
     registry.register(Box::new(request_duration.clone()))?;
@@ -174,6 +184,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         config_generation,
         config_last_success,
         tokens_loaded,
+        tenant_requests,
     })
 }
 

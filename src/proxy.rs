@@ -235,6 +235,17 @@ impl Gateway {
             .requests
             .with_label_values(&[label.as_str(), tag, method_label(&parts.method)])
             .inc();
+        if snap.metrics.tenant_label
+            && let Some(t) = outcome
+                .matched
+                .and_then(|m| m.tenant)
+                .and_then(|t| snap.tenants.get(t as usize))
+        {
+            self.metrics
+                .tenant_requests
+                .with_label_values(&[&*t.name, label.as_str()])
+                .inc();
+        }
 
         let mut upstream_time = None;
         let (response, final_reason) = if label == DecisionLabel::Deny {

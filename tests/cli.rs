@@ -403,6 +403,9 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     );
 
     // The admin listener answers, and /config carries no secret.
+    assert_eq!(send(admin, "GET", "/healthz", &[]).await.status, 200);
+    assert_eq!(send(admin, "GET", "/readyz", &[]).await.status, 200);
+    assert_eq!(send(admin, "GET", "/nope", &[]).await.status, 404);
     let metrics = send(admin, "GET", "/metrics", &[]).await;
     assert_eq!(metrics.status, 200);
     assert!(
@@ -450,4 +453,58 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
             "a secret reached /metrics"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_slow_request_then_exits_0() {
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(std::time::Duration::from_millis(1500)),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env("SG_TEST_HS256", HS_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let rx = line_reader(child.stdout.take().expect("stdout"));
+    let mut log = Vec::new();
+    let listening = wait_for(&rx, &mut log, |v| v["message"] == "gateway listening");
+    let gw: std::net::SocketAddr = listening["addr"]
+        .as_str()
+        .expect("addr")
+        .parse()
+        .expect("addr");
+    let tok = es256(
+        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    let slow = tokio::spawn(async move { get(gw, "/v1/tenants/acme-prod/markers", &tok).await });
+    eventually(
+        std::time::Duration::from_secs(5),
+        "request at the upstream",
+        async || up.count() == 1,
+    )
+    .await;
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    // The request in flight completes after SIGTERM; then the process exits 0.
+    assert_eq!(slow.await.expect("join").status, 200);
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    wait_for(&rx, &mut log, |v| {
+        v["message"] == "shutdown signal received; draining"
+    });
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(gw).await.is_err());
 }

@@ -1074,6 +1074,48 @@ async fn metrics_count_decisions_and_reasons() {
 }
 
 #[tokio::test]
+async fn tenant_label_only_when_the_operator_opts_in() {
+    let up = Upstream::start(Default::default()).await;
+    let opts = Options {
+        patch: Box::new(|s| format!("{s}metrics: {{ tenant_label: true }}\n")),
+        ..Default::default()
+    };
+    let gw = TestGateway::start(up.addr, &[], opts).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    allowed(&get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await);
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-staging/markers", &tok)
+            .await
+            .status,
+        403
+    );
+    assert_eq!(
+        metric(
+            &gw.gw,
+            "scopegate_tenant_requests_total{decision=\"allow\",tenant=\"acme-prod\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &gw.gw,
+            "scopegate_tenant_requests_total{decision=\"deny\",tenant=\"acme-staging\"}"
+        ),
+        1.0
+    );
+    // The SPEC families keep their bounded labels.
+    assert_eq!(
+        metric(
+            &gw.gw,
+            "scopegate_denials_total{reason=\"tenant\",tag=\"markers\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn shadow_mode_forwards_denials_but_not_ambiguous_paths() {
     let up = Upstream::start(Default::default()).await;
     let gw = TestGateway::start(
