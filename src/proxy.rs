@@ -362,7 +362,7 @@ async fn forward(
     if !up.forward_authorization {
         h.remove(header::AUTHORIZATION);
     }
-    strip_airbrx(h);
+    remove_prefixed(h, "x-airbrx-");
     append_forwarded_for(h, peer);
     h.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -427,20 +427,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     h.remove("keep-alive");
-    let proxy: Vec<HeaderName> = h
-        .keys()
-        .filter(|k| k.as_str().starts_with("proxy-"))
-        .cloned()
-        .collect();
-    for n in proxy {
-        h.remove(n);
-    }
+    remove_prefixed(h, "proxy-");
 }
 
-fn strip_airbrx(h: &mut HeaderMap) {
+/// Remove every header whose (lower-case) name starts with `prefix`. The
+/// list of names is only allocated when one is present.
+fn remove_prefixed(h: &mut HeaderMap, prefix: &str) {
     let names: Vec<HeaderName> = h
         .keys()
-        .filter(|k| k.as_str().starts_with("x-airbrx-"))
+        .filter(|k| k.as_str().starts_with(prefix))
         .cloned()
         .collect();
     for n in names {

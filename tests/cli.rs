@@ -283,6 +283,46 @@ async fn demo_serves_the_shipped_example() {
     assert!(checked >= 15, "only {checked} demo lines checked");
 }
 
+/// `scopegate serve --config cfg`, with its stdout lines and the proxy's
+/// (and, when configured, the admin's) bound address.
+fn spawn_serve(
+    cfg: &Path,
+    log: &mut Vec<String>,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env("SG_TEST_HS256", HS_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let rx = line_reader(child.stdout.take().expect("stdout"));
+    let addr_of = |v: &serde_json::Value| -> std::net::SocketAddr {
+        v["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("socket addr")
+    };
+    let mut admin = None;
+    let gw = loop {
+        let v = wait_for(&rx, log, |v| {
+            v["message"] == "admin listening" || v["message"] == "gateway listening"
+        });
+        if v["message"] == "admin listening" {
+            admin = Some(addr_of(&v));
+        } else {
+            break addr_of(&v);
+        }
+    };
+    (child, rx, gw, admin)
+}
+
 /// Lines of a child's stdout, read on a thread.
 fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -321,52 +361,24 @@ fn wait_for(
 async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     let up = Upstream::start(Default::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
-        std::fs::copy(fixture(f), dir.path().join(f)).expect("copy");
-    }
     let p = pat_record(
         "tok_serve",
         "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
         "",
     );
-    std::fs::write(
-        dir.path().join("tokens.yaml"),
-        format!("tokens:\n{}", p.yaml),
-    )
-    .expect("write");
-    let yaml = CONFIG
-        .replace("{UPSTREAM}", &up.addr.to_string())
-        .replace("{TIMEOUT}", "5s")
-        .replace("{MODE}", "enforce")
-        .replace(
-            "listen: { addr: \"127.0.0.1:0\" }",
-            "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
-        );
-    let cfg = dir.path().join("gateway.yaml");
-    std::fs::write(&cfg, yaml).expect("write");
-
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().expect("utf8")])
-        .env("SG_TEST_HS256", HS_SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn serve");
-    let rx = line_reader(child.stdout.take().expect("stdout"));
-    let mut log = Vec::new();
-    let addr_of = |v: &serde_json::Value| -> std::net::SocketAddr {
-        v["addr"]
-            .as_str()
-            .expect("addr")
-            .parse()
-            .expect("socket addr")
+    let with_admin = Options {
+        patch: Box::new(|s| {
+            s.replace(
+                "listen: { addr: \"127.0.0.1:0\" }",
+                "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
+            )
+        }),
+        ..Default::default()
     };
-    let admin = addr_of(&wait_for(&rx, &mut log, |v| {
-        v["message"] == "admin listening"
-    }));
-    let gw = addr_of(&wait_for(&rx, &mut log, |v| {
-        v["message"] == "gateway listening"
-    }));
+    let cfg = write_files(dir.path(), up.addr, &[&p], &with_admin);
+    let mut log = Vec::new();
+    let (mut child, rx, gw, admin) = spawn_serve(&cfg, &mut log);
+    let admin = admin.expect("admin listening");
 
     let jwt = es256(
         serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
@@ -464,21 +476,8 @@ async fn sigterm_drains_a_slow_request_then_exits_0() {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().expect("utf8")])
-        .env("SG_TEST_HS256", HS_SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn serve");
-    let rx = line_reader(child.stdout.take().expect("stdout"));
     let mut log = Vec::new();
-    let listening = wait_for(&rx, &mut log, |v| v["message"] == "gateway listening");
-    let gw: std::net::SocketAddr = listening["addr"]
-        .as_str()
-        .expect("addr")
-        .parse()
-        .expect("addr");
+    let (mut child, rx, gw, _) = spawn_serve(&cfg, &mut log);
     let tok = es256(
         serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
