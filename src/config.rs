@@ -1445,6 +1445,38 @@ routes:
     }
 
     #[test]
+    fn a_key_whose_type_does_not_fit_its_alg_is_refused() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let with_key = |alg: &str, file: &str| {
+            format!(
+                "{BASE}tokens:\n  jwt:\n    keys:\n      - {{ kid: k, alg: {alg}, public_key: {} }}\n",
+                fixtures.join(file).display()
+            )
+        };
+        let err = |alg: &str, file: &str| match load_str(&with_key(alg, file)) {
+            Ok(_) => panic!("{alg} with {file} must be refused"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err("ES256", "es384.pub.pem").contains("needs a P-256 key"));
+        assert!(err("ES384", "es256.pub.pem").contains("needs a P-384 key"));
+        assert!(err("ES256", "rs256.pub.pem").contains("not an EC public key"));
+        assert!(err("RS256", "es256.pub.pem").contains("not an RSA public key"));
+        assert!(err("EdDSA", "es256.pub.pem").contains("not an Ed25519 public key"));
+        assert!(err("HS256", "es256.pub.pem").contains("needs `secret_env`"));
+        assert!(err("ES256", "missing.pem").contains("cannot read"));
+        for (alg, file) in [
+            ("ES256", "es256.pub.pem"),
+            ("ES384", "es384.pub.pem"),
+            ("RS256", "rs256.pub.pem"),
+            ("PS256", "rs256.pub.pem"),
+            ("EdDSA", "ed25519.pub.pem"),
+        ] {
+            let s = load_str(&with_key(alg, file)).unwrap_or_else(|e| panic!("{alg}: {e}"));
+            assert_eq!(s.jwt.keys.len(), 1);
+        }
+    }
+
+    #[test]
     fn route_without_tenant_or_account_warns() {
         let s = load_str(&BASE.replace(
             "  - { path: /v1/health, public: true }",
