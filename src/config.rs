@@ -262,6 +262,13 @@ pub struct JwtSpec {
     pub leeway: Duration,
     #[serde(default)]
     pub keys: Vec<KeySpec>,
+    /// Verified tokens kept per generation (0 disables the cache).
+    #[serde(default = "default_jwt_cache_size")]
+    pub cache_size: usize,
+}
+
+fn default_jwt_cache_size() -> usize {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -797,6 +804,7 @@ fn compile(
         jwt.issuer = j.issuer.clone();
         jwt.audience = j.audience.clone();
         jwt.leeway = i64::try_from(j.leeway.as_secs()).unwrap_or(i64::MAX);
+        jwt.cache = (j.cache_size > 0).then(|| crate::token::jwt::JwtCache::new(j.cache_size));
         for (i, k) in j.keys.iter().enumerate() {
             let key = format!("tokens.jwt.keys[{i}]");
             if k.kid.is_empty() {

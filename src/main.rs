@@ -311,7 +311,7 @@ fn explain(path: &Path, token: Option<&str>, method: &str, req_path: &str) -> Re
         .map(|p| &*p.name);
     let cubes: Vec<serde_json::Value> = match (&out.principal, m, MethodSet::of_method(&method)) {
         (Some(p), Some(m), Some(bit)) => p
-            .cubes
+            .cubes()
             .iter()
             .enumerate()
             .map(|(i, c)| {
@@ -346,9 +346,9 @@ fn explain(path: &Path, token: Option<&str>, method: &str, req_path: &str) -> Re
         "account": name(account),
         "plan": name(plan),
         "token": out.principal.as_ref().map(|p| json!({
-            "kind": p.kind.as_str(),
-            "id": &*p.token_id,
-            "subject": p.subject.as_deref(),
+            "kind": p.kind().as_str(),
+            "id": p.token_id(),
+            "subject": p.subject(),
         })),
         "cubes": cubes,
         "generation_files": snap.files.iter().map(|f| json!({"path": f.path, "sha256": f.sha256})).collect::<Vec<_>>(),

@@ -457,10 +457,10 @@ fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
 /// Identity headers from the verified decision only (SPEC §7).
 fn set_identity(h: &mut HeaderMap, snap: &Snapshot, outcome: &Outcome<'_, '_>) {
     if let Some(p) = &outcome.principal {
-        if let Ok(v) = HeaderValue::from_str(&p.token_id) {
+        if let Ok(v) = HeaderValue::from_str(p.token_id()) {
             h.insert(HeaderName::from_static("x-airbrx-token-id"), v);
         }
-        if let Some(sub) = &p.subject
+        if let Some(sub) = p.subject()
             && let Ok(v) = HeaderValue::from_str(sub)
         {
             h.insert(HeaderName::from_static("x-airbrx-subject"), v);
@@ -539,7 +539,7 @@ fn access_log(
     let token_id = outcome
         .principal
         .as_ref()
-        .map(|p| &*p.token_id)
+        .map(|p| p.token_id())
         .unwrap_or("");
     let time = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

@@ -401,3 +401,43 @@ async fn kubernetes_configmap_symlink_swap_is_picked_up() {
     .await;
     assert_eq!(gw.generation(), 2);
 }
+
+#[tokio::test]
+async fn a_removed_key_stops_tokens_already_verified() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let _watch = gw.watch();
+    let tok = markers_jwt();
+    // Verified once, and so cached in this generation.
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &tok)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &tok)
+            .await
+            .status,
+        200
+    );
+    let base = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(
+        &gw.path,
+        &base.replace(
+            "      - { kid: es-test, alg: ES256, public_key: es256.pub.pem }\n",
+            "",
+        ),
+    );
+    eventually(
+        WITHIN,
+        "key removal applies to a cached token",
+        async || {
+            get(gw.addr, "/v1/tenants/acme-prod/markers", &tok)
+                .await
+                .reason()
+                == "unknown_key"
+        },
+    )
+    .await;
+}

@@ -7,15 +7,16 @@
 //! lists, then the `cube`/`cubes` claim. Claims are only read after the
 //! signature verifies, so nothing an attacker writes is trusted before that.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::Deserialize;
+use sha2::Digest;
 
-use super::{AuthError, Principal, TokenKind, is_safe_identity};
-use crate::scope::{CubeSpec, Strictness, Vocabulary, cube_list};
+use super::{AuthError, Principal, is_safe_identity};
+use crate::scope::{Cube, CubeSpec, Strictness, Vocabulary, cube_list};
 
 /// One verification key.
 pub struct JwtKey {
@@ -160,6 +161,24 @@ struct Claims {
     cubes: Option<Vec<CubeSpec>>,
 }
 
+/// A JWT that verified, with its cubes compiled against one snapshot.
+#[derive(Debug)]
+pub struct VerifiedJwt {
+    pub token_id: Box<str>,
+    pub subject: Option<Box<str>>,
+    pub cubes: Box<[Cube]>,
+    /// The token is accepted while `valid_from <= now < valid_until`
+    /// (its `nbf`/`iat` and `exp`, widened by the leeway).
+    valid_from: f64,
+    valid_until: f64,
+}
+
+/// Verified tokens by the SHA-256 of their bytes. It lives in the snapshot,
+/// so a new generation (new keys, new names) starts with an empty one; a
+/// hit is only used inside the token's own validity window; only
+/// successful verifications are kept.
+pub type JwtCache = quick_cache::sync::Cache<[u8; 32], Arc<VerifiedJwt>>;
+
 /// All JWT settings of one snapshot.
 #[derive(Debug, Default)]
 pub struct JwtKeys {
@@ -168,16 +187,43 @@ pub struct JwtKeys {
     pub audience: Option<String>,
     /// Seconds of clock skew tolerated on `exp`, `nbf` and `iat`.
     pub leeway: i64,
+    /// `None` when `tokens.jwt.cache_size` is 0.
+    pub cache: Option<JwtCache>,
 }
 
 impl JwtKeys {
-    /// Verify a compact JWS and compile its cubes. `now` is Unix seconds.
+    /// Verify a compact JWS and compile its cubes, or find it already
+    /// verified in the cache. `now` is Unix seconds.
     pub fn authenticate(
         &self,
         token: &str,
         now: i64,
         vocab: &Vocabulary<'_>,
     ) -> Result<Principal<'static>, AuthError> {
+        let Some(cache) = &self.cache else {
+            return self.verify(token, now, vocab).map(Principal::Jwt);
+        };
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let t = now as f64;
+        if let Some(hit) = cache.get(&key) {
+            if hit.valid_from <= t && t < hit.valid_until {
+                return Ok(Principal::Jwt(hit));
+            }
+            // Out of its window: verify again, which names the reason.
+            cache.remove(&key);
+        }
+        let verified = self.verify(token, now, vocab)?;
+        cache.insert(key, verified.clone());
+        Ok(Principal::Jwt(verified))
+    }
+
+    /// The full verification, no cache.
+    fn verify(
+        &self,
+        token: &str,
+        now: i64,
+        vocab: &Vocabulary<'_>,
+    ) -> Result<Arc<VerifiedJwt>, AuthError> {
         let mut parts = token.split('.');
         let (Some(h64), Some(p64), Some(s64), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -255,11 +301,123 @@ impl JwtKeys {
         if !is_safe_identity(&token_id) {
             return Err(AuthError::Malformed);
         }
-        Ok(Principal {
-            kind: TokenKind::Jwt,
-            token_id: Cow::Owned(token_id),
-            subject: claims.sub.map(Cow::Owned),
-            cubes: Cow::Owned(cubes),
-        })
+        let valid_from = claims
+            .nbf
+            .into_iter()
+            .chain(claims.iat)
+            .fold(f64::NEG_INFINITY, f64::max)
+            - leeway;
+        Ok(Arc::new(VerifiedJwt {
+            token_id: token_id.into(),
+            subject: claims.sub.map(String::into_boxed_str),
+            cubes: cubes.into_boxed_slice(),
+            valid_from,
+            valid_until: exp + leeway,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::Vocabulary;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    const SECRET: &[u8] = b"unit-test-hs256-secret-0123456789abcdef";
+
+    fn keys(cache: bool) -> JwtKeys {
+        let mut k = JwtKeys {
+            leeway: 10,
+            cache: cache.then(|| JwtCache::new(16)),
+            ..Default::default()
+        };
+        k.keys.insert(
+            "k".into(),
+            JwtKey::from_secret("k", Algorithm::HS256, SECRET).expect("key"),
+        );
+        k
+    }
+
+    fn token(claims: serde_json::Value) -> String {
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("k".into());
+        jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(SECRET)).expect("sign")
+    }
+
+    fn empty() -> (HashMap<Box<str>, u32>, HashMap<Box<str>, u32>) {
+        (HashMap::new(), HashMap::new())
+    }
+
+    #[test]
+    fn a_cached_token_is_served_only_inside_its_window() {
+        let (a, b) = empty();
+        let v = Vocabulary {
+            tags: &a,
+            routes: &b,
+            tenants: &a,
+            accounts: &b,
+        };
+        let k = keys(true);
+        let t = token(
+            serde_json::json!({"jti": "j", "nbf": 1000, "exp": 2000, "cube": {"methods": ["GET"]}}),
+        );
+        // Before nbf - leeway: refused, and nothing is cached.
+        assert_eq!(
+            k.authenticate(&t, 980, &v).err(),
+            Some(AuthError::NotYetValid)
+        );
+        assert_eq!(k.cache.as_ref().map(|c| c.len()), Some(0));
+        let first = match k.authenticate(&t, 995, &v) {
+            Ok(Principal::Jwt(j)) => j,
+            other => panic!("{other:?}"),
+        };
+        // A hit is the same verified entry, not a second verification.
+        match k.authenticate(&t, 1500, &v) {
+            Ok(Principal::Jwt(j)) => assert!(Arc::ptr_eq(&first, &j)),
+            other => panic!("{other:?}"),
+        }
+        // Inside the leeway after exp: still accepted; at exp + leeway: expired.
+        assert!(k.authenticate(&t, 2009, &v).is_ok());
+        assert_eq!(k.authenticate(&t, 2010, &v).err(), Some(AuthError::Expired));
+        // A clock stepping back before the window is refused too.
+        assert!(k.authenticate(&t, 1500, &v).is_ok());
+        assert_eq!(
+            k.authenticate(&t, 900, &v).err(),
+            Some(AuthError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn failures_are_never_cached_and_the_cache_can_be_off() {
+        let (a, b) = empty();
+        let v = Vocabulary {
+            tags: &a,
+            routes: &b,
+            tenants: &a,
+            accounts: &b,
+        };
+        let k = keys(true);
+        let good =
+            token(serde_json::json!({"jti": "j", "exp": 2000, "cube": {"methods": ["GET"]}}));
+        // Flip a character in the middle of the signature (the last one may
+        // only carry padding bits).
+        let at = good.len() - 10;
+        let flipped = if &good[at..at + 1] == "A" { "B" } else { "A" };
+        let forged = format!("{}{}{}", &good[..at], flipped, &good[at + 1..]);
+        assert_eq!(
+            k.authenticate(&forged, 1000, &v).err(),
+            Some(AuthError::BadSignature)
+        );
+        assert_eq!(
+            k.authenticate(&forged, 1000, &v).err(),
+            Some(AuthError::BadSignature)
+        );
+        assert_eq!(k.cache.as_ref().map(|c| c.len()), Some(0));
+        let off = keys(false);
+        assert!(off.authenticate(&good, 1000, &v).is_ok());
+        assert_eq!(
+            off.authenticate(&good, 2010, &v).err(),
+            Some(AuthError::Expired)
+        );
     }
 }

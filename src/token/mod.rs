@@ -9,8 +9,6 @@
 pub mod jwt;
 pub mod pat;
 
-use std::borrow::Cow;
-
 use http::HeaderMap;
 
 use crate::scope::Cube;
@@ -54,37 +52,97 @@ impl TokenKind {
     }
 }
 
-/// A verified caller: identity and grants. Borrowed from the snapshot for
-/// PATs, owned for JWTs.
+/// A verified caller: identity and grants. Borrows the PAT record from the
+/// snapshot, or shares the verified JWT with the cache: neither allocates.
 #[derive(Debug, Clone)]
-pub struct Principal<'s> {
-    pub kind: TokenKind,
-    /// PAT record `id`, JWT `jti` (or `sub`).
-    pub token_id: Cow<'s, str>,
-    /// PAT record `id`, JWT `sub` (absent when the JWT has none).
-    pub subject: Option<Cow<'s, str>>,
-    pub cubes: Cow<'s, [Cube]>,
+pub enum Principal<'s> {
+    Pat(&'s PatRecord),
+    Jwt(std::sync::Arc<jwt::VerifiedJwt>),
 }
+
+impl Principal<'_> {
+    pub fn kind(&self) -> TokenKind {
+        match self {
+            Principal::Pat(_) => TokenKind::Pat,
+            Principal::Jwt(_) => TokenKind::Jwt,
+        }
+    }
+
+    /// PAT record `id`, JWT `jti` (or `sub`).
+    pub fn token_id(&self) -> &str {
+        match self {
+            Principal::Pat(r) => &r.id,
+            Principal::Jwt(j) => &j.token_id,
+        }
+    }
+
+    /// PAT record `id`, JWT `sub` (absent when the JWT has none).
+    pub fn subject(&self) -> Option<&str> {
+        match self {
+            Principal::Pat(r) => Some(&r.id),
+            Principal::Jwt(j) => j.subject.as_deref(),
+        }
+    }
+
+    pub fn cubes(&self) -> &[Cube] {
+        match self {
+            Principal::Pat(r) => &r.cubes,
+            Principal::Jwt(j) => &j.cubes,
+        }
+    }
+}
+
+/// RFC 6750 §2.1 `b64token`: ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" /
+/// "/", then trailing "=". Anything else in a token is malformed.
+const fn b64token_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~' | b'+' | b'/' | b'=');
+        i += 1;
+    }
+    t
+}
+static B64TOKEN: [bool; 256] = b64token_table();
 
 /// The bearer token of a request, or why there is none. Only the
 /// `Authorization` header is read; a token in the query string is ignored.
+/// One pass over the bytes: this runs on every request.
 pub fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     let mut values = headers.get_all(http::header::AUTHORIZATION).iter();
-    let value = values.next().ok_or(AuthError::MissingToken)?;
+    let value = values.next().ok_or(AuthError::MissingToken)?.as_bytes();
     if values.next().is_some() {
         return Err(AuthError::BadAuthorization);
     }
-    let value = value.to_str().map_err(|_| AuthError::BadAuthorization)?;
-    // RFC 7235: the scheme is case-insensitive; one or more spaces follow it.
-    let (scheme, rest) = value.split_once(' ').ok_or(AuthError::BadAuthorization)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // RFC 7235: the scheme is case-insensitive and followed by one or more spaces.
+    let (scheme, rest) = match value.iter().position(|&b| b == b' ') {
+        Some(i) => (&value[..i], &value[i..]),
+        None => return Err(AuthError::BadAuthorization),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(AuthError::BadAuthorization);
     }
-    let token = rest.trim_matches(' ');
-    if token.is_empty() || token.len() > MAX_TOKEN_LEN || token.contains([' ', '\t']) {
+    let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+    let end = rest
+        .iter()
+        .rposition(|&b| b != b' ')
+        .map_or(start, |i| i + 1);
+    let token = &rest[start..end];
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
         return Err(AuthError::Malformed);
     }
-    Ok(token)
+    // `=` only as trailing padding.
+    let body = token.len() - token.iter().rev().take_while(|&&b| b == b'=').count();
+    if !token[..body]
+        .iter()
+        .all(|&b| B64TOKEN[b as usize] && b != b'=')
+    {
+        return Err(AuthError::Malformed);
+    }
+    // Every byte is ASCII now, so this cannot fail.
+    std::str::from_utf8(token).map_err(|_| AuthError::Malformed)
 }
 
 /// Header values must be safe to copy into `x-airbrx-*` headers and logs:
@@ -125,6 +183,15 @@ mod tests {
         assert_eq!(bearer(&h(&["Bearer a b"])), Err(AuthError::Malformed));
         assert_eq!(bearer(&h(&["bearer tok"])), Ok("tok"));
         assert_eq!(bearer(&h(&["Bearer  tok"])), Ok("tok"));
+        assert_eq!(
+            bearer(&h(&["BEARER a.b-c_d~e+f/g=="])),
+            Ok("a.b-c_d~e+f/g==")
+        );
+        assert_eq!(bearer(&h(&["Bearer a\tb"])), Err(AuthError::Malformed));
+        assert_eq!(bearer(&h(&["Bearer a=b"])), Err(AuthError::Malformed));
+        assert_eq!(bearer(&h(&["Bearer a,b"])), Err(AuthError::Malformed));
+        assert_eq!(bearer(&h(&["Bearer \"tok\""])), Err(AuthError::Malformed));
+        assert_eq!(bearer(&h(&["Bearertok"])), Err(AuthError::BadAuthorization));
         let long = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
         assert_eq!(bearer(&h(&[&long])), Err(AuthError::Malformed));
     }

@@ -5,13 +5,12 @@
 //! the hash-indexed store. A PAT is only ever compared by its SHA-256: the
 //! secret is hashed on arrival and never kept, logged or compared directly.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{AuthError, Principal, TokenKind, is_safe_identity};
+use super::{AuthError, Principal, is_safe_identity};
 use crate::scope::{Cube, CubeSpec, Strictness, Vocabulary, cube_list};
 
 pub const PREFIX: &str = "abx_pat_";
@@ -211,12 +210,7 @@ impl PatStore {
         if record.disabled {
             return Err(AuthError::Revoked);
         }
-        Ok(Principal {
-            kind: TokenKind::Pat,
-            token_id: Cow::Borrowed(&record.id),
-            subject: Some(Cow::Borrowed(&record.id)),
-            cubes: Cow::Borrowed(&record.cubes),
-        })
+        Ok(Principal::Pat(record))
     }
 }
 
