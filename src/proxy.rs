@@ -541,6 +541,11 @@ fn access_log(
         .as_ref()
         .map(|p| p.token_id())
         .unwrap_or("");
+    // Formatting the line costs more than the decision; skip it all when
+    // the access log is filtered out.
+    if !tracing::enabled!(target: "scopegate::access", tracing::Level::INFO) {
+        return;
+    }
     let time = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();

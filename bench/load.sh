@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# Whole-proxy load comparison on loopback, in one run:
+#   direct      wrk -> upstream
+#   nginx       plain reverse proxy, no auth
+#   haproxy     HAProxy 2.6 verifying the same ES256 JWT (jwt_verify) + exp + an ACL on path and method
+#   sg-pat      scopegate, PAT
+#   sg-jwt      scopegate, the ES256 JWT
+#   sg-jwt-log  scopegate, the ES256 JWT, JSON access log on (to /dev/null)
+# Same upstream, request, connections and duration for each; every proxy
+# gets one worker thread. Prints req/s, p50, p99 and ratios.
+#
+# Needs: apt-get install wrk haproxy nginx-light
+# Usage: bench/load.sh [DURATION_SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+CONNS=${2:-32}
+for tool in wrk haproxy nginx; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk haproxy nginx-light" >&2; exit 1; }
+done
+
+cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+UP=18081 NG=18082 HA=18083 SG=18084 SGL=18085
+PATH_OK=/v1/tenants/acme-prod/markers
+KEY_PUB=$PWD/tests/fixtures/es256.pub.pem
+KEY_PRIV=$PWD/tests/fixtures/es256.key.pem
+
+wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+"$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
+wait_port $UP
+
+# nginx: a plain reverse proxy with a keep-alive upstream pool.
+mkdir -p "$WORK/nginx"
+cat > "$WORK/nginx/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$UP; keepalive 64; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
+
+# HAProxy: the same ES256 JWT, exp, and an ACL on path and method.
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend fe
+  bind 127.0.0.1:$HA
+  http-request set-var(txn.bearer) http_auth_bearer
+  http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('\$.alg')
+  http-request deny deny_status 401 unless { var(txn.alg) -m str ES256 }
+  http-request deny deny_status 401 unless { var(txn.bearer),jwt_verify(txn.alg,"$KEY_PUB") -m int 1 }
+  http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('\$.exp','int')
+  http-request set-var(txn.now) date()
+  http-request deny deny_status 401 if { var(txn.exp),sub(txn.now) -m int lt 0 }
+  http-request deny deny_status 403 unless { method GET } { path_beg $PATH_OK }
+  default_backend be
+backend be
+  http-reuse always
+  server up 127.0.0.1:$UP
+CONF
+haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>"$WORK/haproxy.err" & PIDS+=($!)
+
+# scopegate: a config with the same key, a PAT, and the same route.
+"$BIN/scopegate" token new --config /nonexistent --id bench \
+  --cube '{"methods":["GET"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}' > "$WORK/pat.out"
+PAT=$(grep -o 'abx_pat_[0-9A-Za-z]*' "$WORK/pat.out" | head -1)
+{ echo "tokens:"; sed -n '/Record to paste/,$p' "$WORK/pat.out" | tail -n +2; } > "$WORK/tokens.yaml"
+for port in $SG $SGL; do
+cat > "$WORK/gateway-$port.yaml" <<CONF
+listen: { addr: "127.0.0.1:$port" }
+upstream: { url: "http://127.0.0.1:$UP" }
+tokens:
+  pat_file: tokens.yaml
+  jwt:
+    issuer: https://auth.bench.example
+    audience: airbrx-api
+    keys: [ { kid: es-bench, alg: ES256, public_key: $KEY_PUB } ]
+plans: { pro: [ { tags: ["*"], methods: ["*"] } ] }
+accounts: { acme: { plan: pro } }
+tenants: { acme-prod: { account: acme } }
+routes:
+  - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
+CONF
+done
+SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "$BIN/scopegate" serve --config "$WORK/gateway-$SG.yaml" >/dev/null & PIDS+=($!)
+SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
+JWT=$("$BIN/examples/mint_jwt" "$KEY_PRIV" es-bench \
+  "{\"iss\":\"https://auth.bench.example\",\"aud\":\"airbrx-api\",\"sub\":\"bench\",\"jti\":\"bench-1\",\"exp\":$(( $(date +%s) + 86400 )),\"cube\":{\"methods\":[\"GET\"],\"tags\":[\"markers\"],\"tenants\":[\"acme-prod\"],\"accounts\":[\"acme\"]}}")
+for p in $NG $HA $SG $SGL; do wait_port $p; done
+
+# Every target must answer 200 before it is measured.
+check() { code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" "http://127.0.0.1:$1$PATH_OK"); [ "$code" = 200 ] || { echo "$3 answered $code" >&2; exit 1; }; }
+check $UP "" direct; check $NG "" nginx; check $HA "$JWT" haproxy; check $SG "$PAT" sg-pat; check $SG "$JWT" sg-jwt; check $SGL "$JWT" sg-jwt-log
+# And the gateways must refuse a forged token.
+bad="${JWT%?????}AAAAA"
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $bad" "http://127.0.0.1:$HA$PATH_OK")" = 401 ] || { echo "haproxy accepted a forged JWT" >&2; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $bad" "http://127.0.0.1:$SG$PATH_OK")" = 401 ] || { echo "scopegate accepted a forged JWT" >&2; exit 1; }
+
+# wrk latency lines ("50%  1.23ms") to microseconds.
+to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
+declare -A RPS P50 P99
+run() { # name port token
+  local hdr=()
+  [ -n "$3" ] && hdr=(-H "Authorization: Bearer $3")
+  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "http://127.0.0.1:$2$PATH_OK" > "$WORK/$1.wrk"
+  RPS[$1]=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/$1.wrk")
+  P50[$1]=$(to_us "$(awk '$1 == "50%" { print $2 }' "$WORK/$1.wrk")")
+  P99[$1]=$(to_us "$(awk '$1 == "99%" { print $2 }' "$WORK/$1.wrk")")
+  if grep -q "Non-2xx" "$WORK/$1.wrk"; then echo "$1: non-2xx responses:" >&2; grep "Non-2xx" "$WORK/$1.wrk" >&2; exit 1; fi
+}
+run direct $UP ""
+run nginx $NG ""
+run haproxy $HA "$JWT"
+run sg-pat $SG "$PAT"
+run sg-jwt $SG "$JWT"
+run sg-jwt-log $SGL "$JWT"
+
+echo
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); ${DURATION}s per target, $CONNS connections, wrk -t1"
+printf '%-11s %10s %10s %10s %12s\n' target "req/s" "p50 µs" "p99 µs" "p99 - direct"
+for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log; do
+  printf '%-11s %10.0f %10.0f %10.0f %12.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "$(awk -v a="${P99[$t]}" -v b="${P99[direct]}" 'BEGIN { print a - b }')"
+done
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+echo
+echo "scopegate (ES256 JWT) / HAProxy (ES256 JWT) throughput: $(ratio "${RPS[sg-jwt]}" "${RPS[haproxy]}")x   p99: $(ratio "${P99[sg-jwt]}" "${P99[haproxy]}")x"
+echo "scopegate (ES256 JWT) / nginx (no auth) throughput:     $(ratio "${RPS[sg-jwt]}" "${RPS[nginx]}")x"
+echo "scopegate (PAT) / nginx (no auth) throughput:           $(ratio "${RPS[sg-pat]}" "${RPS[nginx]}")x"
+echo "access log on / off (ES256 JWT) throughput:             $(ratio "${RPS[sg-jwt-log]}" "${RPS[sg-jwt]}")x"
