@@ -991,6 +991,14 @@ fn load_ca(
     Ok((roots, sha))
 }
 
+/// A compiled PAT record, or the key and message of why it is not.
+type Compiled = Result<([u8; 32], crate::token::pat::PatRecord), (String, String)>;
+
+/// Records per chunk when a large block-style PAT list is parsed in pieces:
+/// small enough that serde_yaml's buffered events stay a few MB, large
+/// enough that the per-chunk cost is noise.
+const PAT_CHUNK: usize = 1_000;
+
 fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore, Vec<ConfigError>> {
     let text = std::str::from_utf8(bytes).map_err(|_| {
         vec![ConfigError::Parse {
@@ -1000,49 +1008,25 @@ fn load_pats(path: &Path, bytes: &[u8], snapshot: &Snapshot) -> Result<PatStore,
             message: "not UTF-8".into(),
         }]
     })?;
-    let records = parse_pat_file(path, text).map_err(|e| vec![e])?;
     let vocab = snapshot.vocabulary();
-
-    // Compile in parallel; merge (and check duplicates) in file order.
-    let threads = parallelism(records.len());
-    let per = records.len().div_ceil(threads).max(1);
-    let compiled: Vec<_> = std::thread::scope(|scope| {
-        let handles: Vec<_> = records
-            .chunks(per)
-            .map(|chunk| {
-                let vocab = &vocab;
-                scope.spawn(move || chunk.iter().map(|r| r.compile(vocab)).collect::<Vec<_>>())
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    });
-    if compiled.len() != records.len() {
-        return Err(vec![ConfigError::Invalid {
-            file: path.to_path_buf(),
-            key: "tokens".into(),
-            message: "compiling the records failed".into(),
-        }]);
-    }
+    let compiled = compile_pat_file(path, text, &vocab).map_err(|e| vec![e])?;
 
     let mut problems = Problems {
         file: path,
         list: Vec::new(),
     };
-    let mut store = PatStore::with_capacity(records.len());
-    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(records.len());
-    for (i, (rec, result)) in records.iter().zip(compiled).enumerate() {
-        if let Some(first) = ids.insert(rec.id.as_str(), i) {
-            problems.add(
-                format!("tokens[{i}].id"),
-                format!("`{}` is also the id of tokens[{first}]", rec.id),
-            );
-            continue;
-        }
+    let mut store = PatStore::with_capacity(compiled.len());
+    let mut ids: HashMap<Box<str>, usize> = HashMap::with_capacity(compiled.len());
+    for (i, result) in compiled.into_iter().enumerate() {
         match result {
             Ok((hash, record)) => {
+                if let Some(first) = ids.insert(record.id.clone(), i) {
+                    problems.add(
+                        format!("tokens[{i}].id"),
+                        format!("`{}` is also the id of tokens[{first}]", record.id),
+                    );
+                    continue;
+                }
                 if !store.insert(hash, record) {
                     problems.add(
                         format!("tokens[{i}].sha256"),
@@ -1072,58 +1056,100 @@ fn parallelism(n: usize) -> usize {
         .min(16)
 }
 
-/// Parse a PAT file. JSON (which is valid YAML) takes serde_json's fast
-/// path; a large block-style YAML list is parsed in parallel chunks; any
-/// other shape, and any chunk that does not parse, takes serde_yaml over
-/// the whole file, so errors and their line numbers are always exact.
-fn parse_pat_file(path: &Path, text: &str) -> Result<Vec<PatRecordSpec>, ConfigError> {
-    let body = text.trim_start();
-    if body.starts_with('{') {
-        return serde_json::from_str::<PatFileSpec>(text)
-            .map(|f| f.tokens)
-            .map_err(|e| ConfigError::Parse {
-                file: path.to_path_buf(),
-                line: Some(e.line()),
-                column: Some(e.column()),
-                message: e.to_string(),
-            });
+/// Compile `specs` on `threads` threads, in order.
+fn compile_all(specs: &[PatRecordSpec], vocab: &Vocabulary<'_>) -> Vec<Compiled> {
+    let threads = parallelism(specs.len());
+    let per = specs.len().div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = specs
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || chunk.iter().map(|r| r.compile(vocab)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// Parse and compile a PAT file, records in file order.
+///
+/// - JSON (which is valid YAML) takes serde_json, which streams.
+/// - A large block-style YAML list is cut into chunks of [`PAT_CHUNK`]
+///   records; worker threads take chunks in turn and compile each as soon
+///   as it is parsed, so only a few chunks' worth of parser state is alive
+///   at once (serde_yaml buffers a whole document's events: parsing 100k
+///   records as one document peaked at ~650 MB).
+/// - Any other shape, and any chunk that does not parse, takes serde_yaml
+///   over the whole file, so errors and their line numbers stay exact.
+fn compile_pat_file(
+    path: &Path,
+    text: &str,
+    vocab: &Vocabulary<'_>,
+) -> Result<Vec<Compiled>, ConfigError> {
+    if text.trim_start().starts_with('{') {
+        let file = serde_json::from_str::<PatFileSpec>(text).map_err(|e| ConfigError::Parse {
+            file: path.to_path_buf(),
+            line: Some(e.line()),
+            column: Some(e.column()),
+            message: e.to_string(),
+        })?;
+        return Ok(compile_all(&file.tokens, vocab));
     }
-    if let Some(chunks) = split_pat_list(text, parallelism(text.len() / 200)) {
-        let parsed: Vec<Option<Vec<PatRecordSpec>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = chunks
-                .iter()
-                .map(|c| {
+    if let Some(chunks) = split_pat_list(text, PAT_CHUNK) {
+        let threads = parallelism(chunks.len() * PAT_CHUNK).min(chunks.len());
+        let per_thread: Vec<Vec<(usize, Option<Vec<Compiled>>)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let chunks = &chunks;
                     scope.spawn(move || {
-                        serde_yaml::from_str::<PatFileSpec>(c)
-                            .ok()
-                            .map(|f| f.tokens)
+                        let mut out = Vec::new();
+                        for (i, chunk) in chunks.iter().enumerate().skip(t).step_by(threads) {
+                            let compiled = serde_yaml::from_str::<PatFileSpec>(chunk)
+                                .ok()
+                                .map(|f| f.tokens.iter().map(|r| r.compile(vocab)).collect());
+                            let failed = compiled.is_none();
+                            out.push((i, compiled));
+                            if failed {
+                                break;
+                            }
+                        }
+                        out
                     })
                 })
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().ok().flatten())
+                .map(|h| h.join().unwrap_or_default())
                 .collect()
         });
-        if parsed.iter().all(Option::is_some) {
-            return Ok(parsed.into_iter().flatten().flatten().collect());
+        let mut ordered: Vec<Option<Vec<Compiled>>> = (0..chunks.len()).map(|_| None).collect();
+        for (i, compiled) in per_thread.into_iter().flatten() {
+            if let Some(slot) = ordered.get_mut(i) {
+                *slot = compiled;
+            }
+        }
+        if ordered.iter().all(Option::is_some) {
+            return Ok(ordered.into_iter().flatten().flatten().collect());
         }
     }
-    serde_yaml::from_str::<PatFileSpec>(text)
-        .map(|f| f.tokens)
-        .map_err(|e| parse_error(path, e))
+    let file = serde_yaml::from_str::<PatFileSpec>(text).map_err(|e| parse_error(path, e))?;
+    Ok(compile_all(&file.tokens, vocab))
 }
 
 /// Split a PAT file of the plain shape `tokens:` followed by a block list
-/// into `n` documents of the same shape, each holding a run of whole items.
+/// into documents of the same shape, each holding `per_chunk` whole items
+/// (the last one fewer).
 /// Returns `None` for any other shape (another top-level line, document
 /// markers, flow style, odd indentation), which then parses as one
 /// document. An item is split off only at a line that starts exactly at the
 /// list's indentation with `- `; YAML cannot continue a scalar or a
 /// collection of a deeper item on such a line, and a chunk cut mid-construct
 /// fails to parse and sends the whole file to the sequential parser.
-fn split_pat_list(text: &str, n: usize) -> Option<Vec<String>> {
-    if n < 2 {
+fn split_pat_list(text: &str, per_chunk: usize) -> Option<Vec<String>> {
+    if per_chunk == 0 {
         return None;
     }
     let mut starts: Vec<usize> = Vec::new();
@@ -1159,11 +1185,11 @@ fn split_pat_list(text: &str, n: usize) -> Option<Vec<String>> {
             starts.push(at);
         }
     }
-    if starts.len() < 2 * n {
+    if starts.len() < 2 * per_chunk {
         return None;
     }
-    let per = starts.len().div_ceil(n);
-    let mut chunks = Vec::with_capacity(n);
+    let per = per_chunk;
+    let mut chunks = Vec::with_capacity(starts.len().div_ceil(per));
     for k in 0..starts.len().div_ceil(per) {
         let from = starts[k * per];
         let to = starts.get((k + 1) * per).copied().unwrap_or(text.len());
@@ -1381,7 +1407,7 @@ routes:
     fn chunked_pat_parse_equals_the_whole_file_parse() {
         let text = pat_text(500);
         let whole: PatFileSpec = serde_yaml::from_str(&text).expect("whole");
-        let chunks = split_pat_list(&text, 4).expect("plain shape is split");
+        let chunks = split_pat_list(&text, 125).expect("plain shape is split");
         assert_eq!(chunks.len(), 4);
         let mut joined = Vec::new();
         for c in &chunks {
@@ -1395,8 +1421,24 @@ routes:
                 (&b.id, &b.name, &b.sha256, &b.cube)
             );
         }
-        let parsed = parse_pat_file(Path::new("t.yaml"), &text).expect("parse");
-        assert_eq!(parsed.len(), 500);
+        assert_eq!(split_pat_list(&text, 150).map(|c| c.len()), Some(4));
+        // The chunked path (more than PAT_CHUNK records) compiles the same
+        // records as the whole-file parse, in the same order.
+        let big = pat_text(2_600);
+        assert!(split_pat_list(&big, PAT_CHUNK).is_some_and(|c| c.len() == 3));
+        let snap = load_str(BASE).expect("valid");
+        let vocab = snap.vocabulary();
+        let chunked = compile_pat_file(Path::new("t.yaml"), &big, &vocab).expect("chunked");
+        let whole: PatFileSpec = serde_yaml::from_str(&big).expect("whole");
+        assert_eq!(chunked.len(), whole.tokens.len());
+        for (c, w) in chunked.iter().zip(&whole.tokens) {
+            match (c, w.compile(&vocab)) {
+                (Ok((h1, r1)), Ok((h2, r2))) => {
+                    assert_eq!((h1, &r1.id, &r1.cubes), (&h2, &r2.id, &r2.cubes))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]
@@ -1409,9 +1451,9 @@ routes:
             "tokens: [{id: a, sha256: b}]\n".to_string(),
             text.replace("  - id: tok_7\n", " - id: tok_7\n"),
         ] {
-            assert!(split_pat_list(&other, 2).is_none(), "{other:.80}");
+            assert!(split_pat_list(&other, 10).is_none(), "{other:.80}");
         }
-        // Too few items to be worth threads.
+        // Fewer items than two chunks: not split.
         assert!(split_pat_list(&pat_text(3), 2).is_none());
     }
 
@@ -1428,13 +1470,19 @@ routes:
             "  - id: tok_last\n    sha256: {:064x}\n    cube: *c\n",
             999
         ));
-        assert!(split_pat_list(&text, 2).is_some());
-        let parsed = parse_pat_file(Path::new("t.yaml"), &text).expect("whole-file fallback");
-        assert_eq!(parsed.len(), 41);
-        assert_eq!(parsed[40].cube, parsed[0].cube);
+        assert!(split_pat_list(&text, 10).is_some());
+        let snap = load_str(BASE).expect("valid");
+        let vocab = snap.vocabulary();
+        let compiled =
+            compile_pat_file(Path::new("t.yaml"), &text, &vocab).expect("whole-file fallback");
+        assert_eq!(compiled.len(), 41);
+        match (&compiled[40], &compiled[0]) {
+            (Ok((_, last)), Ok((_, first))) => assert_eq!(last.cubes, first.cubes),
+            other => panic!("{other:?}"),
+        }
         // A real error still names its line in the whole file.
         let broken = text.replace("  - id: tok_30\n", "  - id: tok_30\n    sha256: [\n");
-        match parse_pat_file(Path::new("t.yaml"), &broken) {
+        match compile_pat_file(Path::new("t.yaml"), &broken, &vocab) {
             Err(ConfigError::Parse { line: Some(l), .. }) => assert!(l > 100, "line {l}"),
             other => panic!("expected a located parse error, got {other:?}"),
         }
@@ -1442,12 +1490,17 @@ routes:
 
     #[test]
     fn json_pat_files_take_the_fast_path() {
-        let json = r#"{"tokens": [{"id": "a", "sha256": "00", "cube": {"methods": ["GET"]}}]}"#;
-        let parsed = parse_pat_file(Path::new("t.json"), json).expect("json");
-        assert_eq!(parsed[0].id, "a");
+        let snap = load_str(BASE).expect("valid");
+        let vocab = snap.vocabulary();
+        let json = format!(
+            r#"{{"tokens": [{{"id": "a", "sha256": "{:064x}", "cube": {{"methods": ["GET"]}}}}]}}"#,
+            7
+        );
+        let compiled = compile_pat_file(Path::new("t.json"), &json, &vocab).expect("json");
+        assert!(matches!(&compiled[0], Ok((_, r)) if &*r.id == "a"));
         let bad = r#"{"tokens": [{"id": "a", "sha256": "00", "cubez": {}}]}"#;
         assert!(matches!(
-            parse_pat_file(Path::new("t.json"), bad),
+            compile_pat_file(Path::new("t.json"), bad, &vocab),
             Err(ConfigError::Parse { line: Some(1), .. })
         ));
     }

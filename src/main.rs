@@ -2,6 +2,11 @@
 //! token new. Tracing setup and process signals live here; everything else
 //! is in the library. The only place `anyhow` is used.
 
+/// mimalloc: under load glibc malloc held ~5x the live heap (see
+/// bench/memory.sh and BENCHMARKS.md); the library does not choose.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

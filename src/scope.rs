@@ -115,22 +115,32 @@ impl MethodSet {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdSet {
     Any,
-    /// Sorted, deduplicated. Empty means nothing.
-    Some(Box<[u32]>),
+    /// Nothing (an empty or absent list, or only unknown names).
+    None,
+    /// Exactly one id, inline: the common case costs no allocation.
+    One(u32),
+    /// Two or more ids, sorted and deduplicated.
+    Many(Box<[u32]>),
 }
 
 impl IdSet {
     pub fn contains(&self, id: u32) -> bool {
         match self {
             IdSet::Any => true,
-            IdSet::Some(ids) => ids.binary_search(&id).is_ok(),
+            IdSet::None => false,
+            IdSet::One(one) => *one == id,
+            IdSet::Many(ids) => ids.binary_search(&id).is_ok(),
         }
     }
 
     fn from_ids(mut ids: Vec<u32>) -> IdSet {
         ids.sort_unstable();
         ids.dedup();
-        IdSet::Some(ids.into_boxed_slice())
+        match ids.as_slice() {
+            [] => IdSet::None,
+            [one] => IdSet::One(*one),
+            _ => IdSet::Many(ids.into_boxed_slice()),
+        }
     }
 }
 
@@ -366,6 +376,23 @@ mod tests {
             tag,
             tenant,
             account,
+        }
+    }
+
+    #[test]
+    fn id_sets_take_the_smallest_form_and_answer_alike() {
+        assert_eq!(IdSet::from_ids(vec![]), IdSet::None);
+        assert_eq!(IdSet::from_ids(vec![3, 3]), IdSet::One(3));
+        assert_eq!(
+            IdSet::from_ids(vec![9, 3, 9, 5]),
+            IdSet::Many(vec![3, 5, 9].into_boxed_slice())
+        );
+        let many = IdSet::from_ids(vec![9, 3, 5]);
+        for id in 0..12 {
+            assert_eq!(many.contains(id), [3, 5, 9].contains(&id), "{id}");
+            assert_eq!(IdSet::One(5).contains(id), id == 5);
+            assert!(!IdSet::None.contains(id));
+            assert!(IdSet::Any.contains(id));
         }
     }
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# RSS of scopegate serving 1,000 routes, 10,000 tenants and 100,000 PAT
+# records, then over a soak under wrk load (RSS sampled every 30 s).
+#
+# Needs: apt-get install wrk
+# Usage: bench/memory.sh [SOAK_SECONDS]   (default 600)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SOAK=${1:-600}
+command -v wrk >/dev/null || { echo "missing wrk: apt-get install wrk" >&2; exit 1; }
+cargo build --release --quiet --bin scopegate --example fast_upstream
+BIN=target/release
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+UP=18281 SG=18284
+
+"$BIN/scopegate" token new --config /nonexistent --id soak \
+  --cube '{"methods":["GET"],"tags":["t7"],"tenants":["tenant-42"],"accounts":["acct-42"]}' > "$WORK/pat.out"
+PAT=$(grep -o 'abx_pat_[0-9A-Za-z]*' "$WORK/pat.out" | head -1)
+python3 - "$WORK" "$UP" "$SG" <<'PY'
+import sys, hashlib
+work, up, sg = sys.argv[1], sys.argv[2], sys.argv[3]
+g = [f'listen: {{ addr: "127.0.0.1:{sg}" }}', f'upstream: {{ url: "http://127.0.0.1:{up}" }}',
+     'tokens: { pat_file: tokens.yaml }',
+     'plans:', '  pro:', '    - { tags: ["*"], methods: ["*"] }', 'accounts:']
+g += [f'  acct-{a}: {{ plan: pro }}' for a in range(1000)]
+g += ['tenants:'] + [f'  tenant-{t}: {{ account: acct-{t % 1000} }}' for t in range(10000)]
+g += ['routes:'] + [f'  - {{ path: "/v1/tenants/{{tenant}}/r{r}/{{id}}", tag: t{r % 50}, methods: [GET, POST] }}' for r in range(1000)]
+open(f'{work}/gateway.yaml', 'w').write('\n'.join(g) + '\n')
+t = ['tokens:']
+for i in range(100000 - 1):
+    sha = hashlib.sha256(f'record-{i}'.encode()).hexdigest()
+    t.append(f'  - id: tok_{i}\n    sha256: {sha}\n    cube: {{ methods: [GET], tags: [t{i % 50}], tenants: [tenant-{i % 10000}], accounts: [acct-{i % 10000 % 1000}] }}')
+open(f'{work}/tokens.yaml', 'w').write('\n'.join(t) + '\n')
+PY
+sed -n '/Record to paste/,$p' "$WORK/pat.out" | tail -n +2 >> "$WORK/tokens.yaml"
+
+"$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
+SCOPEGATE_LOG=warn "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null & SGPID=$!; PIDS+=($SGPID)
+for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$SG") 2>/dev/null && break; sleep 0.05; done
+rss() { awk '/^VmRSS/ { print $2 }' "/proc/$SGPID/status"; }
+URL="http://127.0.0.1:$SG/v1/tenants/tenant-42/r7/item-1"
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $PAT" "$URL")
+[ "$code" = 200 ] || { echo "the soak request answered $code" >&2; exit 1; }
+START=$(rss)
+echo "loaded: 1000 routes, 10000 tenants, 100000 PATs: RSS ${START} kB (peak so far $(awk '/^VmHWM/ { print $2 }' "/proc/$SGPID/status") kB)"
+MAX=$START
+for ((t = 30; t <= SOAK; t += 30)); do
+  wrk -t1 -c32 -d30s -H "Authorization: Bearer $PAT" "$URL" > "$WORK/wrk.out"
+  NOW=$(rss); [ "$NOW" -gt "$MAX" ] && MAX=$NOW
+  echo "t=${t}s  RSS ${NOW} kB  $(awk '/^Requests\/sec/ { print $2 " req/s" }' "$WORK/wrk.out")"
+done
+END=$(rss)
+echo "soak ${SOAK}s: start ${START} kB, max ${MAX} kB, end ${END} kB, end/start $(awk -v a="$END" -v b="$START" 'BEGIN { printf "%.2f", a / b }'), peak $(awk '/^VmHWM/ { print $2 }' "/proc/$SGPID/status") kB"
