@@ -19,7 +19,7 @@ for tool in wrk haproxy nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk haproxy nginx-light" >&2; exit 1; }
 done
 
-cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt
+cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced
 BIN=target/release
 WORK=$(mktemp -d)
 PIDS=()
@@ -49,6 +49,7 @@ http {
   upstream up { server 127.0.0.1:$UP; keepalive 64; }
   server {
     listen 127.0.0.1:$NG;
+    keepalive_requests 1000000;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -149,3 +150,25 @@ echo "scopegate (ES256 JWT) / HAProxy (ES256 JWT) throughput: $(ratio "${RPS[sg-
 echo "scopegate (ES256 JWT) / nginx (no auth) throughput:     $(ratio "${RPS[sg-jwt]}" "${RPS[nginx]}")x"
 echo "scopegate (PAT) / nginx (no auth) throughput:           $(ratio "${RPS[sg-pat]}" "${RPS[nginx]}")x"
 echo "access log on / off (ES256 JWT) throughput:             $(ratio "${RPS[sg-jwt-log]}" "${RPS[sg-jwt]}")x"
+
+# Half of scopegate's peak (ES256 JWT), paced, the same rate for each target:
+# the latency a request sees when the gateway is not saturated.
+RATE=$(awk -v r="${RPS[sg-jwt]}" 'BEGIN { printf "%d", r / 2 }')
+declare -A H50 H99
+paced() { # name port token
+  local out
+  out=$("$BIN/examples/paced" "127.0.0.1:$2" "$PATH_OK" "$RATE" "$DURATION" "$CONNS" ${3:+"$3"})
+  H50[$1]=$(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")
+  H99[$1]=$(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")
+  grep -q "errors=0" <<<"$out" || { echo "$1: errors at half peak: $out" >&2; exit 1; }
+}
+paced direct $UP ""
+paced nginx $NG ""
+paced sg-pat $SG "$PAT"
+paced sg-jwt $SG "$JWT"
+echo
+echo "at half of scopegate's peak: $RATE req/s, paced over $CONNS connections"
+printf '%-11s %10s %10s %14s\n' target "p50 µs" "p99 µs" "p99 - direct"
+for t in direct nginx sg-pat sg-jwt; do
+  printf '%-11s %10s %10s %14s\n' "$t" "${H50[$t]}" "${H99[$t]}" "$(( ${H99[$t]} - ${H99[direct]} ))"
+done
