@@ -344,19 +344,21 @@ mod tests {
         jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(SECRET)).expect("sign")
     }
 
-    fn empty() -> (HashMap<Box<str>, u32>, HashMap<Box<str>, u32>) {
-        (HashMap::new(), HashMap::new())
+    /// A vocabulary with no names: these tests grant by method only.
+    fn vocab() -> Vocabulary<'static> {
+        static EMPTY: std::sync::LazyLock<HashMap<Box<str>, u32>> =
+            std::sync::LazyLock::new(HashMap::new);
+        Vocabulary {
+            tags: &EMPTY,
+            routes: &EMPTY,
+            tenants: &EMPTY,
+            accounts: &EMPTY,
+        }
     }
 
     #[test]
     fn a_cached_token_is_served_only_inside_its_window() {
-        let (a, b) = empty();
-        let v = Vocabulary {
-            tags: &a,
-            routes: &b,
-            tenants: &a,
-            accounts: &b,
-        };
+        let v = vocab();
         let k = keys(true);
         let t = token(
             serde_json::json!({"jti": "j", "nbf": 1000, "exp": 2000, "cube": {"methods": ["GET"]}}),
@@ -389,13 +391,7 @@ mod tests {
 
     #[test]
     fn failures_are_never_cached_and_the_cache_can_be_off() {
-        let (a, b) = empty();
-        let v = Vocabulary {
-            tags: &a,
-            routes: &b,
-            tenants: &a,
-            accounts: &b,
-        };
+        let v = vocab();
         let k = keys(true);
         let good =
             token(serde_json::json!({"jti": "j", "exp": 2000, "cube": {"methods": ["GET"]}}));
