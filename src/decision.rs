@@ -38,6 +38,43 @@ pub struct RouteMatch<'s> {
     pub plan: Option<PlanId>,
 }
 
+/// The names a route match resolved to, for logs, metric labels and
+/// `explain`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Names<'s> {
+    pub route: &'s str,
+    /// `None` for public routes.
+    pub tag: Option<&'s str>,
+    pub tenant: Option<&'s str>,
+    pub account: Option<&'s str>,
+    pub plan: Option<&'s str>,
+}
+
+impl<'s> RouteMatch<'s> {
+    pub fn names(&self, snap: &'s Snapshot) -> Names<'s> {
+        Names {
+            route: &self.route.template,
+            tag: self
+                .route
+                .tag
+                .and_then(|t| snap.tags.get(t as usize))
+                .map(|s| &**s),
+            tenant: self
+                .tenant
+                .and_then(|t| snap.tenants.get(t as usize))
+                .map(|t| &*t.name),
+            account: self
+                .account
+                .and_then(|a| snap.accounts.get(a as usize))
+                .map(|a| &*a.name),
+            plan: self
+                .plan
+                .and_then(|p| snap.plans.get(p as usize))
+                .map(|p| &*p.name),
+        }
+    }
+}
+
 /// How far a request got and what was decided. Filled in phase by phase, so
 /// a denial still carries what was known (for logs, metrics and `explain`).
 #[derive(Debug)]
@@ -141,10 +178,14 @@ fn route<'s>(
         return (Some(matched), Err(Reason::MethodNotAllowed));
     };
     if let Some(name) = m.tenant {
-        let Some(&id) = snap.tenant_ids.get(name) else {
+        let Some(t) = snap
+            .tenant_ids
+            .get(name)
+            .and_then(|&id| snap.tenants.get(id as usize).map(|t| (id, t)))
+        else {
             return (Some(matched), Err(Reason::UnknownTenant));
         };
-        let t = &snap.tenants[id as usize];
+        let (id, t) = t;
         matched.tenant = Some(id);
         matched.account = Some(t.account);
         matched.plan = Some(t.plan);
@@ -160,7 +201,10 @@ fn route<'s>(
         }
         matched.account = Some(id);
         if matched.plan.is_none() {
-            matched.plan = Some(snap.accounts[id as usize].plan);
+            let Some(a) = snap.accounts.get(id as usize) else {
+                return (Some(matched), Err(Reason::UnknownAccount));
+            };
+            matched.plan = Some(a.plan);
         }
     }
     (Some(matched), Ok(method_bit))

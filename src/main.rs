@@ -298,22 +298,8 @@ fn explain(path: &Path, token: Option<&str>, method: &str, req_path: &str) -> Re
     let out = decide(&snap, &method, raw_path, &headers, unix_now());
     let m = out.matched;
     let name = |v: Option<&str>| v.map(|s| json!(s)).unwrap_or(serde_json::Value::Null);
-    let tag = m
-        .and_then(|m| m.route.tag)
-        .and_then(|t| snap.tags.get(t as usize))
-        .map(|s| &**s);
-    let tenant = m
-        .and_then(|m| m.tenant)
-        .and_then(|t| snap.tenants.get(t as usize))
-        .map(|t| &*t.name);
-    let account = m
-        .and_then(|m| m.account)
-        .and_then(|a| snap.accounts.get(a as usize))
-        .map(|a| &*a.name);
-    let plan = m
-        .and_then(|m| m.plan)
-        .and_then(|p| snap.plans.get(p as usize))
-        .map(|p| &*p.name);
+    let names = m.map(|m| m.names(&snap)).unwrap_or_default();
+    let (tag, tenant, account, plan) = (names.tag, names.tenant, names.account, names.plan);
     let cubes: Vec<serde_json::Value> = match (&out.principal, m, MethodSet::of_method(&method)) {
         (Some(p), Some(m), Some(bit)) => p
             .cubes()

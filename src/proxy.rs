@@ -211,12 +211,11 @@ impl Gateway {
             .authz_duration
             .observe(started.elapsed().as_secs_f64());
 
-        let tag = match outcome.matched {
-            None => NO_TAG,
-            Some(m) => match m.route.tag {
-                Some(t) => snap.tags.get(t as usize).map(|s| &**s).unwrap_or(NO_TAG),
-                None => PUBLIC_TAG,
-            },
+        let names = outcome.matched.map(|m| m.names(snap));
+        let tag = match (outcome.matched, names) {
+            (Some(m), _) if m.route.is_public() => PUBLIC_TAG,
+            (_, Some(n)) => n.tag.unwrap_or(NO_TAG),
+            _ => NO_TAG,
         };
         let (label, denied) = match outcome.verdict {
             Ok(true) => (DecisionLabel::Allow, None),
@@ -236,14 +235,11 @@ impl Gateway {
             .with_label_values(&[label.as_str(), tag, method_label(&parts.method)])
             .inc();
         if snap.metrics.tenant_label
-            && let Some(t) = outcome
-                .matched
-                .and_then(|m| m.tenant)
-                .and_then(|t| snap.tenants.get(t as usize))
+            && let Some(tenant) = names.and_then(|n| n.tenant)
         {
             self.metrics
                 .tenant_requests
-                .with_label_values(&[&*t.name, label.as_str()])
+                .with_label_values(&[tenant, label.as_str()])
                 .inc();
         }
 
@@ -519,33 +515,23 @@ fn access_log(
     total: Duration,
     upstream: Option<Duration>,
 ) {
-    let m = outcome.matched;
-    let route = m.map(|m| &*m.route.template).unwrap_or("");
-    let tag = m
-        .and_then(|m| m.route.tag)
-        .and_then(|t| snap.tags.get(t as usize))
-        .map(|s| &**s)
-        .unwrap_or("");
-    let tenant = m
-        .and_then(|m| m.tenant)
-        .and_then(|t| snap.tenants.get(t as usize))
-        .map(|t| &*t.name)
-        .unwrap_or("");
-    let account = m
-        .and_then(|m| m.account)
-        .and_then(|a| snap.accounts.get(a as usize))
-        .map(|a| &*a.name)
-        .unwrap_or("");
-    let token_id = outcome
-        .principal
-        .as_ref()
-        .map(|p| p.token_id())
-        .unwrap_or("");
     // Formatting the line costs more than the decision; skip it all when
     // the access log is filtered out.
     if !tracing::enabled!(target: "scopegate::access", tracing::Level::INFO) {
         return;
     }
+    let names = outcome.matched.map(|m| m.names(snap)).unwrap_or_default();
+    let (route, tag, tenant, account) = (
+        names.route,
+        names.tag.unwrap_or(""),
+        names.tenant.unwrap_or(""),
+        names.account.unwrap_or(""),
+    );
+    let token_id = outcome
+        .principal
+        .as_ref()
+        .map(|p| p.token_id())
+        .unwrap_or("");
     let time = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
