@@ -85,10 +85,10 @@ impl Reloader {
                 return Err(e);
             }
         };
-        if !force && same_files(&self.gw.current().snapshot, &snapshot) {
+        let current = self.gw.current();
+        if !force && same_files(&current.snapshot, &snapshot) {
             return Ok(Reloaded::Unchanged);
         }
-        let current = self.gw.current();
         if snapshot.listen_addr != current.snapshot.listen_addr
             || snapshot.admin_addr != current.snapshot.admin_addr
         {
