@@ -359,6 +359,10 @@ fn token_new(
     expires: Option<String>,
     cube_json: &str,
 ) -> Result<ExitCode> {
+    // The id rule the PAT loader applies, checked before a secret exists.
+    if !scopegate::token::is_safe_identity(id) {
+        bail!("--id must be 1-256 visible ASCII characters");
+    }
     let cube: CubeSpec =
         serde_json::from_str(cube_json).context("--cube is not a valid cube (JSON)")?;
     if let Some(e) = &expires {
@@ -383,10 +387,6 @@ fn token_new(
         cube: Some(cube),
         cubes: None,
     };
-    // Validate the record as the loader will (id shape, hash, cube presence).
-    if id.is_empty() || !id.bytes().all(|b| (0x21..0x7f).contains(&b)) || id.len() > 256 {
-        bail!("--id must be 1-256 visible ASCII characters");
-    }
     let yaml = serde_yaml::to_string(&vec![record])?;
     println!("Secret (shown once; store it now — only its hash is kept):");
     println!("  {secret}");

@@ -179,6 +179,24 @@ async fn token_new_round_trips_through_a_pat_file() {
         Some("tok_cli")
     );
 
+    // An id the PAT loader would refuse is refused before a secret exists.
+    let (code, out, err) = run(&[
+        "token",
+        "new",
+        "--config",
+        cfg_path.to_str().expect("utf8"),
+        "--id",
+        "bad id",
+        "--cube",
+        cube,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--id must be"), "{err}");
+    assert!(
+        !out.contains(pat::PREFIX),
+        "a secret was printed for a refused id"
+    );
+
     // A cube typo is refused against the config when one is given.
     let (code, _, err) = run(&[
         "token",

@@ -147,7 +147,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
 
 /// Header values must be safe to copy into `x-airbrx-*` headers and logs:
 /// visible ASCII, bounded. Identities that are not are refused, not mangled.
-pub(crate) fn is_safe_identity(s: &str) -> bool {
+pub fn is_safe_identity(s: &str) -> bool {
     !s.is_empty() && s.len() <= 256 && s.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
