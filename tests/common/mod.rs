@@ -637,3 +637,84 @@ pub async fn eventually(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// The real binary
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_scopegate");
+
+/// `scopegate serve --config cfg`, with its stdout lines and the proxy's
+/// (and, when configured, the admin's) bound address.
+pub fn spawn_serve(
+    cfg: &std::path::Path,
+    log: &mut Vec<String>,
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+) {
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env("SG_TEST_HS256", HS_SECRET)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let rx = line_reader(child.stdout.take().expect("stdout"));
+    let addr_of = |v: &serde_json::Value| -> std::net::SocketAddr {
+        v["addr"]
+            .as_str()
+            .expect("addr")
+            .parse()
+            .expect("socket addr")
+    };
+    let mut admin = None;
+    let gw = loop {
+        let v = wait_for(&rx, log, |v| {
+            v["message"] == "admin listening" || v["message"] == "gateway listening"
+        });
+        if v["message"] == "admin listening" {
+            admin = Some(addr_of(&v));
+        } else {
+            break addr_of(&v);
+        }
+    };
+    (child, rx, gw, admin)
+}
+
+/// Lines of a child's stdout, read on a thread.
+pub fn line_reader(
+    stdout: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+pub fn wait_for(
+    rx: &std::sync::mpsc::Receiver<String>,
+    all: &mut Vec<String>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no matching log line; saw:\n{}", all.join("\n")));
+        all.push(line.clone());
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && pred(&v)
+        {
+            return v;
+        }
+    }
+}
