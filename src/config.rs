@@ -1089,6 +1089,33 @@ fn compile_pat_file(
     text: &str,
     vocab: &Vocabulary<'_>,
 ) -> Result<Vec<Compiled>, ConfigError> {
+    compile_pat_file_in(path, text, vocab, PAT_CHUNK)
+}
+
+/// The PAT file compiled twice, through the chunked path with `per_chunk`
+/// records per chunk and as one serde_yaml document, each result rendered
+/// with `Debug`. The two must be equal for every input: the fuzz targets
+/// and property tests check it (the chunk splitter is hand-written).
+#[doc(hidden)]
+pub fn pat_file_both_ways(
+    text: &str,
+    per_chunk: usize,
+    vocab: &Vocabulary<'_>,
+) -> (String, String) {
+    let path = Path::new("tokens.yaml");
+    let chunked = compile_pat_file_in(path, text, vocab, per_chunk);
+    let whole = serde_yaml::from_str::<PatFileSpec>(text)
+        .map_err(|e| parse_error(path, e))
+        .map(|f| compile_all(&f.tokens, vocab));
+    (format!("{chunked:?}"), format!("{whole:?}"))
+}
+
+fn compile_pat_file_in(
+    path: &Path,
+    text: &str,
+    vocab: &Vocabulary<'_>,
+    per_chunk: usize,
+) -> Result<Vec<Compiled>, ConfigError> {
     if text.trim_start().starts_with('{') {
         let file = serde_json::from_str::<PatFileSpec>(text).map_err(|e| ConfigError::Parse {
             file: path.to_path_buf(),
@@ -1098,8 +1125,8 @@ fn compile_pat_file(
         })?;
         return Ok(compile_all(&file.tokens, vocab));
     }
-    if let Some(chunks) = split_pat_list(text, PAT_CHUNK) {
-        let threads = parallelism(chunks.len() * PAT_CHUNK).min(chunks.len());
+    if let Some(chunks) = split_pat_list(text, per_chunk) {
+        let threads = parallelism(chunks.len() * per_chunk).min(chunks.len());
         let per_thread: Vec<Vec<(usize, Option<Vec<Compiled>>)>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..threads)
                 .map(|t| {
