@@ -52,6 +52,13 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
                     "pats": s.pats.len(),
                     "jwt_keys": s.jwt.keys.len(),
                 },
+                "token_sources": {
+                    "jwks": s.jwt.jwks.as_ref().map(|j| j.status()),
+                    "introspection": s.introspection.as_ref().map(|i| json!({
+                        "endpoint": i.describe(),
+                        "cached": i.cached(),
+                    })),
+                },
                 "warnings": s.warnings,
                 "last_reload_error": gw.last_error(),
             });

@@ -249,6 +249,67 @@ pub struct TokensSpec {
     pub pat_file: Option<String>,
     #[serde(default)]
     pub jwt: Option<JwtSpec>,
+    /// RFC 7662 introspection for PATs not in the PAT file.
+    #[serde(default)]
+    pub introspection: Option<IntrospectionSpec>,
+}
+
+/// `tokens.jwt.jwks`: exactly one of `file` and `url`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwksSpec {
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Extra trust for the URL's certificate (replaces the web PKI roots).
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
+    pub refresh: Duration,
+    #[serde(default = "default_source_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_min_refetch", deserialize_with = "duration")]
+    pub min_refetch: Duration,
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_source_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_min_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// `tokens.introspection`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IntrospectionSpec {
+    pub url: String,
+    pub client_id_env: String,
+    pub client_secret_env: String,
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default = "default_source_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "default_positive_ttl", deserialize_with = "duration")]
+    pub positive_ttl: Duration,
+    #[serde(default = "default_negative_ttl", deserialize_with = "duration")]
+    pub negative_ttl: Duration,
+    #[serde(default = "default_introspection_cache")]
+    pub cache_size: usize,
+}
+
+fn default_positive_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_negative_ttl() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_introspection_cache() -> usize {
+    10_000
 }
 
 #[derive(Debug, Deserialize)]
@@ -265,6 +326,9 @@ pub struct JwtSpec {
     /// Verified tokens kept per generation (0 disables the cache).
     #[serde(default = "default_jwt_cache_size")]
     pub cache_size: usize,
+    /// A JWK Set beside (or instead of) `keys`.
+    #[serde(default)]
+    pub jwks: Option<JwksSpec>,
 }
 
 fn default_jwt_cache_size() -> usize {
@@ -463,6 +527,8 @@ pub struct Snapshot {
     pub tenant_ids: HashMap<Box<str>, TenantId>,
     pub pats: PatStore,
     pub jwt: JwtKeys,
+    /// `tokens.introspection`, shared across generations with equal settings.
+    pub introspection: Option<std::sync::Arc<crate::token::introspect::Introspector>>,
     pub files: Vec<LoadedFile>,
     pub warnings: Vec<String>,
 }
@@ -605,7 +671,7 @@ fn compile(
         });
     let mut upstream = compile_upstream(&spec.upstream, &mut problems);
     if let Some(ca) = &spec.upstream.ca {
-        match load_ca(&resolve(ca), &mut files) {
+        match load_ca(&resolve(ca), "upstream.ca", &mut files) {
             Ok((roots, sha)) => {
                 upstream.ca = Some(std::sync::Arc::new(roots));
                 upstream.ca_sha256 = Some(sha);
@@ -859,7 +925,14 @@ fn compile(
                 Err((key, msg)) => problems.add(key, msg),
             }
         }
+        if let Some(js) = &j.jwks {
+            jwt.jwks =
+                compile_jwks(js, &resolve, &mut files, &mut problems).map(std::sync::Arc::new);
+        }
     }
+    let introspection = spec.tokens.introspection.as_ref().and_then(|i| {
+        compile_introspection(i, &resolve, env, &mut files, &mut problems).map(std::sync::Arc::new)
+    });
 
     let tag_headers = tags.iter().map(|t| header_value(t)).collect();
     let mut snapshot = Snapshot {
@@ -885,6 +958,7 @@ fn compile(
         tenant_ids,
         pats: PatStore::default(),
         jwt,
+        introspection,
         files: Vec::new(),
         warnings,
     };
@@ -964,9 +1038,164 @@ fn compile_upstream(u: &UpstreamSpec, problems: &mut Problems<'_>) -> Upstream {
     }
 }
 
+/// An `https://` URL for a token source, or why not. Plain HTTP would let
+/// anyone on the path hand the gateway keys or identities.
+fn source_url(raw: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = raw
+        .parse()
+        .map_err(|e| format!("`{raw}` is not a URL ({e})"))?;
+    if uri.scheme() != Some(&http::uri::Scheme::HTTPS) {
+        return Err(format!("`{raw}` must be https://"));
+    }
+    match uri.authority() {
+        None => Err(format!("`{raw}` has no host")),
+        Some(a) if a.as_str().contains('@') => Err("must not carry credentials in the URL".into()),
+        Some(_) => Ok(uri),
+    }
+}
+
+fn compile_jwks(
+    js: &JwksSpec,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    files: &mut Vec<LoadedFile>,
+    problems: &mut Problems<'_>,
+) -> Option<crate::token::jwks::Jwks> {
+    use crate::token::jwks::{Jwks, JwksLocation, JwksSettings, parse};
+    let before = problems.list.len();
+    if js.refresh.is_zero() || js.timeout.is_zero() {
+        problems.add(
+            "tokens.jwt.jwks",
+            "refresh and timeout must be greater than zero",
+        );
+    }
+    let (ca, ca_sha256) = match &js.ca {
+        Some(ca) => match load_ca(&resolve(ca), "tokens.jwt.jwks.ca", files) {
+            Ok((roots, sha)) => (Some(roots), Some(sha)),
+            Err(e) => {
+                problems.list.push(e);
+                (None, None)
+            }
+        },
+        None => (None, None),
+    };
+    let mut initial = None;
+    let location = match (&js.file, &js.url) {
+        (Some(f), None) => {
+            let path = resolve(f);
+            // A file is read now, so `check` and a reload see its errors and
+            // requests never wait for it.
+            match read_file(&path, files) {
+                Ok(bytes) => match parse(&bytes) {
+                    Ok(set) => initial = Some(set),
+                    Err(m) => {
+                        problems.add("tokens.jwt.jwks.file", format!("{}: {m}", path.display()))
+                    }
+                },
+                Err(e) => problems.list.push(e),
+            }
+            JwksLocation::File(path)
+        }
+        (None, Some(u)) => match source_url(u) {
+            Ok(uri) => JwksLocation::Url(uri),
+            Err(m) => {
+                problems.add("tokens.jwt.jwks.url", m);
+                return None;
+            }
+        },
+        _ => {
+            problems.add("tokens.jwt.jwks", "needs exactly one of `file` and `url`");
+            return None;
+        }
+    };
+    if problems.list.len() != before {
+        return None;
+    }
+    let settings = JwksSettings {
+        location,
+        ca,
+        ca_sha256,
+        refresh: js.refresh,
+        timeout: js.timeout,
+        min_refetch: js.min_refetch,
+    };
+    Jwks::new(settings, initial)
+        .map_err(|m| problems.add("tokens.jwt.jwks", m))
+        .ok()
+}
+
+fn compile_introspection(
+    i: &IntrospectionSpec,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    env: EnvLookup<'_>,
+    files: &mut Vec<LoadedFile>,
+    problems: &mut Problems<'_>,
+) -> Option<crate::token::introspect::Introspector> {
+    use crate::token::introspect::{IntrospectionSettings, Introspector};
+    let before = problems.list.len();
+    let url = source_url(&i.url)
+        .map_err(|m| problems.add("tokens.introspection.url", m))
+        .ok();
+    let mut credential = |key: &str, var: &str| -> Option<String> {
+        match env(var) {
+            Some(v) if !v.is_empty() => Some(v),
+            _ => {
+                problems.add(
+                    format!("tokens.introspection.{key}"),
+                    format!("environment variable {var} is not set"),
+                );
+                None
+            }
+        }
+    };
+    let client_id = credential("client_id_env", &i.client_id_env);
+    let client_secret = credential("client_secret_env", &i.client_secret_env);
+    if i.timeout.is_zero() || i.positive_ttl.is_zero() || i.negative_ttl.is_zero() {
+        problems.add(
+            "tokens.introspection",
+            "timeout, positive_ttl and negative_ttl must be greater than zero",
+        );
+    }
+    if i.cache_size == 0 {
+        problems.add(
+            "tokens.introspection.cache_size",
+            "must be at least 1 (every PAT would cost a call to the endpoint)",
+        );
+    }
+    let (ca, ca_sha256) = match &i.ca {
+        Some(ca) => match load_ca(&resolve(ca), "tokens.introspection.ca", files) {
+            Ok((roots, sha)) => (Some(roots), Some(sha)),
+            Err(e) => {
+                problems.list.push(e);
+                (None, None)
+            }
+        },
+        None => (None, None),
+    };
+    let (Some(url), Some(client_id), Some(client_secret)) = (url, client_id, client_secret) else {
+        return None;
+    };
+    if problems.list.len() != before {
+        return None;
+    }
+    Introspector::new(IntrospectionSettings {
+        url,
+        client_id,
+        client_secret,
+        ca,
+        ca_sha256,
+        timeout: i.timeout,
+        positive_ttl: i.positive_ttl,
+        negative_ttl: i.negative_ttl,
+        cache_size: i.cache_size,
+    })
+    .map_err(|m| problems.add("tokens.introspection", m))
+    .ok()
+}
+
 /// Read `upstream.ca` into a root store. Errors name the file.
 fn load_ca(
     path: &Path,
+    key: &str,
     files: &mut Vec<LoadedFile>,
 ) -> Result<(rustls::RootCertStore, String), ConfigError> {
     use rustls::pki_types::CertificateDer;
@@ -975,7 +1204,7 @@ fn load_ca(
     let sha = sha256_hex(&bytes);
     let invalid = |message: String| ConfigError::Invalid {
         file: path.to_path_buf(),
-        key: "upstream.ca".into(),
+        key: key.into(),
         message,
     };
     let mut roots = rustls::RootCertStore::empty();

@@ -101,13 +101,36 @@ pub fn decide<'s, 'r>(
     headers: &HeaderMap,
     now: i64,
 ) -> Outcome<'s, 'r> {
+    decide_with(snap, method, raw_path, headers, now, None)
+}
+
+/// [`decide`], with the authentication phase's answer given instead of
+/// computed: used after an asynchronous token source (a JWKS refetch has
+/// already been folded into the snapshot; introspection answers here) so
+/// that every other phase runs exactly as in [`decide`].
+pub fn decide_with<'s, 'r>(
+    snap: &'s Snapshot,
+    method: &Method,
+    raw_path: &'r str,
+    headers: &HeaderMap,
+    now: i64,
+    authenticated: Option<Result<Principal<'s>, AuthError>>,
+) -> Outcome<'s, 'r> {
     let mut out = Outcome {
         path: None,
         matched: None,
         principal: None,
         verdict: Err(Reason::BadPath),
     };
-    if let Err(reason) = run(snap, method, raw_path, headers, now, &mut out) {
+    if let Err(reason) = run(
+        snap,
+        method,
+        raw_path,
+        headers,
+        now,
+        authenticated,
+        &mut out,
+    ) {
         out.verdict = Err(reason);
     }
     out
@@ -119,6 +142,7 @@ fn run<'s, 'r>(
     raw_path: &'r str,
     headers: &HeaderMap,
     now: i64,
+    authenticated: Option<Result<Principal<'s>, AuthError>>,
     out: &mut Outcome<'s, 'r>,
 ) -> Result<(), Reason> {
     // 1. path
@@ -138,7 +162,10 @@ fn run<'s, 'r>(
         out.verdict = Ok(false);
         return Ok(());
     };
-    let principal = authenticate(snap, headers, now)?;
+    let principal = match authenticated {
+        Some(given) => given?,
+        None => authenticate(snap, headers, now)?,
+    };
     let principal = out.principal.insert(principal);
 
     // 4. authorize

@@ -39,11 +39,13 @@ pub enum Reason {
     Plan,
     UpstreamUnavailable,
     UpstreamTimeout,
+    KeySourceUnavailable,
+    TokenSourceUnavailable,
 }
 
 impl Reason {
     /// Every reason, for metrics pre-registration and tests.
-    pub const ALL: [Reason; 23] = [
+    pub const ALL: [Reason; 25] = [
         Reason::BadPath,
         Reason::UnmappedRoute,
         Reason::MethodNotAllowed,
@@ -67,6 +69,8 @@ impl Reason {
         Reason::Plan,
         Reason::UpstreamUnavailable,
         Reason::UpstreamTimeout,
+        Reason::KeySourceUnavailable,
+        Reason::TokenSourceUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +98,8 @@ impl Reason {
             Reason::Plan => "plan",
             Reason::UpstreamUnavailable => "upstream_unavailable",
             Reason::UpstreamTimeout => "upstream_timeout",
+            Reason::KeySourceUnavailable => "key_source_unavailable",
+            Reason::TokenSourceUnavailable => "token_source_unavailable",
         }
     }
 
@@ -110,6 +116,7 @@ impl Reason {
             | NotYetValid | WrongIssuer | WrongAudience | Revoked => StatusCode::UNAUTHORIZED,
             UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            KeySourceUnavailable | TokenSourceUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -122,6 +129,7 @@ impl Reason {
             StatusCode::UNAUTHORIZED => "invalid_token",
             StatusCode::FORBIDDEN => "insufficient_scope",
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+            StatusCode::SERVICE_UNAVAILABLE => "temporarily_unavailable",
             _ => "bad_gateway",
         }
     }
@@ -152,6 +160,10 @@ impl Reason {
             Plan => "The subscription plan does not include this operation.",
             UpstreamUnavailable => "The upstream service is unavailable.",
             UpstreamTimeout => "The upstream service did not answer in time.",
+            KeySourceUnavailable => {
+                "The keys to verify this token cannot be loaded right now; retry later."
+            }
+            TokenSourceUnavailable => "This token cannot be checked right now; retry later.",
         }
     }
 }
@@ -170,6 +182,8 @@ impl From<AuthError> for Reason {
             AuthError::WrongIssuer => Reason::WrongIssuer,
             AuthError::WrongAudience => Reason::WrongAudience,
             AuthError::Revoked => Reason::Revoked,
+            AuthError::KeySourceUnavailable => Reason::KeySourceUnavailable,
+            AuthError::TokenSourceUnavailable => Reason::TokenSourceUnavailable,
         }
     }
 }
@@ -207,6 +221,11 @@ pub fn body(reason: Reason, request_id: &str) -> Bytes {
     serde_json::to_vec(&b).map(Bytes::from).unwrap_or_default()
 }
 
+/// `Retry-After` on a 503 from a token source: long enough for a
+/// background retry (the JWKS retries failures within `min_refetch`, 10 s by
+/// default), short enough that clients do not give up.
+pub const RETRY_AFTER_SECS: &str = "5";
+
 /// A complete denial response. `allow` is set for 405.
 pub fn response<B: From<Bytes>>(
     reason: Reason,
@@ -240,6 +259,12 @@ pub fn response<B: From<Bytes>>(
             if let Some(a) = allow {
                 h.insert(header::ALLOW, a.clone());
             }
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
         }
         _ => {}
     }

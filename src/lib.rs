@@ -19,6 +19,7 @@ pub mod reload;
 pub mod routes;
 pub mod scope;
 pub mod server;
+pub mod sources;
 pub mod tls;
 pub mod token;
 

@@ -34,6 +34,17 @@ pub struct Metrics {
     pub tokens_loaded: IntGaugeVec,
     /// Only fed when `metrics.tenant_label` is set.
     pub tenant_requests: IntCounterVec,
+    /// JWKS fetches by result (`ok`, `rate_limited`, or the failure kind).
+    pub jwks_fetches: IntCounterVec,
+    pub jwks_fetch_duration: Histogram,
+    /// Usable keys in the last good JWKS.
+    pub jwks_keys: IntGauge,
+    /// Introspection calls by result (`active`, `inactive`, or the failure kind).
+    pub introspection_requests: IntCounterVec,
+    pub introspection_duration: Histogram,
+    /// Introspection cache lookups, `hit` or `miss` (hit ratio =
+    /// hit / (hit + miss)).
+    pub introspection_cache: IntCounterVec,
 }
 
 /// The `decision` label.
@@ -155,6 +166,54 @@ fn build() -> Result<Metrics, prometheus::Error> {
         &["tenant", "decision"],
     )?;
     registry.register(Box::new(tenant_requests.clone()))?;
+    let source_buckets = vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let jwks_fetches = IntCounterVec::new(
+        Opts::new(
+            "scopegate_jwks_fetches_total",
+            "JWKS fetches by result: ok, rate_limited, or the failure kind.",
+        ),
+        &["result"],
+    )?;
+    let jwks_fetch_duration = Histogram::with_opts(
+        HistogramOpts::new(
+            "scopegate_jwks_fetch_duration_seconds",
+            "Time to fetch and parse the JWKS.",
+        )
+        .buckets(source_buckets.clone()),
+    )?;
+    let jwks_keys = IntGauge::new("scopegate_jwks_keys", "Usable keys in the last good JWKS.")?;
+    let introspection_requests = IntCounterVec::new(
+        Opts::new(
+            "scopegate_introspection_requests_total",
+            "Introspection calls by result: active, inactive, or the failure kind.",
+        ),
+        &["result"],
+    )?;
+    let introspection_duration = Histogram::with_opts(
+        HistogramOpts::new(
+            "scopegate_introspection_duration_seconds",
+            "Time of one introspection call.",
+        )
+        .buckets(source_buckets),
+    )?;
+    let introspection_cache = IntCounterVec::new(
+        Opts::new(
+            "scopegate_introspection_cache_total",
+            "Introspection cache lookups by result (hit, miss).",
+        ),
+        &["result"],
+    )?;
+    registry.register(Box::new(jwks_fetches.clone()))?;
+    registry.register(Box::new(jwks_fetch_duration.clone()))?;
+    registry.register(Box::new(jwks_keys.clone()))?;
+    registry.register(Box::new(introspection_requests.clone()))?;
+    registry.register(Box::new(introspection_duration.clone()))?;
+    registry.register(Box::new(introspection_cache.clone()))?;
+    for result in ["hit", "miss"] {
+        introspection_cache.with_label_values(&[result]);
+    }
     registry.register(Box::new(requests.clone()))?;
     registry.register(Box::new(denials.clone()))?;
     registry.register(Box::new(request_duration.clone()))?;
@@ -185,6 +244,12 @@ fn build() -> Result<Metrics, prometheus::Error> {
         config_last_success,
         tokens_loaded,
         tenant_requests,
+        jwks_fetches,
+        jwks_fetch_duration,
+        jwks_keys,
+        introspection_requests,
+        introspection_duration,
+        introspection_cache,
     })
 }
 

@@ -25,7 +25,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Mode, Snapshot, Upstream};
-use crate::decision::{Outcome, decide};
+use crate::decision::{Outcome, decide, decide_with};
 use crate::error::{self, Reason};
 use crate::metrics::{DecisionLabel, Metrics, NO_TAG, PUBLIC_TAG, method_label};
 
@@ -51,9 +51,12 @@ impl Generation {
     /// its warm connections) is reused when the upstream settings are equal.
     pub fn new(
         number: u64,
-        snapshot: Snapshot,
+        mut snapshot: Snapshot,
         previous: Option<&Generation>,
     ) -> Result<Generation, String> {
+        if let Some(p) = previous {
+            carry_token_sources(&p.snapshot, &mut snapshot);
+        }
         let client = match previous {
             Some(p) if same_upstream(&p.snapshot.upstream, &snapshot.upstream) => p.client.clone(),
             _ => build_client(&snapshot.upstream)?,
@@ -63,6 +66,22 @@ impl Generation {
             snapshot,
             client,
         })
+    }
+}
+
+/// Keep the running JWKS source and introspector (their keys, cache and
+/// background refresh) when a reload leaves their settings unchanged.
+fn carry_token_sources(prev: &Snapshot, next: &mut Snapshot) {
+    if let (Some(old), Some(new)) = (&prev.jwt.jwks, &mut next.jwt.jwks)
+        && old.identity() == new.identity()
+    {
+        old.adopt(new);
+        *new = old.clone();
+    }
+    if let (Some(old), Some(new)) = (&prev.introspection, &mut next.introspection)
+        && old.identity() == new.identity()
+    {
+        *new = old.clone();
     }
 }
 
@@ -130,7 +149,15 @@ impl Gateway {
             last_error: std::sync::Mutex::new(None),
         };
         gw.record_success(&gw.current());
+        gw.start_sources(&gw.current());
         Ok(Arc::new(gw))
+    }
+
+    /// Start the background refresh of a generation's JWKS (once per source).
+    fn start_sources(&self, g: &Generation) {
+        if let Some(j) = &g.snapshot.jwt.jwks {
+            j.start(self.metrics.clone());
+        }
     }
 
     /// The serving generation.
@@ -147,6 +174,7 @@ impl Gateway {
         let next = Arc::new(next);
         self.current.store(next.clone());
         self.record_success(&next);
+        self.start_sources(&next);
         Ok(n)
     }
 
@@ -206,10 +234,18 @@ impl Gateway {
         // into the forwarded request while the outcome borrows the path.
         let uri = parts.uri.clone();
         let method = parts.method.clone();
-        let outcome = decide(snap, &parts.method, uri.path(), &parts.headers, unix_now());
+        let now = unix_now();
+        let mut outcome = decide(snap, &parts.method, uri.path(), &parts.headers, now);
         self.metrics
             .authz_duration
             .observe(started.elapsed().as_secs_f64());
+        if let Err(first) = outcome.verdict
+            && let Some(second) = self
+                .consult_token_sources(snap, first, &method, uri.path(), &parts.headers, now)
+                .await
+        {
+            outcome = second;
+        }
 
         let names = outcome.matched.map(|m| m.names(snap));
         let tag = match (outcome.matched, names) {
@@ -292,6 +328,43 @@ impl Gateway {
             upstream_time,
         );
         response
+    }
+}
+
+impl Gateway {
+    /// The asynchronous second chance of the authentication phase: a `kid`
+    /// the JWKS does not have (or no JWKS yet) refetches it once, single
+    /// flight, then decides again; a PAT not in the PAT file goes to
+    /// introspection. `None` when no source applies (the first answer stands).
+    async fn consult_token_sources<'s, 'r>(
+        &self,
+        snap: &'s Snapshot,
+        first: Reason,
+        method: &http::Method,
+        path: &'r str,
+        headers: &HeaderMap,
+        now: i64,
+    ) -> Option<Outcome<'s, 'r>> {
+        match first {
+            Reason::UnknownKey | Reason::KeySourceUnavailable => {
+                let jwks = snap.jwt.jwks.as_ref()?;
+                jwks.refetch(&self.metrics).await;
+                Some(decide(snap, method, path, headers, now))
+            }
+            Reason::UnknownToken => {
+                let introspector = snap.introspection.as_ref()?;
+                let token = crate::token::bearer(headers).ok()?;
+                if !crate::token::pat::well_formed(token) {
+                    return None;
+                }
+                let answer = introspector
+                    .lookup(token, now, &self.metrics)
+                    .await
+                    .and_then(|a| crate::token::introspect::principal(&a, &snap.vocabulary()));
+                Some(decide_with(snap, method, path, headers, now, Some(answer)))
+            }
+            _ => None,
+        }
     }
 }
 

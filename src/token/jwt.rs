@@ -23,6 +23,9 @@ pub struct JwtKey {
     pub kid: Box<str>,
     pub alg: Algorithm,
     key: DecodingKey,
+    /// 0 for configured keys; for JWKS keys a hash of the JWK, so a cached
+    /// token is dropped when its key is removed or replaced under its kid.
+    pub serial: u64,
 }
 
 impl std::fmt::Debug for JwtKey {
@@ -117,6 +120,47 @@ impl JwtKey {
             kid: kid.into(),
             alg,
             key,
+            serial: 0,
+        })
+    }
+
+    /// A key from a JWK whose `alg` the caller has already pinned (see
+    /// [`super::jwks`]). EC coordinates must have the curve's length.
+    pub fn from_jwk(
+        kid: &str,
+        alg: Algorithm,
+        jwk: &jsonwebtoken::jwk::Jwk,
+        serial: u64,
+    ) -> Result<JwtKey, String> {
+        use jsonwebtoken::jwk::AlgorithmParameters;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let coord_len = |c: &str| b64.decode(c).map(|v| v.len()).unwrap_or(0);
+        match (&jwk.algorithm, alg) {
+            (AlgorithmParameters::EllipticCurve(p), Algorithm::ES256 | Algorithm::ES384) => {
+                let want = if alg == Algorithm::ES256 { 32 } else { 48 };
+                if coord_len(&p.x) != want || coord_len(&p.y) != want {
+                    return Err(format!("{alg:?} coordinates must be {want} bytes"));
+                }
+            }
+            (AlgorithmParameters::OctetKeyPair(p), Algorithm::EdDSA) => {
+                if coord_len(&p.x) != 32 {
+                    return Err("an Ed25519 key must be 32 bytes".into());
+                }
+            }
+            (AlgorithmParameters::RSA(p), _) if !is_hmac(alg) => {
+                // 2048 bits at least, as for PEM keys in practice.
+                if coord_len(&p.n) < 256 {
+                    return Err("RSA keys must be at least 2048 bits".into());
+                }
+            }
+            _ => return Err(format!("the key does not fit {alg:?}")),
+        }
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key ({e})"))?;
+        Ok(JwtKey {
+            kid: kid.into(),
+            alg,
+            key,
+            serial,
         })
     }
 
@@ -136,6 +180,7 @@ impl JwtKey {
             kid: kid.into(),
             alg,
             key: DecodingKey::from_secret(secret),
+            serial: 0,
         })
     }
 }
@@ -167,6 +212,9 @@ pub struct VerifiedJwt {
     pub token_id: Box<str>,
     pub subject: Option<Box<str>>,
     pub cubes: Box<[Cube]>,
+    /// For a token verified with a JWKS key: its kid and serial, checked
+    /// again on every cache hit.
+    jwks_key: Option<(Box<str>, u64)>,
     /// The token is accepted while `valid_from <= now < valid_until`
     /// (its `nbf`/`iat` and `exp`, widened by the leeway).
     valid_from: f64,
@@ -189,6 +237,8 @@ pub struct JwtKeys {
     pub leeway: i64,
     /// `None` when `tokens.jwt.cache_size` is 0.
     pub cache: Option<JwtCache>,
+    /// `tokens.jwt.jwks`: consulted for a kid that is not configured here.
+    pub jwks: Option<Arc<super::jwks::Jwks>>,
 }
 
 impl JwtKeys {
@@ -206,7 +256,12 @@ impl JwtKeys {
         let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         let t = now as f64;
         if let Some(hit) = cache.get(&key) {
-            if hit.valid_from <= t && t < hit.valid_until {
+            let key_still_there = match (&hit.jwks_key, &self.jwks) {
+                (None, _) => true,
+                (Some((kid, serial)), Some(jwks)) => jwks.still_has(kid, *serial),
+                (Some(_), None) => false,
+            };
+            if key_still_there && hit.valid_from <= t && t < hit.valid_until {
                 return Ok(Principal::Jwt(hit));
             }
             // Out of its window: verify again, which names the reason.
@@ -236,7 +291,17 @@ impl JwtKeys {
             return Err(AuthError::Malformed);
         }
         let kid = header.kid.as_deref().ok_or(AuthError::UnknownKey)?;
-        let key = self.keys.get(kid).ok_or(AuthError::UnknownKey)?;
+        // Configured keys first, then the JWKS (which may not have loaded).
+        let set;
+        let (key, jwks_key) = match (self.keys.get(kid), &self.jwks) {
+            (Some(k), _) => (k, None),
+            (None, None) => return Err(AuthError::UnknownKey),
+            (None, Some(jwks)) => {
+                set = jwks.current().ok_or(AuthError::KeySourceUnavailable)?;
+                let k = set.keys.get(kid).ok_or(AuthError::UnknownKey)?;
+                (k, Some((Box::<str>::from(kid), k.serial)))
+            }
+        };
         if header.alg != key.alg {
             return Err(AuthError::BadSignature);
         }
@@ -311,6 +376,7 @@ impl JwtKeys {
             token_id: token_id.into(),
             subject: claims.sub.map(String::into_boxed_str),
             cubes: cubes.into_boxed_slice(),
+            jwks_key,
             valid_from,
             valid_until: exp + leeway,
         }))

@@ -6,6 +6,8 @@
 //! [`crate::scope`]). It must not log, store or echo a token: only its
 //! SHA-256 (PATs) or its claims after verification leave this module.
 
+pub mod introspect;
+pub mod jwks;
 pub mod jwt;
 pub mod pat;
 
@@ -34,6 +36,10 @@ pub enum AuthError {
     WrongIssuer,
     WrongAudience,
     Revoked,
+    /// The token needs the JWKS, and no key set has loaded yet.
+    KeySourceUnavailable,
+    /// The PAT needs introspection, the endpoint failed, nothing is cached.
+    TokenSourceUnavailable,
 }
 
 /// Which kind of token authenticated the request.
@@ -58,12 +64,14 @@ impl TokenKind {
 pub enum Principal<'s> {
     Pat(&'s PatRecord),
     Jwt(std::sync::Arc<jwt::VerifiedJwt>),
+    /// A PAT vouched for by the introspection endpoint.
+    Introspected(std::sync::Arc<introspect::Introspected>),
 }
 
 impl Principal<'_> {
     pub fn kind(&self) -> TokenKind {
         match self {
-            Principal::Pat(_) => TokenKind::Pat,
+            Principal::Pat(_) | Principal::Introspected(_) => TokenKind::Pat,
             Principal::Jwt(_) => TokenKind::Jwt,
         }
     }
@@ -73,6 +81,7 @@ impl Principal<'_> {
         match self {
             Principal::Pat(r) => &r.id,
             Principal::Jwt(j) => &j.token_id,
+            Principal::Introspected(i) => &i.token_id,
         }
     }
 
@@ -81,6 +90,7 @@ impl Principal<'_> {
         match self {
             Principal::Pat(r) => Some(&r.id),
             Principal::Jwt(j) => j.subject.as_deref(),
+            Principal::Introspected(i) => i.subject.as_deref(),
         }
     }
 
@@ -88,6 +98,7 @@ impl Principal<'_> {
         match self {
             Principal::Pat(r) => &r.cubes,
             Principal::Jwt(j) => &j.cubes,
+            Principal::Introspected(i) => &i.cubes,
         }
     }
 }

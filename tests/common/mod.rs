@@ -284,8 +284,18 @@ pub fn pat_record(id: &str, cube: &str, extra: &str) -> Pat {
 
 /// The environment the test configurations read.
 pub fn test_env(name: &str) -> Option<String> {
-    (name == "SG_TEST_HS256").then(|| HS_SECRET.to_string())
+    match name {
+        "SG_TEST_HS256" => Some(HS_SECRET.to_string()),
+        "SG_TEST_CLIENT_ID" => Some(CLIENT_ID.to_string()),
+        "SG_TEST_CLIENT_SECRET" => Some(CLIENT_SECRET.to_string()),
+        "SG_TEST_WRONG_SECRET" => Some("not-the-client-secret".to_string()),
+        _ => None,
+    }
 }
+
+/// Introspection client credentials the test configurations read.
+pub const CLIENT_ID: &str = "scopegate-test";
+pub const CLIENT_SECRET: &str = "introspection-client-secret-0123456789";
 
 /// The tokens.yaml text for these records.
 pub fn tokens_yaml(pats: &[&Pat]) -> String {
