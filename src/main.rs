@@ -295,7 +295,23 @@ fn explain(path: &Path, token: Option<&str>, method: &str, req_path: &str) -> Re
             .map_err(|_| anyhow!("the token contains characters a header cannot carry"))?;
         headers.insert(http::header::AUTHORIZATION, v);
     }
-    let out = decide(&snap, &method, raw_path, &headers, unix_now());
+    let now = unix_now();
+    let mut out = decide(&snap, &method, raw_path, &headers, now);
+    // A JWKS URL or introspection endpoint is consulted as the proxy would.
+    if let Err(first) = out.verdict
+        && (snap.jwt.jwks.is_some() || snap.introspection.is_some())
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let metrics = scopegate::metrics::Metrics::new();
+        let second = rt.block_on(scopegate::proxy::consult_token_sources(
+            &snap, &metrics, first, &method, raw_path, &headers, now,
+        ));
+        if let Some(second) = second {
+            out = second;
+        }
+    }
     let m = out.matched;
     let name = |v: Option<&str>| v.map(|s| json!(s)).unwrap_or(serde_json::Value::Null);
     let names = m.map(|m| m.names(&snap)).unwrap_or_default();

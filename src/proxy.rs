@@ -240,9 +240,16 @@ impl Gateway {
             .authz_duration
             .observe(started.elapsed().as_secs_f64());
         if let Err(first) = outcome.verdict
-            && let Some(second) = self
-                .consult_token_sources(snap, first, &method, uri.path(), &parts.headers, now)
-                .await
+            && let Some(second) = consult_token_sources(
+                snap,
+                &self.metrics,
+                first,
+                &method,
+                uri.path(),
+                &parts.headers,
+                now,
+            )
+            .await
         {
             outcome = second;
         }
@@ -331,40 +338,39 @@ impl Gateway {
     }
 }
 
-impl Gateway {
-    /// The asynchronous second chance of the authentication phase: a `kid`
-    /// the JWKS does not have (or no JWKS yet) refetches it once, single
-    /// flight, then decides again; a PAT not in the PAT file goes to
-    /// introspection. `None` when no source applies (the first answer stands).
-    async fn consult_token_sources<'s, 'r>(
-        &self,
-        snap: &'s Snapshot,
-        first: Reason,
-        method: &http::Method,
-        path: &'r str,
-        headers: &HeaderMap,
-        now: i64,
-    ) -> Option<Outcome<'s, 'r>> {
-        match first {
-            Reason::UnknownKey | Reason::KeySourceUnavailable => {
-                let jwks = snap.jwt.jwks.as_ref()?;
-                jwks.refetch(&self.metrics).await;
-                Some(decide(snap, method, path, headers, now))
-            }
-            Reason::UnknownToken => {
-                let introspector = snap.introspection.as_ref()?;
-                let token = crate::token::bearer(headers).ok()?;
-                if !crate::token::pat::well_formed(token) {
-                    return None;
-                }
-                let answer = introspector
-                    .lookup(token, now, &self.metrics)
-                    .await
-                    .and_then(|a| crate::token::introspect::principal(&a, &snap.vocabulary()));
-                Some(decide_with(snap, method, path, headers, now, Some(answer)))
-            }
-            _ => None,
+/// The asynchronous second chance of the authentication phase: a `kid` the
+/// JWKS does not have (or no JWKS yet) refetches it once, single flight,
+/// then decides again; a PAT not in the PAT file goes to introspection.
+/// `None` when no source applies (the first answer stands). The proxy and
+/// `scopegate explain` both use it.
+pub async fn consult_token_sources<'s, 'r>(
+    snap: &'s Snapshot,
+    metrics: &Metrics,
+    first: Reason,
+    method: &http::Method,
+    path: &'r str,
+    headers: &HeaderMap,
+    now: i64,
+) -> Option<Outcome<'s, 'r>> {
+    match first {
+        Reason::UnknownKey | Reason::KeySourceUnavailable => {
+            let jwks = snap.jwt.jwks.as_ref()?;
+            jwks.refetch(metrics).await;
+            Some(decide(snap, method, path, headers, now))
         }
+        Reason::UnknownToken => {
+            let introspector = snap.introspection.as_ref()?;
+            let token = crate::token::bearer(headers).ok()?;
+            if !crate::token::pat::well_formed(token) {
+                return None;
+            }
+            let answer = introspector
+                .lookup(token, now, metrics)
+                .await
+                .and_then(|a| crate::token::introspect::principal(&a, &snap.vocabulary()));
+            Some(decide_with(snap, method, path, headers, now, Some(answer)))
+        }
+        _ => None,
     }
 }
 

@@ -71,8 +71,14 @@ pub struct Introspector {
     positive_ttl: Duration,
     negative_ttl: Duration,
     cache: quick_cache::sync::Cache<[u8; 32], Entry>,
+    /// Calls under way, by token hash: concurrent misses for one token share
+    /// one call and its answer (also a failure).
+    inflight: std::sync::Mutex<std::collections::HashMap<[u8; 32], Arc<Flight>>>,
     identity: String,
 }
+
+/// One call's shared answer: `Some` active, `None` inactive.
+type Flight = tokio::sync::OnceCell<Result<Option<Arc<Active>>, FetchError>>;
 
 impl std::fmt::Debug for Introspector {
     // Never the credentials.
@@ -125,6 +131,7 @@ impl Introspector {
             positive_ttl: s.positive_ttl,
             negative_ttl: s.negative_ttl,
             cache: quick_cache::sync::Cache::new(s.cache_size),
+            inflight: std::sync::Mutex::default(),
             identity,
         })
     }
@@ -182,11 +189,40 @@ impl Introspector {
             .introspection_cache
             .with_label_values(&["miss"])
             .inc();
-        let started = Instant::now();
+        let flight = match self.inflight.lock() {
+            Ok(mut m) => m.entry(key).or_default().clone(),
+            // A poisoned map only loses the sharing, not correctness.
+            Err(_) => Arc::default(),
+        };
+        let answer = flight
+            .get_or_init(|| self.call_and_cache(key, token, now, metrics))
+            .await
+            .clone();
+        if let Ok(mut m) = self.inflight.lock()
+            && m.get(&key).is_some_and(|f| Arc::ptr_eq(f, &flight))
+        {
+            m.remove(&key);
+        }
+        match answer {
+            Ok(Some(active)) => check_exp(active, now),
+            Ok(None) => Err(AuthError::UnknownToken),
+            Err(_) => Err(AuthError::TokenSourceUnavailable),
+        }
+    }
+
+    /// One call, counted and timed, its answer cached (failures are not).
+    async fn call_and_cache(
+        &self,
+        key: [u8; 32],
+        token: &str,
+        now: i64,
+        metrics: &Metrics,
+    ) -> Result<Option<Arc<Active>>, FetchError> {
+        let t = Instant::now();
         let result = self.call(token, now).await;
         metrics
             .introspection_duration
-            .observe(started.elapsed().as_secs_f64());
+            .observe(t.elapsed().as_secs_f64());
         match result {
             Ok(Some(answer)) => {
                 metrics
@@ -208,7 +244,7 @@ impl Introspector {
                         },
                     );
                 }
-                check_exp(answer, now)
+                Ok(Some(answer))
             }
             Ok(None) => {
                 metrics
@@ -221,7 +257,7 @@ impl Introspector {
                         until: t + self.negative_ttl,
                     },
                 );
-                Err(AuthError::UnknownToken)
+                Ok(None)
             }
             Err(e) => {
                 metrics
@@ -229,7 +265,7 @@ impl Introspector {
                     .with_label_values(&[e.kind])
                     .inc();
                 tracing::warn!(endpoint = %self.describe(), error = %e, "introspection failed");
-                Err(AuthError::TokenSourceUnavailable)
+                Err(e)
             }
         }
     }
@@ -323,4 +359,62 @@ pub fn principal(answer: &Active, vocab: &Vocabulary<'_>) -> Result<Principal<'s
         subject: answer.subject.clone(),
         cubes: cubes.into_boxed_slice(),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_strictly() {
+        let cube = r#""cube": {"methods": ["GET"]}"#;
+        assert!(matches!(parse_answer(br#"{"active": false}"#, 0), Ok(None)));
+        // Inactive wins whatever else is there.
+        assert!(matches!(
+            parse_answer(br#"{"active": false, "token_id": "t", "cube": {}}"#, 0),
+            Ok(None)
+        ));
+        let ok = parse_answer(
+            format!(r#"{{"active": true, "jti": "j", "sub": "s", "exp": 99.9, {cube}}}"#)
+                .as_bytes(),
+            0,
+        )
+        .expect("parses")
+        .expect("active");
+        assert_eq!((&*ok.token_id, ok.exp), ("j", Some(99)));
+        let bad = [
+            "{}".to_string(),
+            r#"{"active": "true"}"#.to_string(),
+            format!(r#"{{"active": true, {cube}}}"#),
+            r#"{"active": true, "token_id": "t"}"#.to_string(),
+            format!(r#"{{"active": true, "token_id": "a b", {cube}}}"#),
+            format!(r#"{{"active": true, "token_id": "t", "sub": "x\ny", {cube}}}"#),
+            r#"{"active": true, "token_id": "t", "cube": {}, "cubes": [{}]}"#.to_string(),
+            "not json".to_string(),
+        ];
+        for b in bad {
+            assert!(parse_answer(b.as_bytes(), 0).is_err(), "{b}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_form_encoded_and_never_printed() {
+        assert_eq!(form_encode("a b:c/é"), "a+b%3Ac%2F%C3%A9");
+        let i = Introspector::new(IntrospectionSettings {
+            url: "https://idp.example/introspect?x=1".parse().expect("uri"),
+            client_id: "id".into(),
+            client_secret: "s3cr3t-value".into(),
+            ca: None,
+            ca_sha256: None,
+            timeout: Duration::from_secs(1),
+            positive_ttl: Duration::from_secs(1),
+            negative_ttl: Duration::from_secs(1),
+            cache_size: 1,
+        })
+        .expect("introspector");
+        let shown = format!("{i:?} {}", i.identity());
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
+        assert_eq!(i.describe(), "https://idp.example/introspect");
+        assert!(i.authorization.is_sensitive());
+    }
 }

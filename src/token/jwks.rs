@@ -158,6 +158,8 @@ pub fn parse(bytes: &[u8]) -> Result<KeySet, String> {
         .map_err(|e| format!("not a JWK Set (a JSON object with `keys`): {e}"))?;
     let mut keys = HashMap::new();
     let mut skipped = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicated = std::collections::HashSet::new();
     for (i, raw) in doc.keys.iter().enumerate() {
         let kid = raw.get("kid").and_then(|k| k.as_str()).unwrap_or("");
         let label = if kid.is_empty() {
@@ -176,10 +178,12 @@ pub fn parse(bytes: &[u8]) -> Result<KeySet, String> {
             skipped.push(format!("{label}: no `kid`"));
             continue;
         }
-        if keys.contains_key(kid) {
-            // Two keys under one kid: neither can be chosen safely.
-            keys.remove(kid);
-            skipped.push(format!("{label}: `kid` appears twice; both skipped"));
+        if !seen.insert(kid) {
+            // Two keys under one kid: none of them can be chosen safely.
+            duplicated.insert(kid);
+            skipped.push(format!(
+                "{label}: `kid` appears more than once; all skipped"
+            ));
             continue;
         }
         let alg = match pinned_alg(&jwk) {
@@ -200,6 +204,9 @@ pub fn parse(bytes: &[u8]) -> Result<KeySet, String> {
             }
             Err(why) => skipped.push(format!("{label}: {why}")),
         }
+    }
+    for kid in duplicated {
+        keys.remove(kid);
     }
     if keys.is_empty() {
         return Err(if skipped.is_empty() {
@@ -446,4 +453,94 @@ fn same_keys(a: &KeySet, b: &KeySet) -> bool {
         && a.keys
             .iter()
             .all(|(kid, k)| b.keys.get(kid).is_some_and(|o| o.serial == k.serial))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b64(n: usize, byte: u8) -> String {
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            vec![byte; n],
+        )
+    }
+
+    fn ec(kid: &str, crv: &str, n: usize) -> serde_json::Value {
+        json!({"kty": "EC", "crv": crv, "kid": kid, "x": b64(n, 1), "y": b64(n, 2)})
+    }
+
+    #[test]
+    fn algorithms_are_pinned_or_the_key_is_skipped() {
+        let mut enc = ec("enc", "P-256", 32);
+        enc["use"] = json!("enc");
+        let mut wrong_alg = ec("wrong", "P-256", 32);
+        wrong_alg["alg"] = json!("ES384");
+        let mut rs_on_ec = ec("rs-on-ec", "P-256", 32);
+        rs_on_ec["alg"] = json!("RS256");
+        let mut hs = ec("hs", "P-256", 32);
+        hs["alg"] = json!("HS256");
+        let doc = json!({"keys": [
+            ec("p256", "P-256", 32),
+            ec("p384", "P-384", 48),
+            ec("short", "P-256", 31),
+            json!({"kty": "OKP", "crv": "Ed25519", "kid": "ed", "x": b64(32, 3)}),
+            json!({"kty": "RSA", "kid": "rsa-no-alg", "n": b64(256, 0xc5), "e": "AQAB"}),
+            json!({"kty": "RSA", "kid": "rsa-ps", "alg": "PS256", "n": b64(256, 0xc5), "e": "AQAB"}),
+            json!({"kty": "RSA", "kid": "rsa-small", "alg": "RS256", "n": b64(128, 0xc5), "e": "AQAB"}),
+            json!({"kty": "RSA", "kid": "rsa-as-ec", "alg": "ES256", "n": b64(256, 0xc5), "e": "AQAB"}),
+            json!({"kty": "oct", "kid": "oct", "k": b64(32, 4)}),
+            ec("", "P-256", 32),
+            enc, wrong_alg, rs_on_ec, hs,
+            ec("twice", "P-256", 32),
+            ec("twice", "P-256", 32),
+            ec("twice", "P-256", 32),
+            json!("not a key"),
+        ]});
+        let set = parse(doc.to_string().as_bytes()).expect("some keys are usable");
+        let mut kids: Vec<(&str, Algorithm)> =
+            set.keys.values().map(|k| (&*k.kid, k.alg)).collect();
+        kids.sort_by_key(|(k, _)| *k);
+        assert_eq!(
+            kids,
+            [
+                ("ed", Algorithm::EdDSA),
+                ("p256", Algorithm::ES256),
+                ("p384", Algorithm::ES384),
+                ("rsa-ps", Algorithm::PS256),
+            ]
+        );
+        // Everything else is listed with its reason.
+        assert_eq!(set.skipped.len(), 13, "{:#?}", set.skipped);
+        let all = set.skipped.join("\n");
+        for why in [
+            "must be 32 bytes",
+            "without `alg`",
+            "2048 bits",
+            "symmetric",
+            "no `kid`",
+            "use: enc",
+            "does not fit",
+            "cannot be used with",
+            "not a signature algorithm",
+            "appears more than once",
+            "not a JWK",
+        ] {
+            assert!(all.contains(why), "no key skipped for {why:?}:\n{all}");
+        }
+    }
+
+    #[test]
+    fn documents_without_a_usable_key_are_errors() {
+        for doc in [
+            "",
+            "[]",
+            "{}",
+            r#"{"keys": []}"#,
+            r#"{"keys": [{"kty": "oct", "kid": "a", "k": "AAAA"}]}"#,
+        ] {
+            assert!(parse(doc.as_bytes()).is_err(), "{doc}");
+        }
+    }
 }
