@@ -314,8 +314,10 @@ pub fn parse_answer(bytes: &[u8], _now: i64) -> Result<Option<Active>, String> {
         #[serde(default)]
         cubes: Option<Vec<CubeSpec>>,
     }
+    // UTF-8 first: serde does not check the strings of members it skips.
+    let text = std::str::from_utf8(bytes).map_err(|_| "the answer is not UTF-8".to_string())?;
     let a: Answer =
-        serde_json::from_slice(bytes).map_err(|e| format!("not an RFC 7662 answer: {e}"))?;
+        serde_json::from_str(text).map_err(|e| format!("not an RFC 7662 answer: {e}"))?;
     if !a.active {
         return Ok(None);
     }
@@ -395,6 +397,13 @@ mod tests {
         for b in bad {
             assert!(parse_answer(b.as_bytes(), 0).is_err(), "{b}");
         }
+        // Not UTF-8 inside a member we do not read: still refused.
+        let mut raw =
+            br#"{"active": true, "token_id": "t", "cube": {"methods": ["GET"]}, "x": "?"}"#
+                .to_vec();
+        let at = raw.len() - 3;
+        raw[at] = 0x89;
+        assert!(parse_answer(&raw, 0).is_err());
     }
 
     #[test]

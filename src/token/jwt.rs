@@ -285,6 +285,7 @@ impl JwtKeys {
         else {
             return Err(AuthError::Malformed);
         };
+        // (jsonwebtoken refuses a header that is not UTF-8; a test pins it.)
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
         // RFC 7515 §4.1.11: we understand no extension, so any `crit` is refused.
         if header.crit.is_some() {
@@ -318,7 +319,12 @@ impl JwtKeys {
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(p64)
             .map_err(|_| AuthError::Malformed)?;
-        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| AuthError::Malformed)?;
+        // RFC 7519: the claims are UTF-8 JSON. serde skips unknown members
+        // without checking their strings, so a payload with invalid UTF-8 in
+        // an ignored member would otherwise pass (found by the jwt_claims
+        // fuzz target): check the whole text first.
+        let payload = std::str::from_utf8(&payload).map_err(|_| AuthError::Malformed)?;
+        let claims: Claims = serde_json::from_str(payload).map_err(|_| AuthError::Malformed)?;
 
         let leeway = self.leeway as f64;
         let now = now as f64;
@@ -452,6 +458,40 @@ mod tests {
         assert_eq!(
             k.authenticate(&t, 900, &v).err(),
             Some(AuthError::NotYetValid)
+        );
+    }
+
+    #[test]
+    fn claims_and_headers_must_be_utf8_json_even_in_ignored_members() {
+        // The fuzz finding: a validly signed token whose claims carry a
+        // non-UTF-8 byte inside a member we do not read.
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let k = keys(false);
+        let sign = |header: &[u8], payload: &[u8]| {
+            let msg = format!("{}.{}", b64.encode(header), b64.encode(payload));
+            let sig = jsonwebtoken::crypto::sign(
+                msg.as_bytes(),
+                &jsonwebtoken::EncodingKey::from_secret(SECRET),
+                Algorithm::HS256,
+            )
+            .expect("sign");
+            format!("{msg}.{sig}")
+        };
+        let header = br#"{"alg":"HS256","kid":"k"}"#;
+        let good = br#"{"jti":"j","exp":2000,"x":"y","cube":{"methods":["GET"]}}"#;
+        assert!(k.authenticate(&sign(header, good), 1000, &vocab()).is_ok());
+        let bad_claims =
+            b"{\"jti\":\"j\",\"exp\":2000,\"x\":\"\x89\",\"cube\":{\"methods\":[\"GET\"]}}";
+        assert_eq!(
+            k.authenticate(&sign(header, bad_claims), 1000, &vocab())
+                .err(),
+            Some(AuthError::Malformed)
+        );
+        let bad_header = b"{\"alg\":\"HS256\",\"kid\":\"k\",\"x\":\"\xff\"}";
+        assert_eq!(
+            k.authenticate(&sign(bad_header, good), 1000, &vocab())
+                .err(),
+            Some(AuthError::Malformed)
         );
     }
 
