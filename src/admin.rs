@@ -69,8 +69,51 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
             );
             r
         }
+        p if p.starts_with("/tokens/") && p.ends_with("/usage") => {
+            let raw = &p["/tokens/".len()..p.len() - "/usage".len()];
+            let id = percent_decode(raw);
+            let g = gw.current();
+            let report = match (&gw.usage, id) {
+                (Some(book), Some(id)) => book.report(&id, &g.snapshot),
+                _ => None,
+            };
+            match report {
+                Some(r) => {
+                    let body = serde_json::to_vec(&r).unwrap_or_default();
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                None if gw.usage.is_none() => text(StatusCode::NOT_FOUND, "usage is disabled\n"),
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    "no usage recorded for this token id\n",
+                ),
+            }
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// `%XX` escapes decoded; `None` for a bad escape or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -180,6 +180,43 @@ pub struct GatewaySpec {
     pub limits: LimitsSpec,
     #[serde(default)]
     pub metrics: MetricsSpec,
+    #[serde(default)]
+    pub usage: UsageSpec,
+}
+
+/// The usage book behind `GET /tokens/{id}/usage` and `scopegate suggest`.
+/// Sizes are read at start; a reload does not resize the book.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Token ids kept (least recently used dropped first).
+    #[serde(default = "default_usage_tokens")]
+    pub max_tokens: usize,
+    /// Distinct (method, route, tenant, account) shapes kept per token.
+    #[serde(default = "default_usage_calls")]
+    pub max_calls: usize,
+}
+
+impl Default for UsageSpec {
+    fn default() -> Self {
+        UsageSpec {
+            enabled: true,
+            max_tokens: default_usage_tokens(),
+            max_calls: default_usage_calls(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_usage_tokens() -> usize {
+    10_000
+}
+fn default_usage_calls() -> usize {
+    256
 }
 
 /// Metric options. Tenant ids are unbounded, so they are a label only when
@@ -514,6 +551,7 @@ pub struct Snapshot {
     pub mode: Mode,
     pub limits: LimitsSpec,
     pub metrics: MetricsSpec,
+    pub usage: UsageSpec,
     pub routes: RouteTable,
     pub tags: Vec<Box<str>>,
     pub tag_ids: HashMap<Box<str>, TagId>,
@@ -945,6 +983,7 @@ fn compile(
         mode: spec.mode,
         limits: spec.limits,
         metrics: spec.metrics,
+        usage: spec.usage,
         routes,
         tags,
         tag_ids,

@@ -206,15 +206,55 @@ struct Body<'a> {
     reason: &'static str,
     message: &'static str,
     request_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    required: Option<&'a Required<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blocked_by: Option<&'static str>,
+}
+
+/// What a refused request would have needed: the request's own method,
+/// route, tag, tenant and account, nothing from the token and nothing about
+/// any other tenant. Sent with the cube and plan denials, so a user can fix
+/// the token (or see that the plan, not the token, is the blocker) without
+/// reading logs.
+#[derive(Debug, Serialize)]
+pub struct Required<'a> {
+    pub method: &'a str,
+    pub route: &'a str,
+    pub tag: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<&'a str>,
+}
+
+impl Reason {
+    /// For the denials that teach: what blocked the request.
+    pub fn blocked_by(self) -> Option<&'static str> {
+        match self {
+            Reason::Method | Reason::Path | Reason::Tenant | Reason::Account => Some("token"),
+            Reason::Plan => Some("plan"),
+            _ => None,
+        }
+    }
 }
 
 /// The JSON body of a denial.
 pub fn body(reason: Reason, request_id: &str) -> Bytes {
+    body_with(reason, request_id, None)
+}
+
+/// The JSON body, with `required` and `blocked_by` for the denials that
+/// teach (others ignore `required`).
+pub fn body_with(reason: Reason, request_id: &str, required: Option<&Required<'_>>) -> Bytes {
+    let blocked_by = reason.blocked_by();
     let b = Body {
         error: reason.error_code(),
         reason: reason.as_str(),
         message: reason.message(),
         request_id,
+        required: required.filter(|_| blocked_by.is_some()),
+        blocked_by,
     };
     // Serializing a struct of strings cannot fail; an empty body is the
     // harmless fallback if it ever did.
@@ -232,8 +272,22 @@ pub fn response<B: From<Bytes>>(
     request_id: &HeaderValue,
     allow: Option<&HeaderValue>,
 ) -> Response<B> {
+    response_with(reason, request_id, allow, None)
+}
+
+/// [`response`], with what the request would have needed.
+pub fn response_with<B: From<Bytes>>(
+    reason: Reason,
+    request_id: &HeaderValue,
+    allow: Option<&HeaderValue>,
+    required: Option<&Required<'_>>,
+) -> Response<B> {
     let status = reason.status();
-    let mut resp = Response::new(B::from(body(reason, request_id.to_str().unwrap_or(""))));
+    let mut resp = Response::new(B::from(body_with(
+        reason,
+        request_id.to_str().unwrap_or(""),
+        required,
+    )));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(

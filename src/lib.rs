@@ -22,6 +22,7 @@ pub mod server;
 pub mod sources;
 pub mod tls;
 pub mod token;
+pub mod usage;
 
 pub use config::{ConfigErrors, Snapshot};
 pub use proxy::Gateway;

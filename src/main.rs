@@ -68,6 +68,19 @@ enum Command {
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
+    /// The smallest cube covering what a token actually used, from a
+    /// running gateway's admin listener.
+    Suggest {
+        /// The admin listener, host:port.
+        #[arg(long)]
+        admin: String,
+        /// The token id (PAT record id, JWT jti or sub).
+        #[arg(long)]
+        token_id: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Personal access tokens.
     Token {
         #[command(subcommand)]
@@ -102,6 +115,11 @@ fn main() -> ExitCode {
             method,
             path,
         } => explain(&cli.config, token.as_deref(), &method, &path),
+        Command::Suggest {
+            admin,
+            token_id,
+            json,
+        } => runtime().and_then(|rt| rt.block_on(suggest(&admin, &token_id, json))),
         Command::Demo { listen } => {
             runtime().and_then(|rt| rt.block_on(demo(&cli.config, listen, cli.log_format)))
         }
@@ -122,6 +140,117 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `scopegate suggest`: fetch the usage report, print the suggestion.
+async fn suggest(admin: &str, token_id: &str, json_out: bool) -> Result<ExitCode> {
+    use http_body_util::BodyExt;
+    let id: String = token_id
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let uri: http::Uri = format!("http://{admin}/tokens/{id}/usage")
+        .parse()
+        .map_err(|e| anyhow!("--admin `{admin}` is not host:port ({e})"))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.get(uri))
+        .await
+        .map_err(|_| anyhow!("the admin listener at {admin} did not answer in 10 s"))?
+        .map_err(|e| anyhow!("cannot reach the admin listener at {admin}: {e}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if status != http::StatusCode::OK {
+        return Err(anyhow!(
+            "{admin}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    let report: scopegate::usage::Report = serde_json::from_slice(&body)
+        .map_err(|e| anyhow!("{admin} did not send a usage report ({e})"))?;
+    let s = scopegate::usage::suggest(&report);
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"report": report, "suggestion": s}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let total: u64 = report.calls.iter().map(|c| c.count).sum();
+    println!(
+        "token {} ({}): {total} allowed calls in {} shapes{}",
+        report.token_id,
+        report.kind,
+        report.calls.len(),
+        if report.dropped > 0 {
+            format!(" ({} more calls of shapes not kept)", report.dropped)
+        } else {
+            String::new()
+        }
+    );
+    println!("observed:");
+    for c in &report.calls {
+        println!(
+            "  {:<6} {}  tag={} tenant={} account={}  x{}",
+            c.method,
+            c.route,
+            c.tag,
+            c.tenant.as_deref().unwrap_or("-"),
+            c.account.as_deref().unwrap_or("-"),
+            c.count
+        );
+    }
+    println!("current:");
+    for c in report.cubes.iter().flatten() {
+        println!("  {}", serde_json::to_string(c)?);
+    }
+    if report.calls.is_empty() {
+        println!("no allowed calls recorded: nothing to suggest (the token may be unused)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("suggested:\n  {}", serde_json::to_string(&s.cube)?);
+    let mut narrower = s.cube.clone();
+    narrower.tags.clear();
+    narrower.paths = s.paths.clone();
+    println!(
+        "narrower (exact routes):\n  {}",
+        serde_json::to_string(&narrower)?
+    );
+    println!("could be removed:");
+    let r = &s.removable;
+    let mut any = false;
+    for (axis, list) in [
+        ("methods", &r.methods),
+        ("tags", &r.tags),
+        ("paths", &r.paths),
+        ("tenants", &r.tenants),
+        ("accounts", &r.accounts),
+    ] {
+        if !list.is_empty() {
+            any = true;
+            let shown: Vec<String> = list
+                .iter()
+                .map(|v| {
+                    if v == "*" {
+                        "\"*\" (all)".to_string()
+                    } else {
+                        v.clone()
+                    }
+                })
+                .collect();
+            println!("  {axis}: {}", shown.join(", "));
+        }
+    }
+    if !any {
+        println!("  nothing: the current cube is already the smallest");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -136,17 +136,24 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// The last failed reload's errors, until a reload succeeds.
     last_error: std::sync::Mutex<Option<String>>,
+    /// What each token used (`None` when `usage.enabled` is false at start).
+    pub usage: Option<crate::usage::UsageBook>,
 }
 
 impl Gateway {
     /// A gateway serving `snapshot` as generation 1.
     pub fn new(snapshot: Snapshot) -> Result<Arc<Gateway>, String> {
         let metrics = Metrics::new();
+        let u = &snapshot.usage;
+        let usage = u
+            .enabled
+            .then(|| crate::usage::UsageBook::new(u.max_tokens, u.max_calls));
         let generation = Generation::new(1, snapshot, None)?;
         let gw = Gateway {
             current: ArcSwap::from_pointee(generation),
             metrics,
             last_error: std::sync::Mutex::new(None),
+            usage,
         };
         gw.record_success(&gw.current());
         gw.start_sources(&gw.current());
@@ -273,6 +280,11 @@ impl Gateway {
         if let Some(r) = denied {
             self.metrics.denial(r, tag);
         }
+        if label == DecisionLabel::Allow
+            && let (Some(book), Some(p), Some(n)) = (&self.usage, &outcome.principal, &names)
+        {
+            book.record(p, &method, n, snap, generation.number);
+        }
         self.metrics
             .requests
             .with_label_values(&[label.as_str(), tag, method_label(&parts.method)])
@@ -290,8 +302,24 @@ impl Gateway {
         let (response, final_reason) = if label == DecisionLabel::Deny {
             let allow = outcome.matched.map(|m| &m.route.allow);
             let reason = denied.unwrap_or(Reason::BadPath);
+            // The account is named only when the path names it, or the
+            // token already covers the tenant (account and plan denials):
+            // otherwise it would tell a stranger which account owns a tenant.
+            let path_names_account = outcome.matched.is_some_and(|m| m.route.has_account);
+            let required = names.and_then(|n| {
+                Some(error::Required {
+                    method: method.as_str(),
+                    route: n.route,
+                    tag: n.tag?,
+                    tenant: n.tenant,
+                    account: n.account.filter(|_| {
+                        path_names_account || matches!(reason, Reason::Account | Reason::Plan)
+                    }),
+                })
+            });
             (
-                error::response(reason, &request_id, allow).map(Either::Left),
+                error::response_with(reason, &request_id, allow, required.as_ref())
+                    .map(Either::Left),
                 Some(reason),
             )
         } else {

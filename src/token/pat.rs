@@ -194,6 +194,12 @@ impl PatStore {
         self.by_hash.is_empty()
     }
 
+    /// The record with this id. A scan: for admin and CLI use, never on the
+    /// request path.
+    pub fn find_by_id(&self, id: &str) -> Option<&PatRecord> {
+        self.by_hash.values().find(|r| &*r.id == id)
+    }
+
     /// Authenticate a PAT: shape and checksum, lookup by hash, expiry,
     /// revocation — in that order (SPEC §6).
     pub fn authenticate(&self, token: &str, now: i64) -> Result<Principal<'_>, AuthError> {

@@ -1,0 +1,283 @@
+//! What each token actually used, and the smallest cube that covers it
+//! (issue "least privilege": `GET /tokens/{id}/usage`, `scopegate suggest`).
+//!
+//! Owns a bounded in-memory book: at most `max_tokens` token ids (least
+//! recently used dropped first), each with at most `max_calls` distinct
+//! (method, route, tenant, account) entries and a count of what did not
+//! fit. Only allowed requests are recorded, by token *id* — never the token.
+//! The token's own cubes are kept as names, rendered once per generation.
+
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Snapshot;
+use crate::decision::Names;
+use crate::scope::{Cube, CubeSpec, IdSet};
+use crate::token::{Principal, TokenKind};
+
+/// One distinct call shape and how often it was seen.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Call {
+    pub method: String,
+    pub route: String,
+    pub tag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    pub count: u64,
+    /// RFC 3339.
+    pub last_seen: String,
+}
+
+/// A call shape as kept: the time as Unix seconds, formatted only when a
+/// report is asked for (the request path does not format dates).
+#[derive(Debug, Clone)]
+struct Shape {
+    call: Call,
+    last_unix: i64,
+}
+
+#[derive(Debug)]
+struct TokenUsage {
+    kind: TokenKind,
+    calls: Vec<Shape>,
+    /// Calls not recorded because `max_calls` shapes were already kept.
+    dropped: u64,
+    /// The token's cubes as names, and the generation they were rendered in.
+    cubes: Option<(u64, Vec<CubeSpec>)>,
+}
+
+/// What `GET /tokens/{id}/usage` returns (and `suggest` reads).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub token_id: String,
+    pub kind: String,
+    /// The token's cubes at its last use (or from the PAT file).
+    pub cubes: Option<Vec<CubeSpec>>,
+    pub calls: Vec<Call>,
+    pub dropped: u64,
+}
+
+pub struct UsageBook {
+    tokens: quick_cache::sync::Cache<Box<str>, Arc<Mutex<TokenUsage>>>,
+    max_calls: usize,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A compiled cube back to names, against the snapshot it was compiled in.
+pub fn describe(cube: &Cube, snap: &Snapshot) -> CubeSpec {
+    let names = |set: &IdSet, name: &dyn Fn(u32) -> Option<String>| -> Vec<String> {
+        match set {
+            IdSet::Any => vec!["*".to_string()],
+            IdSet::None => Vec::new(),
+            IdSet::One(id) => name(*id).into_iter().collect(),
+            IdSet::Many(ids) => ids.iter().filter_map(|id| name(*id)).collect(),
+        }
+    };
+    CubeSpec {
+        methods: cube.methods.names().map(str::to_string).collect(),
+        tags: names(&cube.tags, &|id| {
+            snap.tags.get(id as usize).map(|t| t.to_string())
+        }),
+        paths: names(&cube.routes, &|id| {
+            snap.routes.get(id).map(|r| r.template.to_string())
+        }),
+        tenants: names(&cube.tenants, &|id| {
+            snap.tenants.get(id as usize).map(|t| t.name.to_string())
+        }),
+        accounts: names(&cube.accounts, &|id| {
+            snap.accounts.get(id as usize).map(|a| a.name.to_string())
+        }),
+    }
+}
+
+impl UsageBook {
+    pub fn new(max_tokens: usize, max_calls: usize) -> UsageBook {
+        UsageBook {
+            tokens: quick_cache::sync::Cache::new(max_tokens.max(1)),
+            max_calls,
+        }
+    }
+
+    /// Record one allowed request.
+    pub fn record(
+        &self,
+        principal: &Principal<'_>,
+        method: &http::Method,
+        names: &Names<'_>,
+        snap: &Snapshot,
+        generation: u64,
+    ) {
+        let Some(tag) = names.tag else { return };
+        let id = principal.token_id();
+        let entry = match self.tokens.get(id) {
+            Some(e) => e,
+            None => {
+                let e = Arc::new(Mutex::new(TokenUsage {
+                    kind: principal.kind(),
+                    calls: Vec::new(),
+                    dropped: 0,
+                    cubes: None,
+                }));
+                self.tokens.insert(id.into(), e.clone());
+                e
+            }
+        };
+        let Ok(mut u) = entry.lock() else { return };
+        if u.cubes.as_ref().is_none_or(|(g, _)| *g != generation) {
+            let cubes = principal
+                .cubes()
+                .iter()
+                .map(|c| describe(c, snap))
+                .collect();
+            u.cubes = Some((generation, cubes));
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let m = method.as_str();
+        let u = &mut *u;
+        let found = u.calls.iter().position(|s| {
+            let c = &s.call;
+            c.method == m
+                && c.route == names.route
+                && c.tenant.as_deref() == names.tenant
+                && c.account.as_deref() == names.account
+        });
+        match found {
+            Some(i) => {
+                if let Some(s) = u.calls.get_mut(i) {
+                    s.call.count += 1;
+                    s.last_unix = now;
+                }
+            }
+            None if u.calls.len() < self.max_calls => u.calls.push(Shape {
+                call: Call {
+                    method: m.to_string(),
+                    route: names.route.to_string(),
+                    tag: tag.to_string(),
+                    tenant: names.tenant.map(str::to_string),
+                    account: names.account.map(str::to_string),
+                    count: 1,
+                    last_seen: String::new(),
+                },
+                last_unix: now,
+            }),
+            None => u.dropped += 1,
+        }
+    }
+
+    /// The report for `token_id`: what was recorded, or (for a PAT in the
+    /// file that was never used) its cubes and no calls.
+    pub fn report(&self, token_id: &str, snap: &Snapshot) -> Option<Report> {
+        if let Some(e) = self.tokens.get(token_id)
+            && let Ok(u) = e.lock()
+        {
+            return Some(Report {
+                token_id: token_id.to_string(),
+                kind: u.kind.as_str().to_string(),
+                cubes: u.cubes.as_ref().map(|(_, c)| c.clone()),
+                calls: u
+                    .calls
+                    .iter()
+                    .map(|s| Call {
+                        last_seen: rfc3339(
+                            SystemTime::UNIX_EPOCH
+                                + std::time::Duration::from_secs(
+                                    u64::try_from(s.last_unix).unwrap_or(0),
+                                ),
+                        ),
+                        ..s.call.clone()
+                    })
+                    .collect(),
+                dropped: u.dropped,
+            });
+        }
+        let record = snap.pats.find_by_id(token_id)?;
+        Some(Report {
+            token_id: token_id.to_string(),
+            kind: "pat".into(),
+            cubes: Some(record.cubes.iter().map(|c| describe(c, snap)).collect()),
+            calls: Vec::new(),
+            dropped: 0,
+        })
+    }
+}
+
+/// The smallest single cube covering every observed call, and what the
+/// token's current cubes grant beyond it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Suggestion {
+    /// Methods, tags, tenants and accounts that were used.
+    pub cube: CubeSpec,
+    /// Narrower still: the exact route templates instead of tags.
+    pub paths: Vec<String>,
+    /// Per axis, what the current cubes grant and was never used (`"*"`
+    /// when a wildcard could become the list in `cube`).
+    pub removable: CubeSpec,
+}
+
+fn sorted_unique(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Compute the suggestion from a report.
+pub fn suggest(report: &Report) -> Suggestion {
+    let calls = &report.calls;
+    // A GET grant covers HEAD: count HEAD as GET.
+    let methods = sorted_unique(
+        calls
+            .iter()
+            .map(|c| {
+                if c.method == "HEAD" {
+                    "GET".to_string()
+                } else {
+                    c.method.clone()
+                }
+            })
+            .collect(),
+    );
+    let cube = CubeSpec {
+        methods,
+        tags: sorted_unique(calls.iter().map(|c| c.tag.clone()).collect()),
+        tenants: sorted_unique(calls.iter().filter_map(|c| c.tenant.clone()).collect()),
+        accounts: sorted_unique(calls.iter().filter_map(|c| c.account.clone()).collect()),
+        ..CubeSpec::default()
+    };
+    let paths = sorted_unique(calls.iter().map(|c| c.route.clone()).collect());
+    let current = report.cubes.clone().unwrap_or_default();
+    let unused = |granted: Vec<String>, used: &[String]| -> Vec<String> {
+        sorted_unique(
+            granted
+                .into_iter()
+                .filter(|g| g == "*" || !used.contains(g))
+                .collect(),
+        )
+    };
+    let all = |f: fn(&CubeSpec) -> &Vec<String>| -> Vec<String> {
+        current.iter().flat_map(|c| f(c).iter().cloned()).collect()
+    };
+    let removable = CubeSpec {
+        methods: unused(all(|c| &c.methods), &cube.methods),
+        tags: unused(all(|c| &c.tags), &cube.tags),
+        paths: unused(all(|c| &c.paths), &paths),
+        tenants: unused(all(|c| &c.tenants), &cube.tenants),
+        accounts: unused(all(|c| &c.accounts), &cube.accounts),
+    };
+    Suggestion {
+        cube,
+        paths,
+        removable,
+    }
+}

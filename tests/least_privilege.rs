@@ -1,0 +1,255 @@
+//! Least privilege as a product (issue 8): denials that say what was
+//! needed, per-token usage and `scopegate suggest`, against the real
+//! gateway and a real upstream.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn denials_teach_what_was_needed_without_revealing_more() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+
+    // Another tenant: the token blocks; the tenant asked for is named, the
+    // account owning it is not (the caller is not allowed to see it).
+    let r = get(gw.addr, "/v1/tenants/globex-web/markers", &tok).await;
+    assert_eq!((r.status, r.reason().as_str()), (403, "tenant"));
+    let b = r.json();
+    assert_eq!(b["blocked_by"], "token");
+    assert_eq!(
+        b["required"],
+        json!({"method": "GET", "route": "/v1/tenants/{tenant}/markers", "tag": "markers", "tenant": "globex-web"})
+    );
+
+    // A method the token lacks, on its own tenant.
+    let r = call(gw.addr, "POST", "/v1/tenants/acme-prod/markers", &tok).await;
+    assert_eq!((r.status, r.reason().as_str()), (403, "method"));
+    assert_eq!(r.json()["required"]["method"], "POST");
+    assert_eq!(r.json()["required"].get("account"), None);
+
+    // A path outside the cube.
+    let r = get(gw.addr, "/v1/tenants/acme-prod/rules", &tok).await;
+    assert_eq!((r.status, r.reason().as_str()), (403, "path"));
+    assert_eq!(r.json()["required"]["tag"], "rules");
+
+    // An account the path names is named back.
+    let r = get(gw.addr, "/v1/accounts/initech", &tok).await;
+    assert_eq!(r.reason(), "path");
+    assert_eq!(r.json()["required"]["account"], "initech");
+
+    // The plan, not the token, is the blocker: a broad token on the free plan.
+    let broad =
+        es256(json!({"methods": ["*"], "tags": ["*"], "tenants": ["*"], "accounts": ["globex"]}));
+    let r = call(gw.addr, "POST", "/v1/tenants/globex-web/rules", &broad).await;
+    assert_eq!((r.status, r.reason().as_str()), (403, "plan"));
+    let b = r.json();
+    assert_eq!(b["blocked_by"], "plan");
+    assert_eq!(
+        b["required"],
+        json!({"method": "POST", "route": "/v1/tenants/{tenant}/rules", "tag": "rules", "tenant": "globex-web", "account": "globex"})
+    );
+
+    // Authentication and route denials carry no `required`, and no body
+    // carries the token.
+    for (r, reason) in [
+        (
+            get(gw.addr, "/v1/tenants/acme-prod/markers", "abx_pat_x").await,
+            "malformed_token",
+        ),
+        (
+            get(gw.addr, "/v1/tenants/nope/markers", &tok).await,
+            "unknown_tenant",
+        ),
+        (get(gw.addr, "/v1/nowhere", &tok).await, "unmapped_route"),
+    ] {
+        assert_eq!(r.reason(), reason);
+        assert_eq!(r.json().get("required"), None, "{reason}");
+        assert_eq!(r.json().get("blocked_by"), None, "{reason}");
+    }
+    for (t, p) in [
+        (&tok, "/v1/tenants/globex-web/markers"),
+        (&broad, "/v1/tenants/globex-web/rules"),
+    ] {
+        let r = call(gw.addr, "POST", p, t).await;
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(!body.contains(t.as_str()));
+        assert!(!body.contains("acme-staging") && !body.contains("initech"));
+    }
+    assert_eq!(up.count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suggest_after_a_scripted_workload() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broad = pat_record(
+        "tok_broad",
+        "{ methods: [\"*\"], tags: [\"*\"], tenants: [\"*\"], accounts: [acme] }",
+        "",
+    );
+    let unused = pat_record(
+        "tok/unused~1",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let opts = Options {
+        patch: Box::new(|s| {
+            s.replace(
+                "listen: { addr: \"127.0.0.1:0\" }",
+                "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
+            )
+        }),
+        ..Default::default()
+    };
+    let cfg = write_files(dir.path(), up.addr, &[&broad, &unused], &opts);
+    let mut log = Vec::new();
+    let (mut child, _rx, gw, admin) = spawn_serve(&cfg, &mut log);
+    let admin = admin.expect("admin");
+
+    // The workload: the token may do anything on acme, but only reads
+    // markers and analytics on acme-prod and posts markers there.
+    for _ in 0..5 {
+        assert_eq!(
+            get(gw, "/v1/tenants/acme-prod/markers", &broad.secret)
+                .await
+                .status,
+            200
+        );
+    }
+    for _ in 0..3 {
+        assert_eq!(
+            call(gw, "POST", "/v1/tenants/acme-prod/markers", &broad.secret)
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        get(gw, "/v1/tenants/acme-prod/analytics/daily", &broad.secret)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(gw, "HEAD", "/v1/tenants/acme-prod/markers", &broad.secret)
+            .await
+            .status,
+        200
+    );
+    // Denied requests are not usage.
+    assert_eq!(
+        get(gw, "/v1/tenants/globex-web/markers", &broad.secret)
+            .await
+            .status,
+        403
+    );
+
+    // The raw report on the admin listener.
+    let r = send(admin, "GET", "/tokens/tok_broad/usage", &[]).await;
+    assert_eq!(r.status, 200);
+    let report = r.json();
+    assert_eq!(report["kind"], "pat");
+    let calls = report["calls"].as_array().expect("calls");
+    assert_eq!(calls.len(), 4, "{report}");
+    let get_markers = calls
+        .iter()
+        .find(|c| c["method"] == "GET" && c["tag"] == "markers")
+        .expect("GET markers");
+    assert_eq!(get_markers["count"], 5);
+    assert_eq!(get_markers["tenant"], "acme-prod");
+    assert_eq!(get_markers["account"], "acme");
+    assert!(
+        get_markers["last_seen"]
+            .as_str()
+            .is_some_and(|t| t.contains('T'))
+    );
+    assert_eq!(
+        send(admin, "GET", "/tokens/nobody/usage", &[]).await.status,
+        404
+    );
+    // A PAT in the file that was never used: its cube, no calls (ids are
+    // percent-encoded in the path).
+    let r = send(admin, "GET", "/tokens/tok%2Funused~1/usage", &[]).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["calls"], json!([]));
+
+    // `scopegate suggest` against the running gateway.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "suggest",
+            "--admin",
+            &admin.to_string(),
+            "--token-id",
+            "tok_broad",
+            "--json",
+        ])
+        .output()
+        .expect("suggest");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let s = &v["suggestion"];
+    assert_eq!(
+        s["cube"],
+        json!({"methods": ["GET", "POST"], "tags": ["analytics", "markers"], "tenants": ["acme-prod"], "accounts": ["acme"]})
+    );
+    assert_eq!(
+        s["paths"],
+        json!([
+            "/v1/tenants/{tenant}/analytics/{*rest}",
+            "/v1/tenants/{tenant}/markers"
+        ])
+    );
+    // The current cube's wildcards are what can go.
+    assert_eq!(s["removable"]["methods"], json!(["DELETE", "PATCH", "PUT"]));
+    assert_eq!(s["removable"]["tags"], json!(["*"]));
+    assert_eq!(s["removable"]["tenants"], json!(["*"]));
+    assert_eq!(s["removable"]["accounts"], json!([]));
+    assert_eq!(
+        v["report"]["cubes"],
+        json!([{"methods": ["GET", "POST", "PUT", "PATCH", "DELETE"], "tags": ["*"], "tenants": ["*"], "accounts": ["acme"]}])
+    );
+
+    // The text form, for people.
+    let out = std::process::Command::new(BIN)
+        .args([
+            "suggest",
+            "--admin",
+            &admin.to_string(),
+            "--token-id",
+            "tok_broad",
+        ])
+        .output()
+        .expect("suggest");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("10 allowed calls in 4 shapes"), "{text}");
+    assert!(
+        text.contains(r#"suggested:"#) && text.contains(r#""tags":["analytics","markers"]"#),
+        "{text}"
+    );
+    assert!(text.contains("tenants: \"*\" (all)"), "{text}");
+    // No secret in what suggest prints or the admin serves.
+    assert!(!text.contains(&broad.secret));
+    let out = std::process::Command::new(BIN)
+        .args([
+            "suggest",
+            "--admin",
+            &admin.to_string(),
+            "--token-id",
+            "nobody",
+        ])
+        .output()
+        .expect("suggest");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no usage recorded"));
+    let _ = child.kill();
+    let _ = child.wait();
+}
