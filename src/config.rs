@@ -1486,11 +1486,20 @@ fn split_pat_list(text: &str, per_chunk: usize) -> Option<Vec<String>> {
     let per = per_chunk;
     let mut chunks = Vec::with_capacity(starts.len().div_ceil(per));
     for k in 0..starts.len().div_ceil(per) {
-        let from = starts[k * per];
         let to = starts.get((k + 1) * per).copied().unwrap_or(text.len());
-        let mut doc = String::with_capacity(to - from + 8);
-        doc.push_str("tokens:\n");
-        doc.push_str(&text[from..to]);
+        // The first chunk keeps the file's own preamble (comments and the
+        // `tokens:` line), so whatever serde_yaml would refuse there — a
+        // control character in a comment, say — is refused here too (the
+        // pat_file fuzz target found the preamble was not parsed at all).
+        let doc = if k == 0 {
+            text[..to].to_string()
+        } else {
+            let from = starts[k * per];
+            let mut doc = String::with_capacity(to - from + 8);
+            doc.push_str("tokens:\n");
+            doc.push_str(&text[from..to]);
+            doc
+        };
         chunks.push(doc);
     }
     Some(chunks)
