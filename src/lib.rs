@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod decision;
+pub mod diff;
 pub mod error;
 pub mod metrics;
 pub mod path;

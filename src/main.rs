@@ -81,6 +81,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Replay the decisions of a JSON access log against the current and a
+    /// candidate configuration; print what would flip, grouped by tag, plan
+    /// and reason. Exit 0 when nothing flips, 1 when something does.
+    Diff {
+        /// The configuration to compare against (the --config one is current).
+        #[arg(long)]
+        candidate: PathBuf,
+        /// The access log (JSON lines, as `serve` writes them).
+        #[arg(long)]
+        log: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Personal access tokens.
     Token {
         #[command(subcommand)]
@@ -120,6 +134,11 @@ fn main() -> ExitCode {
             token_id,
             json,
         } => runtime().and_then(|rt| rt.block_on(suggest(&admin, &token_id, json))),
+        Command::Diff {
+            candidate,
+            log,
+            json,
+        } => diff(&cli.config, &candidate, &log, json),
         Command::Demo { listen } => {
             runtime().and_then(|rt| rt.block_on(demo(&cli.config, listen, cli.log_format)))
         }
@@ -140,6 +159,58 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `scopegate diff`.
+fn diff(current: &Path, candidate: &Path, log: &Path, json_out: bool) -> Result<ExitCode> {
+    let cur = load(current, &config::process_env)?;
+    let cand = load(candidate, &config::process_env)?;
+    let text =
+        std::fs::read_to_string(log).map_err(|e| anyhow!("{}: cannot read: {e}", log.display()))?;
+    let report = scopegate::diff::replay(&cur, &cand, text.lines(), unix_now());
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let (to_deny, to_allow): (Vec<_>, Vec<_>) = report
+            .flips
+            .iter()
+            .partition(|f| f.direction == "allow→deny");
+        let n = |v: &[&scopegate::diff::Flip]| v.iter().map(|f| f.count).sum::<u64>();
+        println!(
+            "replayed {} requests: {} would flip ({} allow→deny, {} deny→allow), {} unchanged",
+            report.replayed,
+            n(&to_deny) + n(&to_allow),
+            n(&to_deny),
+            n(&to_allow),
+            report.unchanged
+        );
+        for (title, group) in [("allow → deny", &to_deny), ("deny → allow", &to_allow)] {
+            if group.is_empty() {
+                continue;
+            }
+            println!("{title}:");
+            for f in group.iter() {
+                println!(
+                    "  {:>5}  tag={} plan={} reason={}   e.g. {}",
+                    f.count, f.tag, f.plan, f.reason, f.example
+                );
+            }
+        }
+        if report.stale > 0 {
+            println!(
+                "note: {} recorded decisions differ under the current configuration already (the log is older than it)",
+                report.stale
+            );
+        }
+        for (why, count) in &report.skipped {
+            println!("skipped {count}: {why}");
+        }
+    }
+    Ok(if report.flips.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `scopegate suggest`: fetch the usage report, print the suggestion.

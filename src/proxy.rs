@@ -634,11 +634,11 @@ fn access_log(
         names.tenant.unwrap_or(""),
         names.account.unwrap_or(""),
     );
-    let token_id = outcome
+    let (token_id, token_kind) = outcome
         .principal
         .as_ref()
-        .map(|p| p.token_id())
-        .unwrap_or("");
+        .map(|p| (p.token_id(), p.kind().as_str()))
+        .unwrap_or(("", ""));
     let time = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
@@ -652,6 +652,7 @@ fn access_log(
         tenant,
         account,
         token_id,
+        token_kind,
         decision = decision.as_str(),
         reason = reason.map(Reason::as_str).unwrap_or(""),
         status = status.as_u16(),

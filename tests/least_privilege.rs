@@ -253,3 +253,173 @@ async fn suggest_after_a_scripted_workload() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_shows_what_a_plan_change_would_flip() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let globex = pat_record(
+        "tok_globex_admin",
+        "{ methods: [\"*\"], tags: [\"*\"], tenants: [\"*\"], accounts: [globex] }",
+        "",
+    );
+    let cfg = write_files(dir.path(), up.addr, &[&globex], &Options::default());
+    let mut log = Vec::new();
+    let (mut child, rx, gw, _) = spawn_serve(&cfg, &mut log);
+    let jwt = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    // The recorded workload: globex (free plan) reads markers (allowed) and
+    // writes rules (refused by the plan); an acme JWT reads markers; one
+    // request names a tenant that does not exist; one token is malformed.
+    let mut expect = Vec::new();
+    for _ in 0..3 {
+        expect.push(
+            get(gw, "/v1/tenants/globex-web/markers", &globex.secret)
+                .await
+                .status,
+        );
+    }
+    for _ in 0..2 {
+        expect.push(
+            call(gw, "POST", "/v1/tenants/globex-web/rules", &globex.secret)
+                .await
+                .status,
+        );
+    }
+    expect.push(get(gw, "/v1/tenants/acme-prod/markers", &jwt).await.status);
+    expect.push(get(gw, "/v1/tenants/acme-prod/rules", &jwt).await.status);
+    expect.push(get(gw, "/v1/tenants/nope/markers", &jwt).await.status);
+    expect.push(
+        get(gw, "/v1/tenants/acme-prod/markers", "abx_pat_bad")
+            .await
+            .status,
+    );
+    assert_eq!(expect, [200, 200, 200, 403, 403, 200, 403, 403, 401]);
+    let _ = child.kill();
+    let _ = child.wait();
+    while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(300)) {
+        log.push(l);
+    }
+    let access = dir.path().join("access.jsonl");
+    std::fs::write(&access, log.join("\n")).expect("write log");
+
+    // The candidate: globex moves to pro (rule writes allowed) and the free
+    // plan loses markers — but no one else is on free, so only globex's
+    // rule writes flip; and acme loses its markers via a new plan.
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    let next = text
+        .replace("  globex: { plan: free }", "  globex: { plan: pro }")
+        .replace("  acme:   { plan: pro }", "  acme:   { plan: lite }")
+        .replace(
+            "plans:\n",
+            "plans:\n  lite:\n    - { tags: [analytics], methods: [GET] }\n",
+        );
+    assert_ne!(text, next);
+    let candidate = dir.path().join("next.yaml");
+    std::fs::write(&candidate, next).expect("write candidate");
+
+    let run = |json_out: bool| {
+        let mut args = vec![
+            "diff".to_string(),
+            "--config".into(),
+            cfg.to_string_lossy().into_owned(),
+            "--candidate".into(),
+            candidate.to_string_lossy().into_owned(),
+            "--log".into(),
+            access.to_string_lossy().into_owned(),
+        ];
+        if json_out {
+            args.push("--json".into());
+        }
+        std::process::Command::new(BIN)
+            .args(&args)
+            .env("SG_TEST_HS256", HS_SECRET)
+            .output()
+            .expect("diff")
+    };
+    let out = run(true);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(report["stale"], 0, "{report}");
+    let flips = report["flips"].as_array().expect("flips");
+    assert_eq!(flips.len(), 2, "{report}");
+    let to_allow = flips
+        .iter()
+        .find(|f| f["direction"] == "deny→allow")
+        .expect("deny→allow");
+    assert_eq!(
+        (
+            &to_allow["tag"],
+            &to_allow["plan"],
+            &to_allow["reason"],
+            &to_allow["count"]
+        ),
+        (&json!("rules"), &json!("pro"), &json!("plan"), &json!(2))
+    );
+    assert!(
+        to_allow["example"]
+            .as_str()
+            .is_some_and(|e| e.contains("token=tok_globex_admin"))
+    );
+    let to_deny = flips
+        .iter()
+        .find(|f| f["direction"] == "allow→deny")
+        .expect("allow→deny");
+    assert_eq!(
+        (
+            &to_deny["tag"],
+            &to_deny["plan"],
+            &to_deny["reason"],
+            &to_deny["count"]
+        ),
+        (&json!("markers"), &json!("lite"), &json!("plan"), &json!(1))
+    );
+    // 9 requests: 6 replayed; the malformed token, the JWT its cube
+    // refused (its cube is not in the log) and the unknown tenant (its name
+    // is not in the log) cannot be, and say so.
+    assert_eq!(report["replayed"], 6, "{report}");
+    assert_eq!(report["unchanged"], 3);
+    assert_eq!(
+        report["skipped"],
+        json!({
+            "authentication (token not in the log)": 1,
+            "JWT refused by its cube (cube not in the log)": 1,
+            "route or its tenant/account not in the log (e.g. an unknown tenant)": 1,
+        })
+    );
+
+    let out = run(false);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("3 would flip (1 allow→deny, 2 deny→allow)"),
+        "{text}"
+    );
+    assert!(text.contains("tag=rules plan=pro reason=plan"), "{text}");
+
+    // The same configuration as candidate: nothing flips, exit 0.
+    let same = std::process::Command::new(BIN)
+        .args([
+            "diff",
+            "--config",
+            cfg.to_str().expect("utf8"),
+            "--candidate",
+            cfg.to_str().expect("utf8"),
+            "--log",
+            access.to_str().expect("utf8"),
+        ])
+        .env("SG_TEST_HS256", HS_SECRET)
+        .output()
+        .expect("diff");
+    assert_eq!(
+        same.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&same.stdout)
+    );
+}

@@ -1,0 +1,343 @@
+//! `scopegate diff`: replay decisions recorded in the JSON access log
+//! against a candidate configuration and report what would flip.
+//!
+//! The log holds no token (by design), so a request is rebuilt from its
+//! route template (unknown path parameters filled with a placeholder), its
+//! tenant and account, and its token id:
+//! - a PAT is looked up by id in the candidate's PAT file, so cube, expiry
+//!   and revocation changes are replayed in full;
+//! - a JWT's cube is not in the log: requests it was allowed (or refused
+//!   only by the plan) are replayed with the token assumed to still cover
+//!   them, so route, tenant, account and plan changes show; requests its
+//!   cube refused cannot be replayed and are counted as such;
+//! - requests refused before authorization by something the configuration
+//!   does not decide (a malformed token, an ambiguous path) are skipped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::Snapshot;
+use crate::decision::decide_with;
+use crate::scope::{Cube, IdSet, MethodSet};
+use crate::token::introspect::Introspected;
+use crate::token::{AuthError, Principal};
+
+/// One access-log line, as far as the replay needs it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Recorded {
+    pub method: String,
+    #[serde(default)]
+    pub route: String,
+    #[serde(default)]
+    pub tag: String,
+    #[serde(default)]
+    pub tenant: String,
+    #[serde(default)]
+    pub account: String,
+    #[serde(default)]
+    pub token_id: String,
+    #[serde(default)]
+    pub token_kind: String,
+    pub decision: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A group of flipped requests.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Flip {
+    /// `allow→deny` or `deny→allow`.
+    pub direction: String,
+    pub tag: String,
+    /// The candidate's effective plan for the request (`-` when none).
+    pub plan: String,
+    /// The candidate's reason for a new denial, the recorded one for a new allow.
+    pub reason: String,
+    pub count: u64,
+    /// One request of the group: `METHOD route tenant=… token=…`.
+    pub example: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub replayed: u64,
+    pub unchanged: u64,
+    /// Lines whose recorded decision the *current* configuration no longer
+    /// reproduces (the log predates it); flips are current vs candidate.
+    pub stale: u64,
+    /// Lines that could not be replayed, by why.
+    pub skipped: BTreeMap<String, u64>,
+    pub flips: Vec<Flip>,
+}
+
+/// Reasons decided before or outside the configuration's say.
+fn not_replayable(reason: &str) -> Option<&'static str> {
+    match reason {
+        "bad_path" => Some("ambiguous path (not decided by configuration)"),
+        "missing_token"
+        | "bad_authorization"
+        | "malformed_token"
+        | "bad_signature"
+        | "not_yet_valid"
+        | "wrong_issuer"
+        | "wrong_audience"
+        | "key_source_unavailable"
+        | "token_source_unavailable" => Some("authentication (token not in the log)"),
+        "unknown_key" => Some("authentication (token not in the log)"),
+        _ => None,
+    }
+}
+
+/// The path of a recorded request: its template with `{tenant}` and
+/// `{account}` filled in and every other parameter a placeholder.
+fn rebuild_path(r: &Recorded) -> Option<String> {
+    if r.route.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    let mut rest = r.route.as_str();
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}')? + open;
+        let name = rest[open + 1..close].trim_start_matches('*');
+        let value = match name {
+            "tenant" => r.tenant.as_str(),
+            "account" => r.account.as_str(),
+            _ => "_",
+        };
+        if value.is_empty() {
+            return None;
+        }
+        out.push_str(value);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// A principal whose cube covers everything: a JWT assumed to still cover
+/// what it was allowed.
+fn assume_covered(token_id: &str) -> Principal<'static> {
+    Principal::Introspected(Arc::new(Introspected {
+        token_id: token_id.into(),
+        subject: None,
+        cubes: Box::new([Cube {
+            methods: MethodSet::ALL,
+            tags: IdSet::Any,
+            routes: IdSet::Any,
+            tenants: IdSet::Any,
+            accounts: IdSet::Any,
+        }]),
+    }))
+}
+
+/// How one configuration decides a recorded request: allowed, or the
+/// reason; with the tag and plan it resolved.
+struct Replayed {
+    allowed: bool,
+    reason: String,
+    tag: Option<String>,
+    plan: Option<String>,
+}
+
+fn decide_recorded(
+    snap: &Snapshot,
+    r: &Recorded,
+    method: &http::Method,
+    path: &str,
+    now: i64,
+) -> Replayed {
+    let authenticated: Option<Result<Principal<'_>, AuthError>> = match r.token_kind.as_str() {
+        _ if r.decision == "public" => None,
+        "pat" => Some(match snap.pats.find_by_id(&r.token_id) {
+            None => Err(AuthError::UnknownToken),
+            Some(p) if p.expires.is_some_and(|e| now >= e) => Err(AuthError::Expired),
+            Some(p) if p.disabled => Err(AuthError::Revoked),
+            Some(p) => Ok(Principal::Pat(p)),
+        }),
+        // A JWT (or a request refused before authentication): the token is
+        // assumed to cover the request; route, tenant, account and plan
+        // are what is replayed.
+        _ => Some(Ok(assume_covered(if r.token_id.is_empty() {
+            "-"
+        } else {
+            &r.token_id
+        }))),
+    };
+    let headers = http::HeaderMap::new();
+    let out = decide_with(snap, method, path, &headers, now, authenticated);
+    let names = out.matched.map(|m| m.names(snap));
+    Replayed {
+        allowed: out.verdict.is_ok(),
+        reason: match out.verdict {
+            Err(reason) => reason.as_str().to_string(),
+            Ok(_) => String::new(),
+        },
+        tag: names.and_then(|n| n.tag).map(str::to_string),
+        plan: names.and_then(|n| n.plan).map(str::to_string),
+    }
+}
+
+/// Replay `lines` (JSON access-log lines; others are ignored) against the
+/// current configuration and the candidate, and group the requests whose
+/// decision differs. `now` is Unix seconds, for PAT expiry.
+pub fn replay<'a>(
+    current: &Snapshot,
+    candidate: &Snapshot,
+    lines: impl Iterator<Item = &'a str>,
+    now: i64,
+) -> Report {
+    let mut report = Report::default();
+    let mut groups: BTreeMap<(String, String, String, String), Flip> = BTreeMap::new();
+    let skip = |report: &mut Report, why: &str| {
+        *report.skipped.entry(why.to_string()).or_default() += 1;
+    };
+    for line in lines {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["target"] != "scopegate::access" {
+            continue;
+        }
+        let Ok(r) = serde_json::from_value::<Recorded>(v) else {
+            skip(&mut report, "unreadable access-log line");
+            continue;
+        };
+        let was_allowed = match r.decision.as_str() {
+            "allow" | "public" => true,
+            "deny" | "shadow_deny" => false,
+            _ => {
+                skip(&mut report, "unknown decision");
+                continue;
+            }
+        };
+        if let Some(why) = not_replayable(&r.reason) {
+            skip(&mut report, why);
+            continue;
+        }
+        let Some(path) = rebuild_path(&r) else {
+            skip(
+                &mut report,
+                "route or its tenant/account not in the log (e.g. an unknown tenant)",
+            );
+            continue;
+        };
+        let Ok(method) = http::Method::from_bytes(r.method.as_bytes()) else {
+            skip(&mut report, "unreadable method");
+            continue;
+        };
+        let cube_refused = matches!(r.reason.as_str(), "method" | "path" | "tenant" | "account");
+        if r.token_kind == "jwt" && cube_refused {
+            skip(&mut report, "JWT refused by its cube (cube not in the log)");
+            continue;
+        }
+        // Without a token kind only public routes and requests refused
+        // before authentication (no token id) can be replayed.
+        let pre_auth_denial = r.token_id.is_empty() && !was_allowed;
+        if !matches!(r.token_kind.as_str(), "pat" | "jwt")
+            && r.decision != "public"
+            && !pre_auth_denial
+        {
+            skip(&mut report, "token kind not recorded");
+            continue;
+        }
+        report.replayed += 1;
+        let before = decide_recorded(current, &r, &method, &path, now);
+        let after = decide_recorded(candidate, &r, &method, &path, now);
+        if before.allowed != was_allowed {
+            report.stale += 1;
+        }
+        if before.allowed == after.allowed {
+            report.unchanged += 1;
+            continue;
+        }
+        let tag = after.tag.or(before.tag).unwrap_or_else(|| {
+            if r.tag.is_empty() {
+                "-".into()
+            } else {
+                r.tag.clone()
+            }
+        });
+        let plan = after.plan.or(before.plan).unwrap_or_else(|| "-".into());
+        let (direction, reason) = if before.allowed {
+            ("allow→deny", after.reason)
+        } else {
+            ("deny→allow", before.reason)
+        };
+        let example = format!(
+            "{} {} tenant={} account={} token={}",
+            r.method,
+            r.route,
+            if r.tenant.is_empty() { "-" } else { &r.tenant },
+            if r.account.is_empty() {
+                "-"
+            } else {
+                &r.account
+            },
+            if r.token_id.is_empty() {
+                "-"
+            } else {
+                &r.token_id
+            },
+        );
+        let key = (
+            direction.to_string(),
+            tag.clone(),
+            plan.clone(),
+            reason.clone(),
+        );
+        groups
+            .entry(key)
+            .or_insert_with(|| Flip {
+                direction: direction.into(),
+                tag,
+                plan,
+                reason,
+                count: 0,
+                example,
+            })
+            .count += 1;
+    }
+    report.flips = groups.into_values().collect();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(route: &str, tenant: &str, account: &str) -> Recorded {
+        Recorded {
+            method: "GET".into(),
+            route: route.into(),
+            tag: String::new(),
+            tenant: tenant.into(),
+            account: account.into(),
+            token_id: String::new(),
+            token_kind: String::new(),
+            decision: "allow".into(),
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn paths_are_rebuilt_from_templates() {
+        assert_eq!(
+            rebuild_path(&rec(
+                "/v1/tenants/{tenant}/rules/{rule_id}",
+                "acme-prod",
+                "acme"
+            )),
+            Some("/v1/tenants/acme-prod/rules/_".into())
+        );
+        assert_eq!(
+            rebuild_path(&rec("/v1/accounts/{account}/team/{*rest}", "", "acme")),
+            Some("/v1/accounts/acme/team/_".into())
+        );
+        assert_eq!(rebuild_path(&rec("/v1/tenants/{tenant}/x", "", "")), None);
+        assert_eq!(rebuild_path(&rec("", "", "")), None);
+        assert_eq!(rebuild_path(&rec("/v1/{broken", "", "")), None);
+    }
+}
