@@ -182,6 +182,9 @@ pub struct GatewaySpec {
     pub metrics: MetricsSpec,
     #[serde(default)]
     pub usage: UsageSpec,
+    /// Named (methods × path axis) grants for cubes and JWT scope strings.
+    #[serde(default, deserialize_with = "unique_map")]
+    pub roles: BTreeMap<String, crate::scope::RoleSpec>,
 }
 
 /// The usage book behind `GET /tokens/{id}/usage` and `scopegate suggest`.
@@ -563,6 +566,7 @@ pub struct Snapshot {
     pub account_ids: HashMap<Box<str>, AccountId>,
     pub tenants: Vec<Tenant>,
     pub tenant_ids: HashMap<Box<str>, TenantId>,
+    pub roles: HashMap<Box<str>, crate::scope::RoleSpec>,
     pub pats: PatStore,
     pub jwt: JwtKeys,
     /// `tokens.introspection`, shared across generations with equal settings.
@@ -579,6 +583,7 @@ impl Snapshot {
             routes: self.routes.templates(),
             tenants: &self.tenant_ids,
             accounts: &self.account_ids,
+            roles: &self.roles,
         }
     }
 }
@@ -995,12 +1000,45 @@ fn compile(
         account_ids,
         tenants,
         tenant_ids,
+        roles: HashMap::new(),
         pats: PatStore::default(),
         jwt,
         introspection,
         files: Vec::new(),
         warnings,
     };
+
+    // Roles: checked like a PAT record's cube (unknown methods, tags and
+    // paths are errors), then added to the vocabulary.
+    for (name, role) in &spec.roles {
+        let key = format!("roles.{name}");
+        if !crate::token::is_safe_identity(name) || name.contains(':') {
+            problems.add(
+                key,
+                "a role name is 1-256 visible ASCII characters without `:` (that is the tag:verb form)",
+            );
+            continue;
+        }
+        let as_cube = crate::scope::CubeSpec {
+            methods: role.methods.clone(),
+            tags: role.tags.clone(),
+            paths: role.paths.clone(),
+            ..Default::default()
+        };
+        if role.methods.is_empty() || (role.tags.is_empty() && role.paths.is_empty()) {
+            problems.add(
+                key,
+                "needs `methods` and at least one of `tags` and `paths`",
+            );
+            continue;
+        }
+        match as_cube.compile(&snapshot.vocabulary(), crate::scope::Strictness::Config) {
+            Ok(_) => {
+                snapshot.roles.insert(name.as_str().into(), role.clone());
+            }
+            Err(e) => problems.add(key, e),
+        }
+    }
 
     // The PAT file is compiled against the finished vocabulary.
     if let Some(p) = &spec.tokens.pat_file {

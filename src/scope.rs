@@ -265,6 +265,74 @@ pub struct CubeSpec {
     pub tenants: Vec<String>,
     #[serde(default)]
     pub accounts: Vec<String>,
+    /// A role from gateway.yaml `roles:`: its methods, tags and paths are
+    /// added to this cube's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// A named grant on the method and path axes (gateway.yaml `roles:`),
+/// used as `role:` in a cube or as a word in a JWT `scope` claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleSpec {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// The verbs of `tag:verb` scope strings.
+const READ: &[&str] = &["GET"];
+const WRITE: &[&str] = &["POST", "PUT", "PATCH", "DELETE"];
+
+/// Cubes from an OAuth-style `scope` claim (space-separated), bounded by the
+/// token's `tenants` and `accounts` claims:
+/// - `analytics:read` → GET (and HEAD) on tag `analytics`;
+/// - `rules:write` → POST, PUT, PATCH, DELETE on tag `rules`;
+/// - `markers:*` → every method; `*:read` → GET on every tag;
+/// - a bare word naming a role of gateway.yaml → that role.
+///
+/// Anything else (`openid`, another API's `read:user`) grants nothing: a
+/// scope we do not understand is never widened into access.
+pub fn scope_cubes(
+    scope: &str,
+    tenants: &[String],
+    accounts: &[String],
+    roles: &HashMap<Box<str>, RoleSpec>,
+) -> Vec<CubeSpec> {
+    let mut out = Vec::new();
+    for word in scope.split(' ').filter(|w| !w.is_empty()) {
+        let base = CubeSpec {
+            tenants: tenants.to_vec(),
+            accounts: accounts.to_vec(),
+            ..CubeSpec::default()
+        };
+        match word.split_once(':') {
+            Some((tag, verb)) if !tag.is_empty() => {
+                let methods: &[&str] = match verb {
+                    "read" => READ,
+                    "write" => WRITE,
+                    "*" => &["*"],
+                    _ => continue,
+                };
+                out.push(CubeSpec {
+                    methods: methods.iter().map(|m| m.to_string()).collect(),
+                    tags: vec![tag.to_string()],
+                    ..base
+                });
+            }
+            Some(_) => {}
+            None if roles.contains_key(word) => out.push(CubeSpec {
+                role: Some(word.to_string()),
+                ..base
+            }),
+            None => {}
+        }
+    }
+    out
 }
 
 /// The names a cube may refer to, from one snapshot.
@@ -273,6 +341,7 @@ pub struct Vocabulary<'a> {
     pub routes: &'a HashMap<Box<str>, RouteId>,
     pub tenants: &'a HashMap<Box<str>, TenantId>,
     pub accounts: &'a HashMap<Box<str>, AccountId>,
+    pub roles: &'a HashMap<Box<str>, RoleSpec>,
 }
 
 /// How to treat names the snapshot does not know.
@@ -311,10 +380,28 @@ impl CubeSpec {
     /// Compile against a snapshot's names.
     pub fn compile(&self, v: &Vocabulary<'_>, strictness: Strictness) -> Result<Cube, String> {
         let strict = strictness == Strictness::Config;
-        let methods = MethodSet::parse(&self.methods)?;
-        let tags = ids(&self.tags, v.tags, strict, "tag")?;
+        // A role adds its methods, tags and paths to the cube's own.
+        let with_role;
+        let (method_names, tag_names, path_names) = match &self.role {
+            None => (&self.methods, &self.tags, &self.paths),
+            Some(name) => {
+                let role = v
+                    .roles
+                    .get(name.as_str())
+                    .ok_or_else(|| format!("unknown role `{name}`"))?;
+                let join = |a: &[String], b: &[String]| [a, b].concat();
+                with_role = (
+                    join(&self.methods, &role.methods),
+                    join(&self.tags, &role.tags),
+                    join(&self.paths, &role.paths),
+                );
+                (&with_role.0, &with_role.1, &with_role.2)
+            }
+        };
+        let methods = MethodSet::parse(method_names)?;
+        let tags = ids(tag_names, v.tags, strict, "tag")?;
         // "*" is not a path template; treat it as a literal (never matches).
-        let routes = match ids(&self.paths, v.routes, strict, "path template")? {
+        let routes = match ids(path_names, v.routes, strict, "path template")? {
             IdSet::Any => {
                 return Err("`paths` takes route templates, not \"*\" (use tags: [\"*\"])".into());
             }
@@ -523,5 +610,43 @@ mod tests {
             cube_list(&None, &Some(vec![CubeSpec::default(); 2])).map(|v| v.len()),
             Ok(2)
         );
+    }
+
+    #[test]
+    fn scope_strings_map_to_cubes_and_unknown_words_grant_nothing() {
+        let mut roles = HashMap::new();
+        roles.insert(
+            "viewer".into(),
+            RoleSpec {
+                methods: vec!["GET".into()],
+                tags: vec!["*".into()],
+                paths: vec![],
+            },
+        );
+        let t = vec!["acme-prod".to_string()];
+        let a = vec!["acme".to_string()];
+        let cubes = scope_cubes(
+            "  analytics:read rules:write markers:* viewer openid read:user :read x:admin",
+            &t,
+            &a,
+            &roles,
+        );
+        let got: Vec<(Vec<String>, Vec<String>, Option<String>)> = cubes
+            .iter()
+            .map(|c| (c.methods.clone(), c.tags.clone(), c.role.clone()))
+            .collect();
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // `openid`, `read:user` (verb `user`), `:read` and `x:admin` are
+        // not ours and grant nothing.
+        assert_eq!(
+            got,
+            vec![
+                (s(&["GET"]), s(&["analytics"]), None),
+                (s(&["POST", "PUT", "PATCH", "DELETE"]), s(&["rules"]), None),
+                (s(&["*"]), s(&["markers"]), None),
+                (vec![], vec![], Some("viewer".to_string())),
+            ]
+        );
+        assert!(cubes.iter().all(|c| c.tenants == t && c.accounts == a));
     }
 }

@@ -96,6 +96,7 @@ pub fn describe(cube: &Cube, snap: &Snapshot) -> CubeSpec {
         accounts: names(&cube.accounts, &|id| {
             snap.accounts.get(id as usize).map(|a| a.name.to_string())
         }),
+        role: None,
     }
 }
 
@@ -274,6 +275,7 @@ pub fn suggest(report: &Report) -> Suggestion {
         paths: unused(all(|c| &c.paths), &paths),
         tenants: unused(all(|c| &c.tenants), &cube.tenants),
         accounts: unused(all(|c| &c.accounts), &cube.accounts),
+        role: None,
     };
     Suggestion {
         cube,

@@ -423,3 +423,162 @@ async fn diff_shows_what_a_plan_change_would_flip() {
         String::from_utf8_lossy(&same.stdout)
     );
 }
+
+#[tokio::test]
+async fn roles_and_scope_strings_compile_into_cubes() {
+    let up = Upstream::start(Default::default()).await;
+    let viewer = pat_record(
+        "tok_viewer",
+        "{ role: viewer, tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let with_roles = || Options {
+        patch: Box::new(|s| {
+            format!(
+                "{s}roles:\n  viewer: {{ methods: [GET], tags: [\"*\"] }}\n  marker-writer: {{ methods: [POST], tags: [markers] }}\n"
+            )
+        }),
+        ..Default::default()
+    };
+    let gw = TestGateway::start(up.addr, &[&viewer], with_roles()).await;
+    let status = |r: &Resp| (r.status, r.reason());
+
+    // A PAT whose cube is a role.
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/rules", &viewer.secret)
+            .await
+            .status,
+        200
+    );
+    let r = call(
+        gw.addr,
+        "POST",
+        "/v1/tenants/acme-prod/markers",
+        &viewer.secret,
+    )
+    .await;
+    assert_eq!(status(&r), (403, "method".into()));
+
+    // Scope strings, bounded by the tenants and accounts claims; words we
+    // do not understand (openid, another API's read:user) grant nothing.
+    let scoped = |scope: &str, extra: Value| {
+        let mut c = claims(json!({"scope": scope, "tenants": ["acme-prod"], "accounts": ["acme"]}));
+        for (k, v) in extra.as_object().expect("object") {
+            c[k] = v.clone();
+        }
+        sign(jsonwebtoken::Algorithm::ES256, Some("es-test"), &c)
+    };
+    let t = scoped("openid analytics:read rules:write read:user", json!({}));
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/analytics/daily", &t)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(gw.addr, "POST", "/v1/tenants/acme-prod/rules", &t)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        call(gw.addr, "DELETE", "/v1/tenants/acme-prod/rules/r1", &t)
+            .await
+            .status,
+        200
+    );
+    // GET rules: analytics:read gets further (method ok, path not) than
+    // rules:write (method not), so the furthest axis is the path (SPEC §4).
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-prod/rules", &t).await),
+        (403, "path".into())
+    );
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-prod/markers", &t).await),
+        (403, "path".into())
+    );
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-staging/analytics/x", &t).await),
+        (403, "tenant".into())
+    );
+    // A role named in the scope.
+    let t = scoped("marker-writer", json!({}));
+    assert_eq!(
+        call(gw.addr, "POST", "/v1/tenants/acme-prod/markers", &t)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-prod/markers", &t).await),
+        (403, "method".into())
+    );
+    // Without tenants/accounts claims a scope reaches no tenant.
+    let mut c = claims(json!({"scope": "markers:*"}));
+    c.as_object_mut().map(|o| o.remove("tenants"));
+    let t = sign(jsonwebtoken::Algorithm::ES256, Some("es-test"), &c);
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-prod/markers", &t).await),
+        (403, "tenant".into())
+    );
+    // scope together with cube is ambiguous: malformed.
+    let t = scoped("markers:read", json!({"cube": {"methods": ["GET"]}}));
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-prod/markers", &t).await),
+        (401, "malformed_token".into())
+    );
+    // An unknown role in a claim cube is malformed too.
+    let t = es256(json!({"role": "superuser", "tenants": ["*"], "accounts": ["*"]}));
+    assert_eq!(
+        status(&get(gw.addr, "/v1/tenants/acme-prod/markers", &t).await),
+        (401, "malformed_token".into())
+    );
+
+    // Configuration errors name the key.
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (roles, key, message) in [
+        (
+            "  bad:name: { methods: [GET], tags: [markers] }\n",
+            "roles.bad:name",
+            "without `:`",
+        ),
+        (
+            "  r: { methods: [FETCH], tags: [markers] }\n",
+            "roles.r",
+            "FETCH",
+        ),
+        (
+            "  r: { methods: [GET], tags: [nosuchtag] }\n",
+            "roles.r",
+            "unknown tag",
+        ),
+        ("  r: { methods: [GET] }\n", "roles.r", "at least one of"),
+    ] {
+        let text = format!(
+            "{}roles:\n{roles}",
+            config_yaml(up.addr, &Options::default())
+        );
+        std::fs::write(dir.path().join("tokens.yaml"), "tokens: []\n").expect("write");
+        for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
+            std::fs::copy(fixture(f), dir.path().join(f)).expect("copy");
+        }
+        let err = scopegate::config::from_yaml(&text, &dir.path().join("gateway.yaml"), &test_env)
+            .expect_err(roles)
+            .to_string();
+        assert!(err.contains(key) && err.contains(message), "{roles}: {err}");
+    }
+    let bad_pat = pat_record(
+        "tok_x",
+        "{ role: nosuchrole, tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let text = format!(
+        "{}roles:\n  viewer: {{ methods: [GET], tags: [\"*\"] }}\n",
+        config_yaml(up.addr, &Options::default())
+    );
+    std::fs::write(dir.path().join("tokens.yaml"), tokens_yaml(&[&bad_pat])).expect("write");
+    let err = scopegate::config::from_yaml(&text, &dir.path().join("gateway.yaml"), &test_env)
+        .expect_err("unknown role in the PAT file")
+        .to_string();
+    assert!(err.contains("unknown role `nosuchrole`"), "{err}");
+}

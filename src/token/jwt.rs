@@ -204,6 +204,10 @@ struct Claims {
     jti: Option<String>,
     cube: Option<CubeSpec>,
     cubes: Option<Vec<CubeSpec>>,
+    /// OAuth-style scope strings, bounded by `tenants` and `accounts`.
+    scope: Option<String>,
+    tenants: Option<Vec<String>>,
+    accounts: Option<Vec<String>>,
 }
 
 /// A JWT that verified, with its cubes compiled against one snapshot.
@@ -354,7 +358,21 @@ impl JwtKeys {
             }
         }
 
-        let specs = cube_list(&claims.cube, &claims.cubes).map_err(|_| AuthError::Malformed)?;
+        // Exactly one of `cube`, `cubes` and `scope`.
+        let from_scope;
+        let specs = match &claims.scope {
+            Some(scope) if claims.cube.is_none() && claims.cubes.is_none() => {
+                from_scope = crate::scope::scope_cubes(
+                    scope,
+                    claims.tenants.as_deref().unwrap_or_default(),
+                    claims.accounts.as_deref().unwrap_or_default(),
+                    vocab.roles,
+                );
+                &from_scope[..]
+            }
+            Some(_) => return Err(AuthError::Malformed),
+            None => cube_list(&claims.cube, &claims.cubes).map_err(|_| AuthError::Malformed)?,
+        };
         let cubes = specs
             .iter()
             .map(|s| s.compile(vocab, Strictness::Claims))
@@ -420,11 +438,14 @@ mod tests {
     fn vocab() -> Vocabulary<'static> {
         static EMPTY: std::sync::LazyLock<HashMap<Box<str>, u32>> =
             std::sync::LazyLock::new(HashMap::new);
+        static NO_ROLES: std::sync::LazyLock<HashMap<Box<str>, crate::scope::RoleSpec>> =
+            std::sync::LazyLock::new(HashMap::new);
         Vocabulary {
             tags: &EMPTY,
             routes: &EMPTY,
             tenants: &EMPTY,
             accounts: &EMPTY,
+            roles: &NO_ROLES,
         }
     }
 

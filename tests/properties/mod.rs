@@ -253,9 +253,13 @@ pub fn signed_claims(header: &[u8], payload: &[u8]) {
         _ => false,
     };
     assert!(aud_ok, "accepted with aud {}", c["aud"]);
-    assert!(
-        c.get("cube").is_some() != c.get("cubes").is_some(),
-        "accepted with both or neither of cube/cubes"
+    let sources = ["cube", "cubes", "scope"]
+        .iter()
+        .filter(|k| c.get(**k).is_some())
+        .count();
+    assert_eq!(
+        sources, 1,
+        "accepted without exactly one of cube/cubes/scope"
     );
     let id = principal.token_id();
     assert!(token::is_safe_identity(id), "unsafe token id {id:?}");
