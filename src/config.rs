@@ -182,9 +182,34 @@ pub struct GatewaySpec {
     pub metrics: MetricsSpec,
     #[serde(default)]
     pub usage: UsageSpec,
+    /// Attenuated tokens: off unless configured.
+    #[serde(default)]
+    pub attenuation: Option<AttenuationSpec>,
     /// Named (methods × path axis) grants for cubes and JWT scope strings.
     #[serde(default, deserialize_with = "unique_map")]
     pub roles: BTreeMap<String, crate::scope::RoleSpec>,
+}
+
+/// `attenuation:`: the endpoint that mints narrower, short-lived tokens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttenuationSpec {
+    #[serde(default = "default_attenuation_path")]
+    pub path: String,
+    pub kid: String,
+    /// ES256 or EdDSA.
+    pub alg: String,
+    pub private_key: String,
+    pub public_key: String,
+    #[serde(default = "default_attenuation_ttl", deserialize_with = "duration")]
+    pub max_ttl: Duration,
+}
+
+fn default_attenuation_path() -> String {
+    "/_scopegate/v1/tokens".into()
+}
+fn default_attenuation_ttl() -> Duration {
+    Duration::from_secs(900)
 }
 
 /// The usage book behind `GET /tokens/{id}/usage` and `scopegate suggest`.
@@ -569,6 +594,8 @@ pub struct Snapshot {
     pub roles: HashMap<Box<str>, crate::scope::RoleSpec>,
     pub pats: PatStore,
     pub jwt: JwtKeys,
+    /// `attenuation:`, when configured.
+    pub attenuation: Option<std::sync::Arc<crate::attenuate::Attenuator>>,
     /// `tokens.introspection`, shared across generations with equal settings.
     pub introspection: Option<std::sync::Arc<crate::token::introspect::Introspector>>,
     pub files: Vec<LoadedFile>,
@@ -973,6 +1000,10 @@ fn compile(
                 compile_jwks(js, &resolve, &mut files, &mut problems).map(std::sync::Arc::new);
         }
     }
+    let attenuation = spec.attenuation.as_ref().and_then(|a| {
+        compile_attenuation(a, &resolve, &mut files, &mut jwt, &mut problems)
+            .map(std::sync::Arc::new)
+    });
     let introspection = spec.tokens.introspection.as_ref().and_then(|i| {
         compile_introspection(i, &resolve, env, &mut files, &mut problems).map(std::sync::Arc::new)
     });
@@ -1003,6 +1034,7 @@ fn compile(
         roles: HashMap::new(),
         pats: PatStore::default(),
         jwt,
+        attenuation,
         introspection,
         files: Vec::new(),
         warnings,
@@ -1198,6 +1230,100 @@ fn compile_jwks(
     Jwks::new(settings, initial)
         .map_err(|m| problems.add("tokens.jwt.jwks", m))
         .ok()
+}
+
+fn compile_attenuation(
+    a: &AttenuationSpec,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    files: &mut Vec<LoadedFile>,
+    jwt: &mut JwtKeys,
+    problems: &mut Problems<'_>,
+) -> Option<crate::attenuate::Attenuator> {
+    let alg = match a.alg.as_str() {
+        "ES256" => jsonwebtoken::Algorithm::ES256,
+        "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
+        other => {
+            problems.add("attenuation.alg", format!("`{other}`: use ES256 or EdDSA"));
+            return None;
+        }
+    };
+    if !a.path.starts_with('/')
+        || crate::path::canonicalize(&a.path).ok().as_deref() != Some(a.path.as_str())
+    {
+        problems.add("attenuation.path", "must be a canonical absolute path");
+        return None;
+    }
+    if a.max_ttl.is_zero() {
+        problems.add("attenuation.max_ttl", "must be greater than zero");
+        return None;
+    }
+    if !crate::token::is_safe_identity(&a.kid) || jwt.keys.contains_key(a.kid.as_str()) {
+        problems.add(
+            "attenuation.kid",
+            format!(
+                "`{}` must be a header-safe kid not used by tokens.jwt.keys",
+                a.kid
+            ),
+        );
+        return None;
+    }
+    let private = resolve(&a.private_key);
+    let public = resolve(&a.public_key);
+    let private_pem = match read_file(&private, files) {
+        Ok(b) => b,
+        Err(e) => {
+            problems.list.push(e);
+            return None;
+        }
+    };
+    let public_pem = match read_file(&public, files) {
+        Ok(b) => b,
+        Err(e) => {
+            problems.list.push(e);
+            return None;
+        }
+    };
+    let att = match crate::attenuate::Attenuator::new(
+        a.path.clone(),
+        a.kid.clone(),
+        alg,
+        &private_pem,
+        a.max_ttl,
+    ) {
+        Ok(att) => att,
+        Err(m) => {
+            problems.add(
+                "attenuation.private_key",
+                format!("{}: {m}", private.display()),
+            );
+            return None;
+        }
+    };
+    let key = match JwtKey::from_pem(&a.kid, alg, &public_pem) {
+        Ok(k) => k,
+        Err(m) => {
+            problems.add(
+                "attenuation.public_key",
+                format!("{}: {m}", public.display()),
+            );
+            return None;
+        }
+    };
+    // The two halves must belong together, or minted tokens would never verify.
+    let probe = b"scopegate attenuation key check";
+    let matches = att
+        .sign(probe)
+        .ok()
+        .is_some_and(|sig| key.verify(&sig, probe));
+    if !matches {
+        problems.add(
+            "attenuation.public_key",
+            "does not match attenuation.private_key",
+        );
+        return None;
+    }
+    jwt.keys.insert(a.kid.as_str().into(), key);
+    Some(att)
 }
 
 fn compile_introspection(

@@ -130,6 +130,7 @@ fn assume_covered(token_id: &str) -> Principal<'static> {
             tenants: IdSet::Any,
             accounts: IdSet::Any,
         }]),
+        exp: None,
     }))
 }
 

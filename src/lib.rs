@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod attenuate;
 pub mod config;
 pub mod decision;
 pub mod diff;

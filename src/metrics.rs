@@ -45,6 +45,8 @@ pub struct Metrics {
     /// Introspection cache lookups, `hit` or `miss` (hit ratio =
     /// hit / (hit + miss)).
     pub introspection_cache: IntCounterVec,
+    /// Attenuated tokens, `issued` or `refused`.
+    pub attenuations: IntCounterVec,
 }
 
 /// The `decision` label.
@@ -211,6 +213,14 @@ fn build() -> Result<Metrics, prometheus::Error> {
     registry.register(Box::new(introspection_requests.clone()))?;
     registry.register(Box::new(introspection_duration.clone()))?;
     registry.register(Box::new(introspection_cache.clone()))?;
+    let attenuations = IntCounterVec::new(
+        Opts::new(
+            "scopegate_attenuations_total",
+            "Requests to the attenuation endpoint by result (issued, refused).",
+        ),
+        &["result"],
+    )?;
+    registry.register(Box::new(attenuations.clone()))?;
     for result in ["hit", "miss"] {
         introspection_cache.with_label_values(&[result]);
     }
@@ -250,6 +260,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
         introspection_requests,
         introspection_duration,
         introspection_cache,
+        attenuations,
     })
 }
 

@@ -237,6 +237,27 @@ impl Gateway {
         let snap = &generation.snapshot;
         let request_id = request_id(req.headers());
         let (parts, body) = req.into_parts();
+        if let Some(att) = &snap.attenuation
+            && parts.method == http::Method::POST
+            && parts.uri.path() == att.path
+        {
+            let now = unix_now();
+            let principal = authenticate_with_sources(snap, &self.metrics, &parts.headers, now)
+                .await
+                .map_err(Reason::from);
+            let mut resp =
+                crate::attenuate::handle(att, snap, principal, &parts.headers, body, now).await;
+            self.metrics
+                .attenuations
+                .with_label_values(&[if resp.status() == http::StatusCode::CREATED {
+                    "issued"
+                } else {
+                    "refused"
+                }])
+                .inc();
+            resp.headers_mut().insert("x-request-id", request_id);
+            return resp.map(Either::Left);
+        }
         // Decide on a clone of the URI (refcounted bytes) so `parts` can move
         // into the forwarded request while the outcome borrows the path.
         let uri = parts.uri.clone();
@@ -363,6 +384,33 @@ impl Gateway {
             upstream_time,
         );
         response
+    }
+}
+
+/// Authentication alone (no route), with the same asynchronous second
+/// chance as [`consult_token_sources`]: for the attenuation endpoint.
+pub async fn authenticate_with_sources<'s>(
+    snap: &'s Snapshot,
+    metrics: &Metrics,
+    headers: &HeaderMap,
+    now: i64,
+) -> Result<crate::token::Principal<'s>, crate::token::AuthError> {
+    use crate::token::AuthError;
+    match crate::decision::authenticate(snap, headers, now) {
+        Err(AuthError::UnknownKey | AuthError::KeySourceUnavailable) if snap.jwt.jwks.is_some() => {
+            if let Some(j) = &snap.jwt.jwks {
+                j.refetch(metrics).await;
+            }
+            crate::decision::authenticate(snap, headers, now)
+        }
+        Err(AuthError::UnknownToken) if snap.introspection.is_some() => {
+            let (Some(i), Ok(token)) = (&snap.introspection, crate::token::bearer(headers)) else {
+                return Err(AuthError::UnknownToken);
+            };
+            let answer = i.lookup(token, now, metrics).await?;
+            crate::token::introspect::principal(&answer, &snap.vocabulary())
+        }
+        other => other,
     }
 }
 

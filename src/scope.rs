@@ -82,6 +82,10 @@ impl MethodSet {
         m.0 != 0 && self.0 & m.0 == m.0
     }
 
+    pub fn is_subset(self, other: MethodSet) -> bool {
+        self.0 & !other.0 == 0
+    }
+
     pub fn union(self, other: MethodSet) -> MethodSet {
         MethodSet(self.0 | other.0)
     }
@@ -130,6 +134,26 @@ impl IdSet {
             IdSet::None => false,
             IdSet::One(one) => *one == id,
             IdSet::Many(ids) => ids.binary_search(&id).is_ok(),
+        }
+    }
+
+    /// Every id of `self` is in `other` (`Any` only within `Any`).
+    pub fn is_subset(&self, other: &IdSet) -> bool {
+        match (self, other) {
+            (_, IdSet::Any) | (IdSet::None, _) => true,
+            (IdSet::Any, _) => false,
+            (IdSet::One(id), o) => o.contains(*id),
+            (IdSet::Many(ids), o) => ids.iter().all(|id| o.contains(*id)),
+        }
+    }
+
+    /// The ids, or `None` for `Any`.
+    pub fn ids(&self) -> Option<&[u32]> {
+        match self {
+            IdSet::Any => None,
+            IdSet::None => Some(&[]),
+            IdSet::One(id) => Some(std::slice::from_ref(id)),
+            IdSet::Many(ids) => Some(ids),
         }
     }
 
@@ -648,5 +672,22 @@ mod tests {
             ]
         );
         assert!(cubes.iter().all(|c| c.tenants == t && c.accounts == a));
+    }
+
+    #[test]
+    fn subsets_on_each_kind_of_set() {
+        let many = IdSet::Many(vec![1, 2, 3].into_boxed_slice());
+        assert!(IdSet::None.is_subset(&IdSet::None));
+        assert!(IdSet::One(2).is_subset(&many));
+        assert!(!IdSet::One(4).is_subset(&many));
+        assert!(IdSet::Many(vec![1, 3].into_boxed_slice()).is_subset(&many));
+        assert!(!IdSet::Many(vec![1, 4].into_boxed_slice()).is_subset(&many));
+        assert!(many.is_subset(&IdSet::Any));
+        assert!(!IdSet::Any.is_subset(&many));
+        assert!(IdSet::Any.is_subset(&IdSet::Any));
+        assert!(!IdSet::One(1).is_subset(&IdSet::None));
+        assert!(MethodSet::GET.is_subset(MethodSet::ALL));
+        assert!(!MethodSet::ALL.is_subset(MethodSet::GET.union(MethodSet::POST)));
+        assert!(MethodSet::NONE.is_subset(MethodSet::NONE));
     }
 }

@@ -582,3 +582,245 @@ async fn roles_and_scope_strings_compile_into_cubes() {
         .to_string();
     assert!(err.contains("unknown role `nosuchrole`"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// Attenuated tokens
+
+fn claims_of(token: &str) -> Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("payload");
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .expect("b64"),
+    )
+    .expect("json")
+}
+
+async fn attenuate(addr: std::net::SocketAddr, bearer: &str, body: Value) -> Resp {
+    send_body(
+        addr,
+        "POST",
+        "/_scopegate/v1/tokens",
+        &[
+            ("authorization", &format!("Bearer {bearer}")),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn attenuated_tokens_are_never_wider_than_their_parent() {
+    let up = Upstream::start(Default::default()).await;
+    let parent = pat_record(
+        "tok_parent",
+        "{ methods: [GET, POST], tags: [markers, rules], tenants: [acme-prod, acme-trial], accounts: [acme] }",
+        "expires: 2099-01-01T00:00:00Z",
+    );
+    let soon = pat_record(
+        "tok_soon",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        &format!(
+            "expires: {}",
+            time::OffsetDateTime::from_unix_timestamp(now() + 60)
+                .expect("time")
+                .format(&time::format_description::well_known::Rfc3339)
+                .expect("format")
+        ),
+    );
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+    let gw = {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("dlg.key.pem"), key.serialize_pem()).expect("write");
+        std::fs::write(dir.path().join("dlg.pub.pem"), key.public_key_pem()).expect("write");
+        let opts = Options {
+            patch: Box::new(|s| {
+                format!(
+                    "{s}attenuation: {{ kid: dlg-1, alg: ES256, private_key: dlg.key.pem, public_key: dlg.pub.pem, max_ttl: 10m }}\n"
+                )
+            }),
+            ..Default::default()
+        };
+        let path = write_files(dir.path(), up.addr, &[&parent, &soon], &opts);
+        TestGateway::serve_from(path, dir).await
+    };
+    let narrow = json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]});
+
+    // Issued: a short-lived JWT for exactly the requested cube.
+    let r = attenuate(
+        gw.addr,
+        &parent.secret,
+        json!({"cube": narrow, "ttl": "5m"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let issued = r.json();
+    let child = issued["token"].as_str().expect("token").to_string();
+    let c = claims_of(&child);
+    assert_eq!(c["parent"], "tok_parent");
+    assert_eq!(c["cubes"], json!([narrow]));
+    let ttl = c["exp"].as_i64().expect("exp") - now();
+    assert!((290..=300).contains(&ttl), "ttl {ttl}");
+    assert_eq!(c["iss"], ISSUER);
+    assert_eq!(c["aud"], AUDIENCE);
+
+    // It works for what it names, and nothing else.
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &child)
+            .await
+            .status,
+        200
+    );
+    let seen = up.last().expect("seen");
+    assert_eq!(
+        seen.header("x-airbrx-token-id"),
+        issued["token_id"].as_str()
+    );
+    assert_eq!(
+        call(gw.addr, "POST", "/v1/tenants/acme-prod/markers", &child)
+            .await
+            .reason(),
+        "method"
+    );
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/rules", &child)
+            .await
+            .reason(),
+        "path"
+    );
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-trial/markers", &child)
+            .await
+            .reason(),
+        "tenant"
+    );
+
+    // Each axis that is too wide is named.
+    let wider = |field: &str, value: Value| {
+        let mut c = narrow.clone();
+        c[field] = value;
+        json!({"cube": c})
+    };
+    for (body, axis) in [
+        (wider("methods", json!(["GET", "DELETE"])), "method"),
+        (wider("tags", json!(["markers", "analytics"])), "path"),
+        (wider("tags", json!(["*"])), "path"),
+        (wider("paths", json!(["/v1/accounts/{account}"])), "path"),
+        (
+            wider("tenants", json!(["acme-prod", "acme-staging"])),
+            "tenant",
+        ),
+        (wider("tenants", json!(["*"])), "tenant"),
+        (wider("accounts", json!(["acme", "globex"])), "account"),
+        // Inside the token, outside the plan: acme-trial is on free, which
+        // does not allow writing rules.
+        (
+            json!({"cube": {"methods": ["POST"], "tags": ["rules"], "tenants": ["acme-trial"], "accounts": ["acme"]}}),
+            "plan",
+        ),
+    ] {
+        let r = attenuate(gw.addr, &parent.secret, body.clone()).await;
+        assert_eq!(
+            r.status,
+            403,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["too_wide"], axis, "{body}");
+    }
+    // Inside both: POST markers on acme-trial is on the free plan.
+    let r = attenuate(
+        gw.addr,
+        &parent.secret,
+        json!({"cube": {"methods": ["POST"], "tags": ["markers"], "tenants": ["acme-trial"], "accounts": ["acme"]}}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+
+    // A delegated token can be narrowed again but never widened back.
+    let again = attenuate(gw.addr, &child, json!({"cube": narrow})).await;
+    assert_eq!(again.status, 201);
+    let grandchild = again.json()["token"].as_str().expect("token").to_string();
+    assert_eq!(claims_of(&grandchild)["parent"], issued["token_id"]);
+    assert!(claims_of(&grandchild)["exp"].as_i64() <= c["exp"].as_i64());
+    let r = attenuate(gw.addr, &child, wider("methods", json!(["GET", "POST"]))).await;
+    assert_eq!(
+        (r.status, r.json()["too_wide"].clone()),
+        (403, json!("method"))
+    );
+
+    // Lifetimes: max_ttl caps the request; the parent's expiry caps both.
+    let r = attenuate(
+        gw.addr,
+        &parent.secret,
+        json!({"cube": narrow, "ttl": "24h"}),
+    )
+    .await;
+    let ttl = claims_of(r.json()["token"].as_str().expect("token"))["exp"]
+        .as_i64()
+        .expect("exp")
+        - now();
+    assert!((590..=600).contains(&ttl), "ttl {ttl}");
+    let r = attenuate(gw.addr, &soon.secret, json!({"cube": narrow})).await;
+    let ttl = claims_of(r.json()["token"].as_str().expect("token"))["exp"]
+        .as_i64()
+        .expect("exp")
+        - now();
+    assert!(ttl <= 60, "outlives its parent: {ttl}");
+
+    // Bad requests and callers.
+    for (bearer, body, status) in [
+        ("abx_pat_nope", json!({"cube": narrow}), 401),
+        (
+            parent.secret.as_str(),
+            json!({"cube": {"methods": ["GET"], "tags": ["markers"], "tenants": ["nope"], "accounts": ["acme"]}}),
+            400,
+        ),
+        (
+            parent.secret.as_str(),
+            json!({"cube": {"methods": ["GET"], "tags": ["nosuch"]}}),
+            400,
+        ),
+        (
+            parent.secret.as_str(),
+            json!({"cube": narrow, "cubes": [narrow]}),
+            400,
+        ),
+        (
+            parent.secret.as_str(),
+            json!({"cube": narrow, "ttl": "soon"}),
+            400,
+        ),
+        (
+            parent.secret.as_str(),
+            json!({"cube": narrow, "extra": 1}),
+            400,
+        ),
+    ] {
+        let r = attenuate(gw.addr, bearer, body.clone()).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(!String::from_utf8_lossy(&r.body).contains(&parent.secret));
+    }
+    assert!(metric(&gw.gw, "scopegate_attenuations_total{result=\"issued\"}") >= 5.0);
+}
+
+#[tokio::test]
+async fn attenuation_is_off_unless_configured() {
+    let up = Upstream::start(Default::default()).await;
+    let p = pat_record(
+        "tok_p",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let gw = TestGateway::start(up.addr, &[&p], Options::default()).await;
+    let r = attenuate(gw.addr, &p.secret, json!({"cube": {"methods": ["GET"]}})).await;
+    assert_eq!((r.status, r.reason().as_str()), (404, "unmapped_route"));
+    assert_eq!(up.count(), 0);
+}

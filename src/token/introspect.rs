@@ -60,6 +60,8 @@ pub struct Introspected {
     pub token_id: Box<str>,
     pub subject: Option<Box<str>>,
     pub cubes: Box<[Cube]>,
+    /// The token's `exp` as the endpoint said (Unix seconds).
+    pub exp: Option<i64>,
 }
 
 pub struct Introspector {
@@ -360,6 +362,7 @@ pub fn principal(answer: &Active, vocab: &Vocabulary<'_>) -> Result<Principal<'s
         token_id: answer.token_id.clone(),
         subject: answer.subject.clone(),
         cubes: cubes.into_boxed_slice(),
+        exp: answer.exp,
     })))
 }
 

@@ -164,6 +164,11 @@ impl JwtKey {
         })
     }
 
+    /// Whether `signature` (base64url) verifies `message` with this key.
+    pub fn verify(&self, signature: &str, message: &[u8]) -> bool {
+        jsonwebtoken::crypto::verify(signature, message, &self.key, self.alg).unwrap_or(false)
+    }
+
     /// An HMAC key from its secret. Secrets shorter than 32 bytes are refused:
     /// they are guessable offline from any one token.
     pub fn from_secret(kid: &str, alg: Algorithm, secret: &[u8]) -> Result<JwtKey, String> {
@@ -223,6 +228,8 @@ pub struct VerifiedJwt {
     /// (its `nbf`/`iat` and `exp`, widened by the leeway).
     valid_from: f64,
     valid_until: f64,
+    /// The token's own `exp` (Unix seconds).
+    pub exp: f64,
 }
 
 /// Verified tokens by the SHA-256 of their bytes. It lives in the snapshot,
@@ -403,6 +410,7 @@ impl JwtKeys {
             jwks_key,
             valid_from,
             valid_until: exp + leeway,
+            exp,
         }))
     }
 }
