@@ -154,6 +154,29 @@ fn bench(c: &mut Criterion) {
     g.bench_function("ES256 JWT allow, 10 routes, cached", |b| {
         b.iter(|| decide(&snap, &headers, now))
     });
+    // The usage book, as the proxy feeds it after an allow: a warm entry
+    // (the common case: a token calling a shape it called before).
+    let book = scopegate::usage::UsageBook::new(10_000, 256);
+    let (psnap, psecret) = snapshot(10, 10);
+    let pheaders = bearer(&psecret);
+    let out = scopegate::decision::decide(&psnap, &Method::GET, PATH, &pheaders, now);
+    let (Some(principal), Some(m)) = (out.principal.as_ref(), out.matched) else {
+        panic!("the benchmarked PAT request must be allowed");
+    };
+    let names = m.names(&psnap);
+    book.record(principal, &Method::GET, &names, &psnap, 1);
+    g.bench_function("part: usage record (warm)", |b| {
+        b.iter(|| {
+            book.record(
+                black_box(principal),
+                &Method::GET,
+                black_box(&names),
+                &psnap,
+                1,
+            )
+        })
+    });
+
     let (mut uncached, _) = snapshot(10, 10);
     uncached.jwt.cache = None;
     g.bench_function("ES256 JWT allow, 10 routes, no cache", |b| {
