@@ -96,25 +96,7 @@ fn same_upstream(a: &Upstream, b: &Upstream) -> bool {
 /// Build the pooled client for an upstream: HTTP/1.1, and HTTP/2 by ALPN on
 /// `https://` or by prior knowledge on plaintext when `upstream.http2` is set.
 pub fn build_client(u: &Upstream) -> Result<UpstreamClient, String> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(u.connect_timeout));
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = hyper_rustls::HttpsConnectorBuilder::new();
-    let builder = match &u.ca {
-        None => builder
-            .with_provider_and_webpki_roots(provider)
-            .map_err(|e| format!("upstream TLS setup: {e}"))?,
-        Some(roots) => {
-            let tls = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .map_err(|e| format!("upstream TLS setup: {e}"))?
-                .with_root_certificates(roots.clone())
-                .with_no_client_auth();
-            builder.with_tls_config(tls)
-        }
-    };
+    let (http, builder) = crate::sources::connector_parts(u.ca.as_deref(), u.connect_timeout)?;
     let https = builder
         .https_or_http()
         .enable_http1()

@@ -18,11 +18,19 @@ pub const MAX_BODY: usize = 1024 * 1024;
 
 pub type SourceClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// An HTTPS-only client. `roots` replaces the web PKI roots when given.
-pub fn client(
+/// A TCP connector and the rustls half of an HTTPS connector, shared by the
+/// upstream client and the token sources: web PKI roots, or `roots` instead
+/// when given (an operator CA).
+pub fn connector_parts(
     roots: Option<&rustls::RootCertStore>,
     connect_timeout: Duration,
-) -> Result<SourceClient, String> {
+) -> Result<
+    (
+        HttpConnector,
+        hyper_rustls::HttpsConnectorBuilder<hyper_rustls::builderstates::WantsSchemes>,
+    ),
+    String,
+> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
@@ -42,6 +50,15 @@ pub fn client(
             builder.with_tls_config(tls)
         }
     };
+    Ok((http, builder))
+}
+
+/// An HTTPS-only client. `roots` replaces the web PKI roots when given.
+pub fn client(
+    roots: Option<&rustls::RootCertStore>,
+    connect_timeout: Duration,
+) -> Result<SourceClient, String> {
+    let (http, builder) = connector_parts(roots, connect_timeout)?;
     let https = builder
         .https_only()
         .enable_http1()

@@ -972,15 +972,7 @@ async fn no_secret_leaves_through_any_channel() {
         "{ methods: [GET], tags: [\"*\"], tenants: [\"*\"], accounts: [acme] }",
         "disabled: true",
     );
-    let opts = Options {
-        patch: Box::new(|s| {
-            s.replace(
-                "listen: { addr: \"127.0.0.1:0\" }",
-                "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
-            )
-        }),
-        ..Default::default()
-    };
+    let opts = with_admin();
     let cfg = write_files(dir.path(), up.addr, &[&good, &revoked], &opts);
     let mut child = std::process::Command::new(BIN)
         .args(["serve", "--config", cfg.to_str().expect("utf8")])

@@ -309,15 +309,7 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
         "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
         "",
     );
-    let with_admin = Options {
-        patch: Box::new(|s| {
-            s.replace(
-                "listen: { addr: \"127.0.0.1:0\" }",
-                "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
-            )
-        }),
-        ..Default::default()
-    };
+    let with_admin = with_admin();
     let cfg = write_files(dir.path(), up.addr, &[&p], &with_admin);
     let mut log = Vec::new();
     let (mut child, rx, gw, admin) = spawn_serve(&cfg, &mut log);

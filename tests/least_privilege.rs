@@ -97,15 +97,7 @@ async fn suggest_after_a_scripted_workload() {
         "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
         "",
     );
-    let opts = Options {
-        patch: Box::new(|s| {
-            s.replace(
-                "listen: { addr: \"127.0.0.1:0\" }",
-                "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
-            )
-        }),
-        ..Default::default()
-    };
+    let opts = with_admin();
     let cfg = write_files(dir.path(), up.addr, &[&broad, &unused], &opts);
     let mut log = Vec::new();
     let (mut child, _rx, gw, admin) = spawn_serve(&cfg, &mut log);

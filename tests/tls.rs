@@ -15,22 +15,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
 
-/// A CA and a `localhost` leaf it signed: (ca_pem, leaf_pem, leaf_key_pem).
-fn pki() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .expect("params")
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf");
-    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
-}
-
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -75,7 +59,7 @@ fn tls_opts() -> Options {
 async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
     let up = Upstream::start(Default::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (ca1, cert1, key1) = pki();
+    let (ca1, cert1, key1) = pki(&["localhost"]);
     std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
     std::fs::write(dir.path().join("server.key"), &key1).expect("write");
     let path = write_files(dir.path(), up.addr, &[], &tls_opts());
@@ -134,7 +118,7 @@ async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
     assert!(r.is_none(), "plaintext was served on the TLS listener");
 
     // Certificate and key replaced on disk: new connections get the new one.
-    let (ca2, cert2, key2) = pki();
+    let (ca2, cert2, key2) = pki(&["localhost"]);
     write_atomic(&gw.dir.path().join("server.key"), &key2);
     write_atomic(&gw.dir.path().join("server.crt"), &cert2);
     eventually(
@@ -159,8 +143,8 @@ async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
 async fn a_mismatched_certificate_and_key_is_a_config_error() {
     let up = Upstream::start(Default::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_, cert1, _) = pki();
-    let (_, _, key2) = pki();
+    let (_, cert1, _) = pki(&["localhost"]);
+    let (_, _, key2) = pki(&["localhost"]);
     std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
     std::fs::write(dir.path().join("server.key"), &key2).expect("write");
     let path = write_files(dir.path(), up.addr, &[], &tls_opts());
@@ -228,7 +212,7 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_trusted_through_a_configured_ca() {
-    let (ca, cert, key) = pki();
+    let (ca, cert, key) = pki(&["localhost"]);
     let upstream = tls_upstream(&cert, &key).await;
     let port = upstream.port();
     let tok = es256(

@@ -53,24 +53,9 @@ struct TokenServer {
     delay: Arc<Mutex<Duration>>,
 }
 
-fn pki() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .expect("params")
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf");
-    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
-}
-
 impl TokenServer {
     async fn start(mode: Mode) -> TokenServer {
-        let (ca_pem, cert, key) = pki();
+        let (ca_pem, cert, key) = pki(&["127.0.0.1"]);
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
             .map(|c| c.expect("cert"))
             .collect();

@@ -353,6 +353,35 @@ impl Default for Options {
     }
 }
 
+/// The test configuration with an admin listener on 127.0.0.1:0 too.
+pub fn with_admin() -> Options {
+    Options {
+        patch: Box::new(|s| {
+            s.replace(
+                "listen: { addr: \"127.0.0.1:0\" }",
+                "listen: { addr: \"127.0.0.1:0\" }\nadmin: { addr: \"127.0.0.1:0\" }",
+            )
+        }),
+        ..Default::default()
+    }
+}
+
+/// A CA and a leaf for `names` it signed: (ca_pem, leaf_pem, leaf_key_pem).
+pub fn pki(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        .expect("params")
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf");
+    (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
+}
+
 pub struct TestGateway {
     pub addr: SocketAddr,
     pub gw: Arc<Gateway>,
