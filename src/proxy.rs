@@ -22,7 +22,6 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Mode, Snapshot, Upstream};
 use crate::decision::{Outcome, decide, decide_with};
@@ -102,10 +101,7 @@ pub fn build_client(u: &Upstream) -> Result<UpstreamClient, String> {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    let mut b = Client::builder(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90));
+    let mut b = crate::sources::pooled();
     if u.http2 && u.scheme == http::uri::Scheme::HTTP {
         b.http2_only(true);
     }

@@ -64,11 +64,17 @@ pub fn client(
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
+    Ok(pooled().build(https))
+}
+
+/// The client settings every pool here shares: tokio timers, idle
+/// connections kept 90 s.
+pub fn pooled() -> hyper_util::client::legacy::Builder {
     let mut b = Client::builder(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(90));
-    Ok(b.build(https))
+    b
 }
 
 /// Why a fetch failed, as a bounded metric label and a log message that

@@ -12,7 +12,7 @@ use common::*;
 use http_body_util::{Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -160,18 +160,7 @@ async fn a_mismatched_certificate_and_key_is_a_config_error() {
 
 /// An HTTPS upstream with a certificate from its own CA; offers h2 and http/1.1.
 async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .expect("certs");
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).expect("key");
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .expect("server config");
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(cert_pem, key_pem));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
