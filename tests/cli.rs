@@ -312,7 +312,10 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     let with_admin = with_admin();
     let cfg = write_files(dir.path(), up.addr, &[&p], &with_admin);
     let mut log = Vec::new();
-    let (mut child, rx, gw, admin) = spawn_serve(&cfg, &mut log);
+    // One worker: the current-thread runtime serves, reloads (off-thread
+    // via spawn_blocking) and drains like the multi-thread one.
+    let (mut child, rx, gw, admin) =
+        spawn_serve_with(&cfg, &mut log, &[("SCOPEGATE_WORKERS", "1")]);
     let admin = admin.expect("admin listening");
 
     let jwt = es256(

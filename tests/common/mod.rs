@@ -714,8 +714,23 @@ pub fn spawn_serve(
     std::net::SocketAddr,
     Option<std::net::SocketAddr>,
 ) {
+    spawn_serve_with(cfg, log, &[])
+}
+
+/// [`spawn_serve`] with extra environment variables.
+pub fn spawn_serve_with(
+    cfg: &std::path::Path,
+    log: &mut Vec<String>,
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+) {
     let mut child = std::process::Command::new(BIN)
         .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .envs(env.iter().copied())
         .env("SG_TEST_HS256", HS_SECRET)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
