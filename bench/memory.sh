@@ -38,7 +38,9 @@ PY
 sed -n '/Record to paste/,$p' "$WORK/pat.out" | tail -n +2 >> "$WORK/tokens.yaml"
 
 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
-SCOPEGATE_LOG=warn "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null & SGPID=$!; PIDS+=($SGPID)
+# As deployed (deploy/): MIMALLOC_PURGE_DELAY=0 unless the caller sets it
+# (MIMALLOC_PURGE_DELAY=1000 bench/memory.sh measures mimalloc's default).
+MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:-0} SCOPEGATE_LOG=warn "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null & SGPID=$!; PIDS+=($SGPID)
 for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$SG") 2>/dev/null && break; sleep 0.05; done
 rss() { awk '/^VmRSS/ { print $2 }' "/proc/$SGPID/status"; }
 URL="http://127.0.0.1:$SG/v1/tenants/tenant-42/r7/item-1"
