@@ -1004,6 +1004,19 @@ fn compile(
         compile_attenuation(a, &resolve, &mut files, &mut jwt, &mut problems)
             .map(std::sync::Arc::new)
     });
+    // The endpoint is answered before routing: a route it would hide is a
+    // configuration error, not a silent shadow.
+    if let Some(att) = &attenuation
+        && let Some(m) = routes.at(&att.path)
+    {
+        problems.add(
+            "attenuation.path",
+            format!(
+                "`{}` is also matched by route `{}`",
+                att.path, m.route.template
+            ),
+        );
+    }
     let introspection = spec.tokens.introspection.as_ref().and_then(|i| {
         compile_introspection(i, &resolve, env, &mut files, &mut problems).map(std::sync::Arc::new)
     });

@@ -803,6 +803,49 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
     assert!(metric(&gw.gw, "scopegate_attenuations_total{result=\"issued\"}") >= 5.0);
 }
 
+#[test]
+fn an_attenuation_path_that_hides_a_route_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+    std::fs::write(dir.path().join("k.pem"), key.serialize_pem()).expect("write");
+    std::fs::write(dir.path().join("p.pem"), key.public_key_pem()).expect("write");
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+    std::fs::write(dir.path().join("other.pem"), other.public_key_pem()).expect("write");
+    std::fs::write(dir.path().join("tokens.yaml"), "tokens: []\n").expect("write");
+    for f in ["es256.pub.pem", "rs256.pub.pem", "ed25519.pub.pem"] {
+        std::fs::copy(fixture(f), dir.path().join(f)).expect("copy");
+    }
+    let base = config_yaml("127.0.0.1:9".parse().expect("addr"), &Options::default());
+    for (att, key, message) in [
+        (
+            "{ path: /v1/platform/status, kid: d, alg: ES256, private_key: k.pem, public_key: p.pem }",
+            "attenuation.path",
+            "also matched by route",
+        ),
+        (
+            "{ kid: d, alg: ES256, private_key: k.pem, public_key: other.pem }",
+            "attenuation.public_key",
+            "does not match",
+        ),
+        (
+            "{ kid: es-test, alg: ES256, private_key: k.pem, public_key: p.pem }",
+            "attenuation.kid",
+            "not used by tokens.jwt.keys",
+        ),
+        (
+            "{ kid: d, alg: HS256, private_key: k.pem, public_key: p.pem }",
+            "attenuation.alg",
+            "ES256 or EdDSA",
+        ),
+    ] {
+        let text = format!("{base}attenuation: {att}\n");
+        let err = scopegate::config::from_yaml(&text, &dir.path().join("gateway.yaml"), &test_env)
+            .expect_err(att)
+            .to_string();
+        assert!(err.contains(key) && err.contains(message), "{att}: {err}");
+    }
+}
+
 #[tokio::test]
 async fn attenuation_is_off_unless_configured() {
     let up = Upstream::start(Default::default()).await;
