@@ -100,7 +100,7 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<B
     r
 }
 
-fn refuse(status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
+fn refuse(rid: &str, status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
     let error = match status {
         StatusCode::UNAUTHORIZED => "invalid_token",
         StatusCode::FORBIDDEN => "insufficient_scope",
@@ -108,13 +108,17 @@ fn refuse(status: StatusCode, reason: &str, message: String) -> Response<Full<By
     };
     let mut r = json_response(
         status,
-        json!({"error": error, "reason": reason, "message": message}),
+        json!({"error": error, "reason": reason, "message": message, "request_id": rid}),
     );
-    if status == StatusCode::FORBIDDEN {
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            http::HeaderValue::from_static(r#"Bearer realm="airbrx", error="insufficient_scope""#),
-        );
+    // RFC 6750, as for every denial (SPEC §6).
+    let challenge = match status {
+        StatusCode::UNAUTHORIZED => Some(r#"Bearer realm="airbrx", error="invalid_token""#),
+        StatusCode::FORBIDDEN => Some(r#"Bearer realm="airbrx", error="insufficient_scope""#),
+        _ => None,
+    };
+    if let Some(c) = challenge {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static(c));
     }
     r
 }
@@ -263,11 +267,13 @@ pub async fn handle(
     headers: &HeaderMap,
     body: hyper::body::Incoming,
     now: i64,
+    rid: &str,
 ) -> Response<Full<Bytes>> {
     let parent = match principal {
         Ok(p) => p,
         Err(reason) => {
             return refuse(
+                rid,
                 reason.status(),
                 reason.as_str(),
                 reason.message().to_string(),
@@ -280,6 +286,7 @@ pub async fn handle(
         .is_some_and(|v| v.starts_with("application/json"));
     if !json_ct {
         return refuse(
+            rid,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "bad_request",
             "send the requested cube as application/json".into(),
@@ -289,6 +296,7 @@ pub async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => {
             return refuse(
+                rid,
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "bad_request",
                 format!("the body is over {MAX_BODY} bytes"),
@@ -299,6 +307,7 @@ pub async fn handle(
         Ok(r) => r,
         Err(e) => {
             return refuse(
+                rid,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 format!("not a cube request: {e}"),
@@ -307,7 +316,7 @@ pub async fn handle(
     };
     let specs = match crate::scope::cube_list(&req.cube, &req.cubes) {
         Ok(s) => s.to_vec(),
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e.into()),
+        Err(e) => return refuse(rid, StatusCode::BAD_REQUEST, "bad_request", e.into()),
     };
     let vocab = snap.vocabulary();
     let mut wanted = Vec::with_capacity(specs.len());
@@ -335,6 +344,7 @@ pub async fn handle(
         match compiled {
             Ok(c) if c.methods == MethodSet::NONE => {
                 return refuse(
+                    rid,
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     format!("cube {i}: no methods"),
@@ -343,6 +353,7 @@ pub async fn handle(
             Ok(c) => wanted.push(c),
             Err(e) => {
                 return refuse(
+                    rid,
                     StatusCode::BAD_REQUEST,
                     "bad_request",
                     format!("cube {i}: {e}"),
@@ -353,6 +364,7 @@ pub async fn handle(
     for (i, w) in wanted.iter().enumerate() {
         if let Err(axis) = check(w, parent.cubes(), snap) {
             let mut r = refuse(
+                rid,
                 StatusCode::FORBIDDEN,
                 axis.as_str(),
                 format!(
@@ -370,6 +382,7 @@ pub async fn handle(
                     "error": "insufficient_scope",
                     "reason": axis.as_str(),
                     "too_wide": axis.as_str(),
+                    "request_id": rid,
                     "cube": i,
                     "message": format!("cube {i} is wider than allowed on the {} axis", axis.as_str()),
                 })
@@ -385,6 +398,7 @@ pub async fn handle(
         Some(Ok(d)) if !d.is_zero() => d.min(att.max_ttl),
         Some(_) => {
             return refuse(
+                rid,
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 "ttl must be a positive duration such as 5m".into(),
@@ -402,6 +416,7 @@ pub async fn handle(
     }
     if exp <= now {
         return refuse(
+            rid,
             StatusCode::FORBIDDEN,
             "expired",
             "the parent token expires now; nothing can be delegated".into(),
@@ -410,6 +425,7 @@ pub async fn handle(
     let mut rand = [0u8; 12];
     if getrandom::fill(&mut rand).is_err() {
         return refuse(
+            rid,
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             "no randomness for a token id".into(),
@@ -439,6 +455,7 @@ pub async fn handle(
             json!({"token": token, "token_id": jti, "parent": parent.token_id(), "expires_at": exp}),
         ),
         Err(e) => refuse(
+            rid,
             StatusCode::INTERNAL_SERVER_ERROR,
             "signing_failed",
             format!("could not sign: {e}"),

@@ -223,8 +223,16 @@ impl Gateway {
             let principal = authenticate_with_sources(snap, &self.metrics, &parts.headers, now)
                 .await
                 .map_err(Reason::from);
-            let mut resp =
-                crate::attenuate::handle(att, snap, principal, &parts.headers, body, now).await;
+            let mut resp = crate::attenuate::handle(
+                att,
+                snap,
+                principal,
+                &parts.headers,
+                body,
+                now,
+                request_id.to_str().unwrap_or(""),
+            )
+            .await;
             self.metrics
                 .attenuations
                 .with_label_values(&[if resp.status() == http::StatusCode::CREATED {

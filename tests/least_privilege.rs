@@ -721,6 +721,15 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
             String::from_utf8_lossy(&r.body)
         );
         assert_eq!(r.json()["too_wide"], axis, "{body}");
+        assert!(
+            r.json()["request_id"]
+                .as_str()
+                .is_some_and(|id| !id.is_empty())
+        );
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="airbrx", error="insufficient_scope""#)
+        );
     }
     // Inside both: POST markers on acme-trial is on the free plan.
     let r = attenuate(
@@ -799,6 +808,17 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
             String::from_utf8_lossy(&r.body)
         );
         assert!(!String::from_utf8_lossy(&r.body).contains(&parent.secret));
+        // The SPEC §6 denial body: error, reason, message, request_id.
+        let b = r.json();
+        for field in ["error", "reason", "message", "request_id"] {
+            assert!(b[field].is_string(), "{field} in {b}");
+        }
+        if status == 401 {
+            assert_eq!(
+                r.header("www-authenticate"),
+                Some(r#"Bearer realm="airbrx", error="invalid_token""#)
+            );
+        }
     }
     assert!(metric(&gw.gw, "scopegate_attenuations_total{result=\"issued\"}") >= 5.0);
 }
