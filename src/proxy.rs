@@ -373,38 +373,61 @@ impl Gateway {
     }
 }
 
-/// Authentication alone (no route), with the same asynchronous second
-/// chance as [`consult_token_sources`]: for the attenuation endpoint.
+/// The asynchronous second chance of the authentication phase, given why
+/// the first (synchronous) one failed: a `kid` the JWKS does not have (or no
+/// JWKS yet) refetches it once, single flight, and authenticates again; a
+/// PAT not in the PAT file goes to introspection. `None` when no source
+/// applies (the first answer stands).
+async fn second_authentication<'s>(
+    snap: &'s Snapshot,
+    metrics: &Metrics,
+    first: crate::token::AuthError,
+    headers: &HeaderMap,
+    now: i64,
+) -> Option<Result<crate::token::Principal<'s>, crate::token::AuthError>> {
+    use crate::token::AuthError;
+    match first {
+        AuthError::UnknownKey | AuthError::KeySourceUnavailable => {
+            snap.jwt.jwks.as_ref()?.refetch(metrics).await;
+            Some(crate::decision::authenticate(snap, headers, now))
+        }
+        AuthError::UnknownToken => {
+            let introspector = snap.introspection.as_ref()?;
+            let token = crate::token::bearer(headers).ok()?;
+            if !crate::token::pat::well_formed(token) {
+                return None;
+            }
+            Some(
+                introspector
+                    .lookup(token, now, metrics)
+                    .await
+                    .and_then(|a| crate::token::introspect::principal(&a, &snap.vocabulary())),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// Authentication alone (no route), with the token sources' second chance:
+/// for the attenuation endpoint.
 pub async fn authenticate_with_sources<'s>(
     snap: &'s Snapshot,
     metrics: &Metrics,
     headers: &HeaderMap,
     now: i64,
 ) -> Result<crate::token::Principal<'s>, crate::token::AuthError> {
-    use crate::token::AuthError;
     match crate::decision::authenticate(snap, headers, now) {
-        Err(AuthError::UnknownKey | AuthError::KeySourceUnavailable) if snap.jwt.jwks.is_some() => {
-            if let Some(j) = &snap.jwt.jwks {
-                j.refetch(metrics).await;
-            }
-            crate::decision::authenticate(snap, headers, now)
-        }
-        Err(AuthError::UnknownToken) if snap.introspection.is_some() => {
-            let (Some(i), Ok(token)) = (&snap.introspection, crate::token::bearer(headers)) else {
-                return Err(AuthError::UnknownToken);
-            };
-            let answer = i.lookup(token, now, metrics).await?;
-            crate::token::introspect::principal(&answer, &snap.vocabulary())
-        }
-        other => other,
+        Err(first) => second_authentication(snap, metrics, first, headers, now)
+            .await
+            .unwrap_or(Err(first)),
+        ok => ok,
     }
 }
 
-/// The asynchronous second chance of the authentication phase: a `kid` the
-/// JWKS does not have (or no JWKS yet) refetches it once, single flight,
-/// then decides again; a PAT not in the PAT file goes to introspection.
-/// `None` when no source applies (the first answer stands). The proxy and
-/// `scopegate explain` both use it.
+/// A whole decision given another chance by the token sources when the
+/// first one failed in authentication (see [`second_authentication`]);
+/// every other phase runs again exactly as in [`decide`]. `None` when no
+/// source applies. The proxy and `scopegate explain` both use it.
 pub async fn consult_token_sources<'s, 'r>(
     snap: &'s Snapshot,
     metrics: &Metrics,
@@ -414,26 +437,15 @@ pub async fn consult_token_sources<'s, 'r>(
     headers: &HeaderMap,
     now: i64,
 ) -> Option<Outcome<'s, 'r>> {
-    match first {
-        Reason::UnknownKey | Reason::KeySourceUnavailable => {
-            let jwks = snap.jwt.jwks.as_ref()?;
-            jwks.refetch(metrics).await;
-            Some(decide(snap, method, path, headers, now))
-        }
-        Reason::UnknownToken => {
-            let introspector = snap.introspection.as_ref()?;
-            let token = crate::token::bearer(headers).ok()?;
-            if !crate::token::pat::well_formed(token) {
-                return None;
-            }
-            let answer = introspector
-                .lookup(token, now, metrics)
-                .await
-                .and_then(|a| crate::token::introspect::principal(&a, &snap.vocabulary()));
-            Some(decide_with(snap, method, path, headers, now, Some(answer)))
-        }
-        _ => None,
-    }
+    use crate::token::AuthError;
+    let first = match first {
+        Reason::UnknownKey => AuthError::UnknownKey,
+        Reason::KeySourceUnavailable => AuthError::KeySourceUnavailable,
+        Reason::UnknownToken => AuthError::UnknownToken,
+        _ => return None,
+    };
+    let again = second_authentication(snap, metrics, first, headers, now).await?;
+    Some(decide_with(snap, method, path, headers, now, Some(again)))
 }
 
 /// Why forwarding failed.
