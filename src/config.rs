@@ -740,15 +740,15 @@ fn compile(
             }
         });
     let mut upstream = compile_upstream(&spec.upstream, &mut problems);
-    if let Some(ca) = &spec.upstream.ca {
-        match load_ca(&resolve(ca), "upstream.ca", &mut files) {
-            Ok((roots, sha)) => {
-                upstream.ca = Some(std::sync::Arc::new(roots));
-                upstream.ca_sha256 = Some(sha);
-            }
-            Err(e) => problems.list.push(e),
-        }
-    }
+    let (ca, ca_sha256) = optional_ca(
+        spec.upstream.ca.as_deref(),
+        "upstream.ca",
+        &resolve,
+        &mut files,
+        &mut problems,
+    );
+    upstream.ca = ca.map(std::sync::Arc::new);
+    upstream.ca_sha256 = ca_sha256;
     if spec.limits.max_header_bytes < 8192 {
         problems.add(
             "limits.max_header_bytes",
@@ -1190,16 +1190,13 @@ fn compile_jwks(
             "refresh and timeout must be greater than zero",
         );
     }
-    let (ca, ca_sha256) = match &js.ca {
-        Some(ca) => match load_ca(&resolve(ca), "tokens.jwt.jwks.ca", files) {
-            Ok((roots, sha)) => (Some(roots), Some(sha)),
-            Err(e) => {
-                problems.list.push(e);
-                (None, None)
-            }
-        },
-        None => (None, None),
-    };
+    let (ca, ca_sha256) = optional_ca(
+        js.ca.as_deref(),
+        "tokens.jwt.jwks.ca",
+        resolve,
+        files,
+        problems,
+    );
     let mut initial = None;
     let location = match (&js.file, &js.url) {
         (Some(f), None) => {
@@ -1377,16 +1374,13 @@ fn compile_introspection(
             "must be at least 1 (every PAT would cost a call to the endpoint)",
         );
     }
-    let (ca, ca_sha256) = match &i.ca {
-        Some(ca) => match load_ca(&resolve(ca), "tokens.introspection.ca", files) {
-            Ok((roots, sha)) => (Some(roots), Some(sha)),
-            Err(e) => {
-                problems.list.push(e);
-                (None, None)
-            }
-        },
-        None => (None, None),
-    };
+    let (ca, ca_sha256) = optional_ca(
+        i.ca.as_deref(),
+        "tokens.introspection.ca",
+        resolve,
+        files,
+        problems,
+    );
     let (Some(url), Some(client_id), Some(client_secret)) = (url, client_id, client_secret) else {
         return None;
     };
@@ -1408,7 +1402,28 @@ fn compile_introspection(
     .ok()
 }
 
-/// Read `upstream.ca` into a root store. Errors name the file.
+/// An optional `ca:` key: its root store and SHA-256, or nothing (a problem
+/// is recorded when the file cannot be used).
+fn optional_ca(
+    path: Option<&str>,
+    key: &str,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    files: &mut Vec<LoadedFile>,
+    problems: &mut Problems<'_>,
+) -> (Option<rustls::RootCertStore>, Option<String>) {
+    let Some(path) = path else {
+        return (None, None);
+    };
+    match load_ca(&resolve(path), key, files) {
+        Ok((roots, sha)) => (Some(roots), Some(sha)),
+        Err(e) => {
+            problems.list.push(e);
+            (None, None)
+        }
+    }
+}
+
+/// Read a `ca:` file into a root store. Errors name the file and key.
 fn load_ca(
     path: &Path,
     key: &str,
