@@ -101,15 +101,28 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<B
 }
 
 fn refuse(rid: &str, status: StatusCode, reason: &str, message: String) -> Response<Full<Bytes>> {
+    refuse_with(rid, status, reason, message, serde_json::Map::new())
+}
+
+/// A refusal with the SPEC §6 body plus `extra` members.
+fn refuse_with(
+    rid: &str,
+    status: StatusCode,
+    reason: &str,
+    message: String,
+    extra: serde_json::Map<String, serde_json::Value>,
+) -> Response<Full<Bytes>> {
     let error = match status {
         StatusCode::UNAUTHORIZED => "invalid_token",
         StatusCode::FORBIDDEN => "insufficient_scope",
         _ => "invalid_request",
     };
-    let mut r = json_response(
-        status,
-        json!({"error": error, "reason": reason, "message": message, "request_id": rid}),
-    );
+    let mut body = extra;
+    body.insert("error".into(), json!(error));
+    body.insert("reason".into(), json!(reason));
+    body.insert("message".into(), json!(message));
+    body.insert("request_id".into(), json!(rid));
+    let mut r = json_response(status, serde_json::Value::Object(body));
     // RFC 6750, as for every denial (SPEC §6).
     let challenge = match status {
         StatusCode::UNAUTHORIZED => Some(r#"Bearer realm="airbrx", error="invalid_token""#),
@@ -363,7 +376,10 @@ pub async fn handle(
     }
     for (i, w) in wanted.iter().enumerate() {
         if let Err(axis) = check(w, parent.cubes(), snap) {
-            let mut r = refuse(
+            let mut extra = serde_json::Map::new();
+            extra.insert("too_wide".into(), json!(axis.as_str()));
+            extra.insert("cube".into(), json!(i));
+            return refuse_with(
                 rid,
                 StatusCode::FORBIDDEN,
                 axis.as_str(),
@@ -376,19 +392,8 @@ pub async fn handle(
                     },
                     axis.as_str()
                 ),
+                extra,
             );
-            *r.body_mut() = Full::new(Bytes::from(
-                json!({
-                    "error": "insufficient_scope",
-                    "reason": axis.as_str(),
-                    "too_wide": axis.as_str(),
-                    "request_id": rid,
-                    "cube": i,
-                    "message": format!("cube {i} is wider than allowed on the {} axis", axis.as_str()),
-                })
-                .to_string(),
-            ));
-            return r;
         }
     }
 

@@ -221,7 +221,7 @@ impl Introspector {
         metrics: &Metrics,
     ) -> Result<Option<Arc<Active>>, FetchError> {
         let t = Instant::now();
-        let result = self.call(token, now).await;
+        let result = self.call(token).await;
         metrics
             .introspection_duration
             .observe(t.elapsed().as_secs_f64());
@@ -273,7 +273,7 @@ impl Introspector {
     }
 
     /// One RFC 7662 call: `Some` for an active token, `None` for inactive.
-    async fn call(&self, token: &str, now: i64) -> Result<Option<Active>, FetchError> {
+    async fn call(&self, token: &str) -> Result<Option<Active>, FetchError> {
         let body = format!("token={}&token_type_hint=access_token", form_encode(token));
         let req = Request::post(self.url.clone())
             .header(
@@ -285,7 +285,7 @@ impl Introspector {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| FetchError::new("request", e.to_string()))?;
         let bytes = sources::fetch(&self.client, req, self.timeout).await?;
-        parse_answer(&bytes, now).map_err(|m| FetchError::new("invalid", m))
+        parse_answer(&bytes).map_err(|m| FetchError::new("invalid", m))
     }
 }
 
@@ -299,7 +299,7 @@ fn check_exp(answer: Arc<Active>, now: i64) -> Result<Arc<Active>, AuthError> {
 /// Read an RFC 7662 response. `active` is required; an active answer must
 /// name the token (`token_id`, `jti` or `sub`, header-safe) and carry a
 /// `cube` or `cubes`, or it is unusable (an error, not a pass).
-pub fn parse_answer(bytes: &[u8], _now: i64) -> Result<Option<Active>, String> {
+pub fn parse_answer(bytes: &[u8]) -> Result<Option<Active>, String> {
     #[derive(serde::Deserialize)]
     struct Answer {
         active: bool,
@@ -373,16 +373,15 @@ mod tests {
     #[test]
     fn answers_are_read_strictly() {
         let cube = r#""cube": {"methods": ["GET"]}"#;
-        assert!(matches!(parse_answer(br#"{"active": false}"#, 0), Ok(None)));
+        assert!(matches!(parse_answer(br#"{"active": false}"#), Ok(None)));
         // Inactive wins whatever else is there.
         assert!(matches!(
-            parse_answer(br#"{"active": false, "token_id": "t", "cube": {}}"#, 0),
+            parse_answer(br#"{"active": false, "token_id": "t", "cube": {}}"#),
             Ok(None)
         ));
         let ok = parse_answer(
             format!(r#"{{"active": true, "jti": "j", "sub": "s", "exp": 99.9, {cube}}}"#)
                 .as_bytes(),
-            0,
         )
         .expect("parses")
         .expect("active");
@@ -398,7 +397,7 @@ mod tests {
             "not json".to_string(),
         ];
         for b in bad {
-            assert!(parse_answer(b.as_bytes(), 0).is_err(), "{b}");
+            assert!(parse_answer(b.as_bytes()).is_err(), "{b}");
         }
         // Not UTF-8 inside a member we do not read: still refused.
         let mut raw =
@@ -406,7 +405,7 @@ mod tests {
                 .to_vec();
         let at = raw.len() - 3;
         raw[at] = 0x89;
-        assert!(parse_answer(&raw, 0).is_err());
+        assert!(parse_answer(&raw).is_err());
     }
 
     #[test]
