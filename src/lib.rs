@@ -24,6 +24,7 @@ pub mod server;
 pub mod sources;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 pub mod usage;
 
 pub use config::{ConfigErrors, Snapshot};

@@ -20,8 +20,6 @@ use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::{Mode, Snapshot, Upstream};
 use crate::decision::{Outcome, decide, decide_with};
@@ -30,8 +28,7 @@ use crate::metrics::{DecisionLabel, Metrics, NO_TAG, PUBLIC_TAG, method_label};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The pooled client to the upstream.
-pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>;
+pub use crate::upstream::UpstreamClient;
 
 /// What the gateway answers with: a small generated body, or the upstream's
 /// streamed one.
@@ -58,7 +55,7 @@ impl Generation {
         }
         let client = match previous {
             Some(p) if same_upstream(&p.snapshot.upstream, &snapshot.upstream) => p.client.clone(),
-            _ => build_client(&snapshot.upstream)?,
+            _ => UpstreamClient::build(&snapshot.upstream)?,
         };
         Ok(Generation {
             number,
@@ -90,22 +87,6 @@ fn same_upstream(a: &Upstream, b: &Upstream) -> bool {
         && a.connect_timeout == b.connect_timeout
         && a.http2 == b.http2
         && a.ca_sha256 == b.ca_sha256
-}
-
-/// Build the pooled client for an upstream: HTTP/1.1, and HTTP/2 by ALPN on
-/// `https://` or by prior knowledge on plaintext when `upstream.http2` is set.
-pub fn build_client(u: &Upstream) -> Result<UpstreamClient, String> {
-    let (http, builder) = crate::sources::connector_parts(u.ca.as_deref(), u.connect_timeout)?;
-    let https = builder
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    let mut b = crate::sources::pooled();
-    if u.http2 && u.scheme == http::uri::Scheme::HTTP {
-        b.http2_only(true);
-    }
-    Ok(b.build(https))
 }
 
 /// The gateway: the serving generation and the metrics.
@@ -492,12 +473,7 @@ async fn forward(
         Some(q) => format!("{path}?{q}"),
         None => path.to_owned(),
     };
-    let uri = Uri::builder()
-        .scheme(up.scheme.clone())
-        .authority(up.authority.clone())
-        .path_and_query(path_and_query)
-        .build()
-        .map_err(|_| ForwardError::Protocol)?;
+    let uri = Uri::try_from(path_and_query).map_err(|_| ForwardError::Protocol)?;
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -532,10 +508,11 @@ async fn forward(
     parts.version = Version::HTTP_11;
     let req = Request::from_parts(parts, body);
 
-    let resp = match tokio::time::timeout_at(deadline, generation.client.request(req)).await {
+    let (resp, checkin) = match tokio::time::timeout_at(deadline, generation.client.send(req)).await
+    {
         Err(_) => return Err(ForwardError::Timeout),
-        Ok(Err(e)) if e.is_connect() => return Err(ForwardError::Connect),
-        Ok(Err(_)) => return Err(ForwardError::Protocol),
+        Ok(Err(crate::upstream::SendError::Connect)) => return Err(ForwardError::Connect),
+        Ok(Err(crate::upstream::SendError::Protocol)) => return Err(ForwardError::Protocol),
         Ok(Ok(r)) => r,
     };
     let (mut parts, body) = resp.into_parts();
@@ -548,6 +525,7 @@ async fn forward(
     let body = UpstreamBody {
         inner: body,
         deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        checkin,
     };
     Ok(Response::from_parts(parts, Either::Right(body)))
 }
@@ -708,10 +686,29 @@ fn access_log(
 }
 
 /// The upstream's response body, cut off when the whole-response deadline
-/// (`upstream.timeout`) passes.
+/// (`upstream.timeout`) passes. Its connection goes back to the pool when
+/// the body has ended, and is closed when the body is dropped unfinished or
+/// fails.
 pub struct UpstreamBody {
     inner: Incoming,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    checkin: Option<crate::upstream::Checkin>,
+}
+
+impl UpstreamBody {
+    fn give_back(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.give_back();
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -724,9 +721,16 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            match &frame {
+                None => this.give_back(),
+                Some(Ok(_)) if this.inner.is_end_stream() => this.give_back(),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => this.checkin = None,
+            }
             return Poll::Ready(frame.map(|r| r.map_err(BoxError::from)));
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
+            this.checkin = None;
             return Poll::Ready(Some(Err("upstream response deadline passed".into())));
         }
         Poll::Pending

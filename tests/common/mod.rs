@@ -92,6 +92,8 @@ pub struct Upstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Body bytes received so far, across requests, updated per frame.
     pub received: Arc<std::sync::atomic::AtomicUsize>,
+    /// TCP connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Upstream {
@@ -105,11 +107,14 @@ impl Upstream {
         let received: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let counter = received.clone();
         let log = seen.clone();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let accepted = connections.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let log = log.clone();
                 let counter = counter.clone();
                 let behaviour = behaviour.clone();
@@ -199,6 +204,7 @@ impl Upstream {
             addr,
             seen,
             received,
+            connections,
         }
     }
 

@@ -1,0 +1,394 @@
+//! The client to the upstream.
+//!
+//! A plaintext HTTP/1.1 upstream — the sidecar case, the API on loopback —
+//! gets the gateway's own connection pool: a LIFO stack of idle hyper
+//! `SendRequest` handles. A connection goes back on the stack the moment its
+//! response body has ended, from inside the request that used it, so
+//! forwarding costs one lock to take a connection and one to return it; no
+//! lazy-connect future, no pool-key hashing and no task spawned per request
+//! to watch for idleness (what hyper-util's general-purpose client does).
+//!
+//! `https://` upstreams (HTTP/2 or HTTP/1.1 by ALPN) and h2c
+//! (`upstream.http2`) keep hyper-util's pooled client.
+//!
+//! A request is retried on another connection only when hyper hands it back
+//! unsent (the pooled connection had closed); a request that may have
+//! reached the upstream is never sent twice.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+
+use crate::config::Upstream;
+
+/// Idle connections kept per upstream; more are closed when they come back.
+pub const MAX_IDLE: usize = 1024;
+/// An idle connection older than this is closed instead of reused.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+type Pooled = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>;
+
+/// The client for one upstream setting. Cloning shares the connections.
+#[derive(Clone)]
+pub enum UpstreamClient {
+    /// Plaintext HTTP/1.1: the gateway's own pool.
+    Http1(Arc<Http1Pool>),
+    /// `https://`, and h2c: hyper-util's pooled client.
+    Pooled(Arc<PooledUpstream>),
+}
+
+/// hyper-util's client and the scheme and authority it needs in every URI
+/// (it takes absolute-form).
+pub struct PooledUpstream {
+    client: Pooled,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+/// Why a request did not get a response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// No connection could be made (refused, unresolvable, connect timeout,
+    /// TLS handshake).
+    Connect,
+    /// A connection was made but the exchange failed.
+    Protocol,
+}
+
+/// A connection lent to one request, returned with [`Checkin::give_back`]
+/// once its response body has ended. Dropped instead, it closes.
+pub struct Checkin {
+    pool: Arc<Http1Pool>,
+    tx: http1::SendRequest<Incoming>,
+}
+
+impl Checkin {
+    pub fn give_back(self) {
+        self.pool.put(self.tx);
+    }
+}
+
+impl UpstreamClient {
+    /// The client for an upstream: HTTP/1.1, and HTTP/2 by ALPN on
+    /// `https://` or by prior knowledge on plaintext when `upstream.http2`
+    /// is set.
+    pub fn build(u: &Upstream) -> Result<UpstreamClient, String> {
+        if u.scheme == Scheme::HTTP && !u.http2 {
+            return Ok(UpstreamClient::Http1(Arc::new(Http1Pool::new(
+                &u.authority,
+                u.connect_timeout,
+                IDLE_TIMEOUT,
+                MAX_IDLE,
+            ))));
+        }
+        let (http, builder) = crate::sources::connector_parts(u.ca.as_deref(), u.connect_timeout)?;
+        let https = builder
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let mut b = crate::sources::pooled();
+        if u.http2 && u.scheme == Scheme::HTTP {
+            b.http2_only(true);
+        }
+        Ok(UpstreamClient::Pooled(Arc::new(PooledUpstream {
+            client: b.build(https),
+            scheme: u.scheme.clone(),
+            authority: u.authority.clone(),
+        })))
+    }
+
+    /// Send `req`, whose URI is origin-form (`/path?query`) and which has no
+    /// `Host` header; the client adds the upstream's. With the own pool the
+    /// returned [`Checkin`] must be given back when the body has ended.
+    pub async fn send(
+        &self,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+        match self {
+            UpstreamClient::Http1(pool) => {
+                req.headers_mut()
+                    .insert(header::HOST, pool.host_header.clone());
+                let (resp, checkin) = pool.send(req).await?;
+                Ok((resp, Some(checkin)))
+            }
+            UpstreamClient::Pooled(p) => {
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                parts.scheme = Some(p.scheme.clone());
+                parts.authority = Some(p.authority.clone());
+                *req.uri_mut() = Uri::from_parts(parts).map_err(|_| SendError::Protocol)?;
+                match p.client.request(req).await {
+                    Ok(resp) => Ok((resp, None)),
+                    Err(e) if e.is_connect() => Err(SendError::Connect),
+                    Err(_) => Err(SendError::Protocol),
+                }
+            }
+        }
+    }
+
+    /// Idle pooled connections (own pool only).
+    pub fn idle(&self) -> Option<usize> {
+        match self {
+            UpstreamClient::Http1(pool) => Some(pool.idle.lock().map(|q| q.len()).unwrap_or(0)),
+            UpstreamClient::Pooled(_) => None,
+        }
+    }
+}
+
+/// Plaintext HTTP/1.1 connections to one upstream.
+pub struct Http1Pool {
+    /// Host (brackets removed from an IPv6 literal) and port to connect to.
+    host: String,
+    port: u16,
+    /// What hyper-util would send: the port only when it is not 80.
+    host_header: HeaderValue,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    /// Idle connections, most recently used at the back.
+    idle: Mutex<VecDeque<Idle>>,
+}
+
+struct Idle {
+    tx: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+impl Http1Pool {
+    fn new(
+        authority: &Authority,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> Http1Pool {
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(80);
+        let host_header = match authority.port_u16() {
+            Some(p) if p != 80 => format!("{host}:{p}"),
+            _ => host.to_owned(),
+        };
+        Http1Pool {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+            // An Authority is always a valid header value.
+            host_header: HeaderValue::from_str(&host_header)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            connect_timeout,
+            idle_timeout,
+            max_idle,
+            idle: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Checkin), SendError> {
+        loop {
+            let (mut tx, reused) = match self.take() {
+                Some(tx) => (tx, true),
+                None => (self.connect().await?, false),
+            };
+            if reused && tx.ready().await.is_err() {
+                continue;
+            }
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok((
+                        resp,
+                        Checkin {
+                            pool: self.clone(),
+                            tx,
+                        },
+                    ));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: safe on another connection.
+                    Some(back) if reused => req = back,
+                    _ => return Err(SendError::Protocol),
+                },
+            }
+        }
+    }
+
+    /// The most recently returned connection that is still open and fresh.
+    fn take(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().ok()?;
+        while let Some(i) = idle.pop_back() {
+            if !i.tx.is_closed() && i.since.elapsed() < self.idle_timeout {
+                return Some(i.tx);
+            }
+        }
+        None
+    }
+
+    fn put(&self, tx: http1::SendRequest<Incoming>) {
+        if tx.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let Ok(mut idle) = self.idle.lock() else {
+            return;
+        };
+        while idle
+            .front()
+            .is_some_and(|i| i.tx.is_closed() || now.duration_since(i.since) >= self.idle_timeout)
+        {
+            idle.pop_front();
+        }
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { tx, since: now });
+    }
+
+    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
+            .await
+            .map_err(|_| SendError::Connect)??;
+        let _ = stream.set_nodelay(true);
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|_| SendError::Connect)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Connect to the first address that answers, in resolver order.
+    async fn tcp(&self) -> Result<tokio::net::TcpStream, SendError> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return tokio::net::TcpStream::connect(SocketAddr::new(ip, self.port))
+                .await
+                .map_err(|_| SendError::Connect);
+        }
+        let addrs = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|_| SendError::Connect)?;
+        for addr in addrs {
+            if let Ok(s) = tokio::net::TcpStream::connect(addr).await {
+                return Ok(s);
+            }
+        }
+        Err(SendError::Connect)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool to a listener that accepts and holds connections (and closes
+    /// them when `close` is notified).
+    async fn pool(
+        idle_timeout: Duration,
+        max_idle: usize,
+    ) -> (Arc<Http1Pool>, Arc<tokio::sync::Notify>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let authority: Authority = listener
+            .local_addr()
+            .expect("addr")
+            .to_string()
+            .parse()
+            .expect("authority");
+        let close = Arc::new(tokio::sync::Notify::new());
+        let c = close.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                tokio::select! {
+                    Ok((s, _)) = listener.accept() => held.push(s),
+                    _ = c.notified() => held.clear(),
+                }
+            }
+        });
+        let p = Http1Pool::new(&authority, Duration::from_secs(1), idle_timeout, max_idle);
+        (Arc::new(p), close)
+    }
+
+    fn idle(p: &Http1Pool) -> usize {
+        p.idle.lock().expect("lock").len()
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_capped_and_lent_back_out() {
+        let (p, _close) = pool(Duration::from_secs(60), 2).await;
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(p.connect().await.expect("connect"));
+        }
+        for tx in conns {
+            p.put(tx);
+        }
+        assert_eq!(idle(&p), 2, "capped at max_idle");
+        let newest = p.take().expect("one idle");
+        assert_eq!(idle(&p), 1);
+        p.put(newest);
+        assert_eq!(idle(&p), 2);
+    }
+
+    #[tokio::test]
+    async fn expired_and_closed_connections_are_never_lent() {
+        let (p, close) = pool(Duration::from_millis(100), 8).await;
+        let tx = p.connect().await.expect("connect");
+        p.put(tx);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(p.take().is_none(), "an expired connection was lent");
+
+        let tx = p.connect().await.expect("connect");
+        p.put(tx);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        close.notify_one();
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let closed = p
+                .idle
+                .lock()
+                .expect("lock")
+                .iter()
+                .all(|i| i.tx.is_closed());
+            if closed {
+                break;
+            }
+        }
+        assert!(
+            p.take().is_none(),
+            "a connection the upstream closed was lent"
+        );
+    }
+
+    #[test]
+    fn host_header_matches_what_hyper_util_sends() {
+        let cases = [
+            ("127.0.0.1:8080", "127.0.0.1:8080", "127.0.0.1"),
+            ("api.internal:80", "api.internal", "api.internal"),
+            ("api.internal", "api.internal", "api.internal"),
+            ("[::1]:9000", "[::1]:9000", "::1"),
+        ];
+        for (authority, header, host) in cases {
+            let a: Authority = authority.parse().expect("authority");
+            let p = Http1Pool::new(&a, Duration::from_secs(1), IDLE_TIMEOUT, MAX_IDLE);
+            assert_eq!(p.host_header, header, "{authority}");
+            assert_eq!(p.host, host, "{authority}");
+        }
+    }
+}

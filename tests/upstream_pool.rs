@@ -1,0 +1,288 @@
+//! The gateway's own HTTP/1.1 connection pool to a plaintext upstream
+//! (src/upstream.rs): connections are reused, never cross-wired, never
+//! reused after the upstream or the client abandoned them.
+//!
+//! Two kinds of upstream: the harness's hyper server (well-behaved), and a
+//! scripted one on raw TCP that answers byte for byte as a test says, to
+//! reproduce what real upstreams do at the edges (close without saying so,
+//! `Connection: close`, bodiless and chunked answers, stalls mid-body).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn analytics_jwt() -> String {
+    es256(
+        json!({"methods": ["GET"], "tags": ["analytics", "markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    )
+}
+
+/// What the scripted upstream does after writing an answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    KeepOpen,
+    Close,
+    /// Keep the socket open and never write again.
+    Stall,
+}
+
+struct Scripted {
+    addr: std::net::SocketAddr,
+    connections: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+}
+
+/// An upstream on raw TCP: for the n-th request (counted across
+/// connections, from 0) it writes `answer(n).0` and then does `answer(n).1`.
+/// Requests are GETs without bodies.
+async fn scripted(answer: fn(usize) -> (Vec<u8>, Then)) -> Scripted {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let connections: Arc<AtomicUsize> = Arc::default();
+    let requests: Arc<AtomicUsize> = Arc::default();
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let n = r.fetch_add(1, Ordering::SeqCst);
+                        let (bytes, then) = answer(n);
+                        if s.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                        match then {
+                            Then::KeepOpen => {}
+                            Then::Close => return,
+                            Then::Stall => {
+                                tokio::time::sleep(Duration::from_secs(60)).await;
+                                return;
+                            }
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    Scripted {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+fn ok(extra_headers: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+const MARKERS: &str = "/v1/tenants/acme-prod/markers";
+
+#[tokio::test]
+async fn sequential_requests_share_one_upstream_connection() {
+    let up = Upstream::start(UpstreamBehaviour::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    for i in 0..40 {
+        let r = get(gw.addr, MARKERS, &tok).await;
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    assert_eq!(up.count(), 40);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(gw.gw.current().client.idle(), Some(1));
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_answer() {
+    let up = Upstream::start(UpstreamBehaviour::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (addr, tok) = (gw.addr, tok.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let path = format!("/v1/tenants/acme-prod/analytics/t{t}-r{i}");
+                let r = get(addr, &path, &tok).await;
+                assert_eq!(r.status, 200, "{path}");
+                // The upstream echoes the path it was asked for.
+                assert_eq!(
+                    r.json()["path"],
+                    path.as_str(),
+                    "answer for another request"
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task");
+    }
+    assert_eq!(up.count(), 16 * 25);
+    let conns = up.connections.load(Ordering::SeqCst);
+    assert!((1..=16).contains(&conns), "{conns} upstream connections");
+}
+
+#[tokio::test]
+async fn connection_close_from_the_upstream_is_honoured() {
+    let up = scripted(|_| (ok("connection: close\r\n", "closing"), Then::Close)).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    for i in 0..20 {
+        let r = get(gw.addr, MARKERS, &tok).await;
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"closing"[..]),
+            "request {i}"
+        );
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 20);
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_dropped_while_idle_is_not_used() {
+    // Closes every third connection's socket after its answer, without a
+    // `Connection: close` (what a keep-alive timeout on the upstream does).
+    let up = scripted(|n| {
+        let then = if n % 3 == 2 {
+            Then::Close
+        } else {
+            Then::KeepOpen
+        };
+        (ok("", "fine"), then)
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    for i in 0..12 {
+        let r = get(gw.addr, MARKERS, &tok).await;
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"fine"[..]),
+            "request {i}"
+        );
+        // Let the close reach the gateway before the next request.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 12);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn bodiless_and_chunked_answers_give_the_connection_back() {
+    let up = scripted(|n| {
+        let bytes = match n % 3 {
+            0 => b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(),
+            1 => b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec(),
+            _ => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec(),
+        };
+        (bytes, Then::KeepOpen)
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    for i in 0..30 {
+        let r = get(gw.addr, MARKERS, &tok).await;
+        let want: (u16, &[u8]) = match i % 3 {
+            0 => (204, b""),
+            1 => (200, b""),
+            _ => (200, b"hello world"),
+        };
+        assert_eq!((r.status, r.body.as_slice()), want, "request {i}");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_answer_the_client_abandoned_midway_is_not_reused() {
+    // The first answer promises 10 bytes, sends 5 and stalls.
+    let up = scripted(|n| match n {
+        0 => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst".to_vec(),
+            Then::Stall,
+        ),
+        _ => (ok("", "second"), Then::KeepOpen),
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let req = format!("GET {MARKERS} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.ends_with(b"first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("head and first bytes in time")
+            .expect("read");
+        assert!(n > 0, "gateway closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // The stalled connection must not be lent out again: these would wait
+    // behind the unfinished body until the 5 s upstream timeout.
+    for i in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(2), get(gw.addr, MARKERS, &tok))
+            .await
+            .expect("answered without waiting on the abandoned connection");
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"second"[..]),
+            "request {i}"
+        );
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_is_a_502_and_recovery_needs_no_reload() {
+    // Reserve a port, then free it: nothing listens there.
+    let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = probe.local_addr().expect("addr");
+    drop(probe);
+    let gw = TestGateway::start(addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    let r = get(gw.addr, MARKERS, &tok).await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (502, "upstream_unavailable")
+    );
+
+    let listener = TcpListener::bind(addr).await.expect("rebind the same port");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&ok("connection: close\r\n", "up")).await;
+            });
+        }
+    });
+    let r = get(gw.addr, MARKERS, &tok).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"up"[..]));
+}
