@@ -469,11 +469,18 @@ async fn forward(
 
     // The path exactly as checked, and the query unchanged.
     let path = outcome.path.as_deref().unwrap_or("/");
-    let path_and_query = match parts.uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_owned(),
+    let uri = match parts.uri.path_and_query() {
+        // Unchanged by canonicalization (the usual case): reuse the
+        // received bytes, already validated, without a copy.
+        Some(pq) if pq.path() == path => Uri::from(pq.clone()),
+        _ => {
+            let path_and_query = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+            Uri::try_from(path_and_query).map_err(|_| ForwardError::Protocol)?
+        }
     };
-    let uri = Uri::try_from(path_and_query).map_err(|_| ForwardError::Protocol)?;
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
         parts
             .uri
@@ -482,6 +489,8 @@ async fn forward(
     });
 
     let h = &mut parts.headers;
+    // Room for the forwarding and identity headers, so the map grows once.
+    h.reserve(12);
     strip_hop_by_hop(h);
     h.remove(header::HOST);
     if !up.forward_authorization {
@@ -534,6 +543,11 @@ async fn forward(
 /// header names. Done before the identity headers are set, so a client
 /// cannot use `Connection` to strip them.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names instead of a hash
+    // lookup per hop-by-hop name.
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -555,6 +569,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
     h.remove("keep-alive");
     remove_prefixed(h, "proxy-");
+}
+
+fn is_hop_by_hop(n: &HeaderName) -> bool {
+    n == header::CONNECTION
+        || n == header::TE
+        || n == header::TRAILER
+        || n == header::TRANSFER_ENCODING
+        || n == header::UPGRADE
+        || n.as_str() == "keep-alive"
+        || n.as_str().starts_with("proxy-")
 }
 
 /// Remove every header whose (lower-case) name starts with `prefix`. The
