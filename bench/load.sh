@@ -10,14 +10,26 @@
 # gets one worker thread. Prints req/s, p50, p99 and ratios.
 #
 # Needs: apt-get install wrk haproxy nginx-light
-# Usage: bench/load.sh [DURATION_SECONDS] [CONNECTIONS]
+# Usage: [PIN=1] [PACED_RUNS=3] bench/load.sh [DURATION_SECONDS] [CONNECTIONS]
+#   PIN=1         the proxy under test gets CPU 1 to itself; wrk, the paced
+#                 client and the upstream share CPU 0 (the sidecar shape:
+#                 the proxy's own core beside the application). Default: no
+#                 pinning, everything shares every core.
+#   PACED_RUNS=N  repeat the paced half-peak pass N times, interleaved, and
+#                 report the median of each figure (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNS=${2:-32}
+PACED_RUNS=${PACED_RUNS:-3}
 for tool in wrk haproxy nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk haproxy nginx-light" >&2; exit 1; }
 done
+GEN=() PROXY=()
+if [ "${PIN:-0}" = 1 ]; then
+  [ "$(nproc)" -ge 2 ] || { echo "PIN=1 needs two CPUs" >&2; exit 1; }
+  GEN=(taskset -c 0) PROXY=(taskset -c 1)
+fi
 
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced
 BIN=target/release
@@ -33,7 +45,7 @@ KEY_PRIV=$PWD/tests/fixtures/es256.key.pem
 
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
-"$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
+"${GEN[@]}" "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 wait_port $UP
 
 # nginx: a plain reverse proxy with a keep-alive upstream pool.
@@ -54,7 +66,7 @@ http {
   }
 }
 CONF
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
+"${PROXY[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
 
 # HAProxy: the same ES256 JWT, exp, and an ACL on path and method.
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -81,7 +93,7 @@ backend be
   http-reuse always
   server up 127.0.0.1:$UP
 CONF
-haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>"$WORK/haproxy.err" & PIDS+=($!)
+"${PROXY[@]}" haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>"$WORK/haproxy.err" & PIDS+=($!)
 
 # scopegate: a config with the same key, a PAT, and the same route.
 "$BIN/scopegate" token new --config /nonexistent --id bench \
@@ -105,8 +117,8 @@ routes:
   - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
 CONF
 done
-SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "$BIN/scopegate" serve --config "$WORK/gateway-$SG.yaml" >/dev/null & PIDS+=($!)
-SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
+SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SG.yaml" >/dev/null & PIDS+=($!)
+SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
 JWT=$("$BIN/examples/mint_jwt" "$KEY_PRIV" es-bench \
   "{\"iss\":\"https://auth.bench.example\",\"aud\":\"airbrx-api\",\"sub\":\"bench\",\"jti\":\"bench-1\",\"exp\":$(( $(date +%s) + 86400 )),\"cube\":{\"methods\":[\"GET\"],\"tags\":[\"markers\"],\"tenants\":[\"acme-prod\"],\"accounts\":[\"acme\"]}}")
 for p in $NG $HA $SG $SGL; do wait_port $p; done
@@ -125,7 +137,7 @@ declare -A RPS P50 P99
 run() { # name port token
   local hdr=()
   [ -n "$3" ] && hdr=(-H "Authorization: Bearer $3")
-  wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "http://127.0.0.1:$2$PATH_OK" > "$WORK/$1.wrk"
+  "${GEN[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "http://127.0.0.1:$2$PATH_OK" > "$WORK/$1.wrk"
   RPS[$1]=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/$1.wrk")
   P50[$1]=$(to_us "$(awk '$1 == "50%" { print $2 }' "$WORK/$1.wrk")")
   P99[$1]=$(to_us "$(awk '$1 == "99%" { print $2 }' "$WORK/$1.wrk")")
@@ -139,7 +151,7 @@ run sg-jwt $SG "$JWT"
 run sg-jwt-log $SGL "$JWT"
 
 echo
-echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); ${DURATION}s per target, $CONNS connections, wrk -t1"
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); ${DURATION}s per target, $CONNS connections, wrk -t1, $([ "${PIN:-0}" = 1 ] && echo "proxy pinned to CPU 1, wrk and upstream to CPU 0" || echo "no pinning")"
 printf '%-11s %10s %10s %10s %12s\n' target "req/s" "p50 µs" "p99 µs" "p99 - direct"
 for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log; do
   printf '%-11s %10.0f %10.0f %10.0f %12.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "$(awk -v a="${P99[$t]}" -v b="${P99[direct]}" 'BEGIN { print a - b }')"
@@ -155,20 +167,26 @@ echo "access log on / off (ES256 JWT) throughput:             $(ratio "${RPS[sg-
 # the latency a request sees when the gateway is not saturated.
 RATE=$(awk -v r="${RPS[sg-jwt]}" 'BEGIN { printf "%d", r / 2 }')
 declare -A H50 H99
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 paced() { # name port token
   local out
-  out=$("$BIN/examples/paced" "127.0.0.1:$2" "$PATH_OK" "$RATE" "$DURATION" "$CONNS" ${3:+"$3"})
-  H50[$1]=$(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")
-  H99[$1]=$(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")
+  out=$("${GEN[@]}" "$BIN/examples/paced" "127.0.0.1:$2" "$PATH_OK" "$RATE" "$DURATION" "$CONNS" ${3:+"$3"})
   grep -q "errors=0" <<<"$out" || { echo "$1: errors at half peak: $out" >&2; exit 1; }
+  H50[$1]+=" $(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")"
+  H99[$1]+=" $(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")"
 }
-paced direct $UP ""
-paced nginx $NG ""
-paced sg-pat $SG "$PAT"
-paced sg-jwt $SG "$JWT"
+# Interleaved, so a slow minute on a shared machine hits every target.
+for _ in $(seq 1 "$PACED_RUNS"); do
+  paced direct $UP ""
+  paced nginx $NG ""
+  paced sg-pat $SG "$PAT"
+  paced sg-jwt $SG "$JWT"
+done
 echo
-echo "at half of scopegate's peak: $RATE req/s, paced over $CONNS connections"
-printf '%-11s %10s %10s %14s\n' target "p50 µs" "p99 µs" "p99 - direct"
+echo "at half of scopegate's peak: $RATE req/s, paced over $CONNS connections; median of $PACED_RUNS runs (p99 of each run in brackets)"
+D99=$(median <<<"${H99[direct]}")
+printf '%-11s %10s %10s %14s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "p99 per run"
 for t in direct nginx sg-pat sg-jwt; do
-  printf '%-11s %10s %10s %14s\n' "$t" "${H50[$t]}" "${H99[$t]}" "$(( ${H99[$t]} - ${H99[direct]} ))"
+  m99=$(median <<<"${H99[$t]}")
+  printf '%-11s %10s %10s %14s   [%s ]\n' "$t" "$(median <<<"${H50[$t]}")" "$m99" "$(( m99 - D99 ))" "${H99[$t]}"
 done
