@@ -637,6 +637,23 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Whether every file a snapshot was built from still holds the bytes it
+/// held then (same SHA-256). A file that cannot be read counts as changed,
+/// so the full load that follows reports it.
+pub fn files_unchanged(files: &[LoadedFile]) -> bool {
+    files
+        .iter()
+        .all(|f| file_sha256_hex(&f.path).is_ok_and(|h| h == f.sha256))
+}
+
+/// A file's SHA-256, streamed (a large PAT file is never held whole).
+fn file_sha256_hex(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
 fn read_file(path: &Path, files: &mut Vec<LoadedFile>) -> Result<Vec<u8>, ConfigError> {
     let bytes = std::fs::read(path).map_err(|e| ConfigError::Io {
         file: path.to_path_buf(),

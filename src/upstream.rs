@@ -17,6 +17,7 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,8 @@ use crate::config::Upstream;
 
 /// Idle connections kept per upstream; more are closed when they come back.
 pub const MAX_IDLE: usize = 1024;
-/// An idle connection older than this is closed instead of reused.
+/// An idle connection older than this is closed: never lent again, and
+/// closed by the pool's reaper within a third of this even without traffic.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 type Pooled = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>;
@@ -157,6 +159,8 @@ pub struct Http1Pool {
     max_idle: usize,
     /// Idle connections, most recently used at the back.
     idle: Mutex<VecDeque<Idle>>,
+    /// Whether the task that closes expired idle connections is running.
+    reaper: AtomicBool,
 }
 
 struct Idle {
@@ -190,6 +194,7 @@ impl Http1Pool {
             idle_timeout,
             max_idle,
             idle: Mutex::new(VecDeque::new()),
+            reaper: AtomicBool::new(false),
         }
     }
 
@@ -255,7 +260,31 @@ impl Http1Pool {
         idle.push_back(Idle { tx, since: now });
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, SendError> {
+    /// Close expired idle connections every third of the idle timeout, for
+    /// as long as the pool exists (a reload to another upstream drops it).
+    fn start_reaper(self: &Arc<Self>) {
+        if self.reaper.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = (self.idle_timeout / 3).max(Duration::from_millis(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = weak.upgrade() else { break };
+                pool.reap(Instant::now());
+            }
+        });
+    }
+
+    fn reap(&self, now: Instant) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|i| !i.tx.is_closed() && now.duration_since(i.since) < self.idle_timeout);
+        }
+    }
+
+    async fn connect(self: &Arc<Self>) -> Result<http1::SendRequest<Incoming>, SendError> {
+        self.start_reaper();
         let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
             .await
             .map_err(|_| SendError::Connect)??;
@@ -353,6 +382,13 @@ mod tests {
         p.put(tx);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(p.take().is_none(), "an expired connection was lent");
+
+        // Without traffic, the reaper closes it.
+        let tx = p.connect().await.expect("connect");
+        p.put(tx);
+        assert_eq!(idle(&p), 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(idle(&p), 0, "an expired idle connection stayed open");
 
         let tx = p.connect().await.expect("connect");
         p.put(tx);

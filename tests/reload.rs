@@ -342,6 +342,63 @@ async fn forced_reload_publishes_even_when_nothing_changed() {
     assert_eq!(gw.generation(), 2);
 }
 
+#[tokio::test]
+async fn an_unrelated_file_in_the_folder_is_not_parsed_again() {
+    use scopegate::reload::{Reloaded, Reloader, SharedEnv};
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    // Loading reads `secret_env` (the HS256 key): count the lookups to see
+    // whether the configuration was parsed.
+    let lookups = Arc::new(AtomicUsize::new(0));
+    let seen = lookups.clone();
+    let env: SharedEnv = Arc::new(move |name: &str| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        test_env(name)
+    });
+    let reloader = Reloader::new(gw.gw.clone(), gw.path.clone(), env);
+
+    std::fs::write(gw.dir.path().join("wrk.out"), "a log beside the config").expect("write");
+    let text = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(&gw.path, &text);
+    assert!(matches!(
+        reloader.reload(false).await,
+        Ok(Reloaded::Unchanged)
+    ));
+    assert_eq!(
+        lookups.load(Ordering::SeqCst),
+        0,
+        "parsed with no file changed"
+    );
+    assert_eq!(gw.generation(), 1);
+
+    // A changed byte in any file the generation was built from is parsed
+    // and published.
+    let tokens = gw.dir.path().join("tokens.yaml");
+    let pat = pat_record(
+        "tok_new",
+        r#"{methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme]}"#,
+        "",
+    );
+    write_atomic(&tokens, &tokens_yaml(&[&pat]));
+    assert!(matches!(
+        reloader.reload(false).await,
+        Ok(Reloaded::Published(2))
+    ));
+    assert!(lookups.load(Ordering::SeqCst) > 0);
+    assert_eq!(
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &pat.secret)
+            .await
+            .status,
+        200
+    );
+
+    // A file that cannot be read any more goes to the full load, which
+    // reports it; the generation keeps serving.
+    std::fs::remove_file(&tokens).expect("rm");
+    assert!(reloader.reload(false).await.is_err());
+    assert_eq!(gw.generation(), 2);
+}
+
 #[cfg(unix)]
 #[tokio::test]
 async fn kubernetes_configmap_symlink_swap_is_picked_up() {
