@@ -548,29 +548,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if !h.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = h
+    let mut remove: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named {
+    remove.extend(h.keys().filter(|k| is_hop_by_hop(k)).cloned());
+    for n in remove {
         h.remove(n);
     }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        h.remove(n);
-    }
-    h.remove("keep-alive");
-    remove_prefixed(h, "proxy-");
 }
 
+/// The hop-by-hop names (RFC 9110 §7.6.1, and `proxy-*`).
 fn is_hop_by_hop(n: &HeaderName) -> bool {
     n == header::CONNECTION
         || n == header::TE
