@@ -231,13 +231,19 @@ impl Http1Pool {
 
     /// The most recently returned connection that is still open and fresh.
     fn take(&self) -> Option<http1::SendRequest<Incoming>> {
+        let now = Instant::now();
         let mut idle = self.idle.lock().ok()?;
         while let Some(i) = idle.pop_back() {
-            if !i.tx.is_closed() && i.since.elapsed() < self.idle_timeout {
+            if self.usable(&i, now) {
                 return Some(i.tx);
             }
         }
         None
+    }
+
+    /// Open, and idle for less than the idle timeout.
+    fn usable(&self, i: &Idle, now: Instant) -> bool {
+        !i.tx.is_closed() && now.duration_since(i.since) < self.idle_timeout
     }
 
     fn put(&self, tx: http1::SendRequest<Incoming>) {
@@ -248,12 +254,7 @@ impl Http1Pool {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        while idle
-            .front()
-            .is_some_and(|i| i.tx.is_closed() || now.duration_since(i.since) >= self.idle_timeout)
-        {
-            idle.pop_front();
-        }
+        // Expired ones are the reaper's; here only the cap.
         if idle.len() >= self.max_idle {
             idle.pop_front();
         }
@@ -279,7 +280,7 @@ impl Http1Pool {
 
     fn reap(&self, now: Instant) {
         if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|i| !i.tx.is_closed() && now.duration_since(i.since) < self.idle_timeout);
+            idle.retain(|i| self.usable(i, now));
         }
     }
 
