@@ -405,6 +405,39 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     }
 }
 
+/// `THP_enabled` of a process (Linux: 0 once PR_SET_THP_DISABLE is set).
+#[cfg(target_os = "linux")]
+fn thp_enabled(pid: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_owned())
+}
+
+/// serve turns transparent huge pages off for itself (they grew RSS by a
+/// third under load, BENCHMARKS.md) unless MIMALLOC_ALLOW_THP is set.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_turns_transparent_huge_pages_off_unless_the_operator_chose() {
+    let Some(ours) = thp_enabled("self") else {
+        eprintln!("this kernel does not report THP_enabled; nothing to check");
+        return;
+    };
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_files(dir.path(), up.addr, &[], &Default::default());
+    for (env, want) in [(None, "0"), (Some("1"), ours.as_str())] {
+        let mut log = Vec::new();
+        let vars: Vec<(&str, &str)> = env.map(|v| ("MIMALLOC_ALLOW_THP", v)).into_iter().collect();
+        let (mut child, _rx, _gw, _admin) = spawn_serve_with(&cfg, &mut log, &vars);
+        let got = thp_enabled(&child.id().to_string());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(got.as_deref(), Some(want), "MIMALLOC_ALLOW_THP={env:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_slow_request_then_exits_0() {
     let up = Upstream::start(UpstreamBehaviour {
