@@ -21,7 +21,7 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut r = Response::new(Full::new(Bytes::from(gw.metrics.render())));
+            let mut r = Response::new(Full::new(Bytes::from(gw.render_metrics())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -7,8 +7,8 @@
 //! share counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::Reason;
@@ -39,6 +39,10 @@ pub struct Metrics {
     pub jwks_fetch_duration: Histogram,
     /// Usable keys in the last good JWKS.
     pub jwks_keys: IntGauge,
+    /// Own HTTP/1.1 pool (plaintext upstream) only.
+    pub upstream_connections_opened: IntCounter,
+    /// Set when the metrics are rendered ([`crate::proxy::Gateway::render_metrics`]).
+    pub upstream_idle_connections: IntGauge,
     /// Introspection calls by result (`active`, `inactive`, or the failure kind).
     pub introspection_requests: IntCounterVec,
     pub introspection_duration: Histogram,
@@ -186,6 +190,16 @@ fn build() -> Result<Metrics, prometheus::Error> {
         .buckets(source_buckets.clone()),
     )?;
     let jwks_keys = IntGauge::new("scopegate_jwks_keys", "Usable keys in the last good JWKS.")?;
+    let upstream_connections_opened = IntCounter::new(
+        "scopegate_upstream_connections_opened_total",
+        "Connections the gateway's HTTP/1.1 pool opened to a plaintext upstream.",
+    )?;
+    let upstream_idle_connections = IntGauge::new(
+        "scopegate_upstream_idle_connections",
+        "Idle connections in the HTTP/1.1 pool to a plaintext upstream, at scrape time.",
+    )?;
+    registry.register(Box::new(upstream_connections_opened.clone()))?;
+    registry.register(Box::new(upstream_idle_connections.clone()))?;
     let introspection_requests = IntCounterVec::new(
         Opts::new(
             "scopegate_introspection_requests_total",
@@ -257,6 +271,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         jwks_fetches,
         jwks_fetch_duration,
         jwks_keys,
+        upstream_connections_opened,
+        upstream_idle_connections,
         introspection_requests,
         introspection_duration,
         introspection_cache,

@@ -49,13 +49,14 @@ impl Generation {
         number: u64,
         mut snapshot: Snapshot,
         previous: Option<&Generation>,
+        metrics: &Metrics,
     ) -> Result<Generation, String> {
         if let Some(p) = previous {
             carry_token_sources(&p.snapshot, &mut snapshot);
         }
         let client = match previous {
             Some(p) if same_upstream(&p.snapshot.upstream, &snapshot.upstream) => p.client.clone(),
-            _ => UpstreamClient::build(&snapshot.upstream)?,
+            _ => UpstreamClient::build(&snapshot.upstream, &metrics.upstream_connections_opened)?,
         };
         Ok(Generation {
             number,
@@ -107,7 +108,7 @@ impl Gateway {
         let usage = u
             .enabled
             .then(|| crate::usage::UsageBook::new(u.max_tokens, u.max_calls));
-        let generation = Generation::new(1, snapshot, None)?;
+        let generation = Generation::new(1, snapshot, None, &metrics)?;
         let gw = Gateway {
             current: ArcSwap::from_pointee(generation),
             metrics,
@@ -131,11 +132,22 @@ impl Gateway {
         self.current.load_full()
     }
 
+    /// The metrics in Prometheus text format, with the gauges read at
+    /// scrape time brought up to date.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        if let Some(n) = self.current().client.idle() {
+            self.metrics
+                .upstream_idle_connections
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.metrics.render()
+    }
+
     /// Publish a new snapshot as the next generation (one store). Returns
     /// the new generation number.
     pub fn publish(&self, snapshot: Snapshot) -> Result<u64, String> {
         let prev = self.current();
-        let next = Generation::new(prev.number + 1, snapshot, Some(&prev))?;
+        let next = Generation::new(prev.number + 1, snapshot, Some(&prev), &self.metrics)?;
         let n = next.number;
         let next = Arc::new(next);
         self.current.store(next.clone());

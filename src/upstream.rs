@@ -29,6 +29,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
 
 use crate::config::Upstream;
 
@@ -84,13 +85,16 @@ impl UpstreamClient {
     /// The client for an upstream: HTTP/1.1, and HTTP/2 by ALPN on
     /// `https://` or by prior knowledge on plaintext when `upstream.http2`
     /// is set.
-    pub fn build(u: &Upstream) -> Result<UpstreamClient, String> {
+    ///
+    /// `opened` counts the connections the own pool opens.
+    pub fn build(u: &Upstream, opened: &IntCounter) -> Result<UpstreamClient, String> {
         if u.scheme == Scheme::HTTP && !u.http2 {
             return Ok(UpstreamClient::Http1(Arc::new(Http1Pool::new(
                 &u.authority,
                 u.connect_timeout,
                 IDLE_TIMEOUT,
                 MAX_IDLE,
+                opened.clone(),
             ))));
         }
         let (http, builder) = crate::sources::connector_parts(u.ca.as_deref(), u.connect_timeout)?;
@@ -161,6 +165,8 @@ pub struct Http1Pool {
     idle: Mutex<VecDeque<Idle>>,
     /// Whether the task that closes expired idle connections is running.
     reaper: AtomicBool,
+    /// Connections opened (`scopegate_upstream_connections_opened_total`).
+    opened: IntCounter,
 }
 
 struct Idle {
@@ -174,6 +180,7 @@ impl Http1Pool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         max_idle: usize,
+        opened: IntCounter,
     ) -> Http1Pool {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(80);
@@ -195,6 +202,7 @@ impl Http1Pool {
             max_idle,
             idle: Mutex::new(VecDeque::new()),
             reaper: AtomicBool::new(false),
+            opened,
         }
     }
 
@@ -294,6 +302,7 @@ impl Http1Pool {
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|_| SendError::Connect)?;
+        self.opened.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream connection ended");
@@ -351,8 +360,18 @@ mod tests {
                 }
             }
         });
-        let p = Http1Pool::new(&authority, Duration::from_secs(1), idle_timeout, max_idle);
+        let p = Http1Pool::new(
+            &authority,
+            Duration::from_secs(1),
+            idle_timeout,
+            max_idle,
+            counter(),
+        );
         (Arc::new(p), close)
+    }
+
+    fn counter() -> IntCounter {
+        IntCounter::new("opened", "test").expect("counter")
     }
 
     fn idle(p: &Http1Pool) -> usize {
@@ -423,7 +442,13 @@ mod tests {
         ];
         for (authority, header, host) in cases {
             let a: Authority = authority.parse().expect("authority");
-            let p = Http1Pool::new(&a, Duration::from_secs(1), IDLE_TIMEOUT, MAX_IDLE);
+            let p = Http1Pool::new(
+                &a,
+                Duration::from_secs(1),
+                IDLE_TIMEOUT,
+                MAX_IDLE,
+                counter(),
+            );
             assert_eq!(p.host_header, header, "{authority}");
             assert_eq!(p.host, host, "{authority}");
         }

@@ -112,6 +112,12 @@ async fn sequential_requests_share_one_upstream_connection() {
     assert_eq!(up.count(), 40);
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
     assert_eq!(gw.gw.current().client.idle(), Some(1));
+    // What an operator sees: one connection opened, idle between requests.
+    assert_eq!(
+        metric(&gw.gw, "scopegate_upstream_connections_opened_total"),
+        1.0
+    );
+    assert_eq!(metric(&gw.gw, "scopegate_upstream_idle_connections"), 1.0);
 }
 
 #[tokio::test]
@@ -158,6 +164,11 @@ async fn connection_close_from_the_upstream_is_honoured() {
         );
     }
     assert_eq!(up.connections.load(Ordering::SeqCst), 20);
+    assert_eq!(
+        metric(&gw.gw, "scopegate_upstream_connections_opened_total"),
+        20.0
+    );
+    assert_eq!(metric(&gw.gw, "scopegate_upstream_idle_connections"), 0.0);
 }
 
 #[tokio::test]

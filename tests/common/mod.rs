@@ -675,7 +675,7 @@ pub async fn call(addr: SocketAddr, method: &str, target: &str, token: &str) -> 
 /// The value of one series in the gateway's metrics text, e.g.
 /// `scopegate_config_reloads_total{result="failure"}`.
 pub fn metric(gw: &Gateway, series: &str) -> f64 {
-    let text = String::from_utf8(gw.metrics.render()).expect("utf8");
+    let text = String::from_utf8(gw.render_metrics()).expect("utf8");
     text.lines()
         .find_map(|l| {
             l.strip_prefix(series)
