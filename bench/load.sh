@@ -10,17 +10,22 @@
 # gets one worker thread. Prints req/s, p50, p99 and ratios.
 #
 # Needs: apt-get install wrk haproxy nginx-light
-# Usage: [PIN=1] [PACED_RUNS=3] bench/load.sh [DURATION_SECONDS] [CONNECTIONS]
+# Usage: [PIN=1] [RUNS=3] [PACED_RUNS=3] bench/load.sh [DURATION_SECONDS] [CONNECTIONS]
 #   PIN=1         the proxy under test gets CPU 1 to itself; wrk, the paced
 #                 client and the upstream share CPU 0 (the sidecar shape:
 #                 the proxy's own core beside the application). Default: no
 #                 pinning, everything shares every core.
+#   RUNS=N        repeat the full-speed pass N times, interleaved across
+#                 targets, and report the median of each figure and the
+#                 ratios of the medians (default 3). On a shared 2-core VM
+#                 one target's req/s moved by 25% between back-to-back runs.
 #   PACED_RUNS=N  repeat the paced half-peak pass N times, interleaved, and
 #                 report the median of each figure (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
 CONNS=${2:-32}
+RUNS=${RUNS:-3}
 PACED_RUNS=${PACED_RUNS:-3}
 for tool in wrk haproxy nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk haproxy nginx-light" >&2; exit 1; }
@@ -133,28 +138,38 @@ bad="${JWT%?????}AAAAA"
 
 # wrk latency lines ("50%  1.23ms") to microseconds.
 to_us() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000; else if (v ~ /s$/) print n * 1000000; else print n }'; }
-declare -A RPS P50 P99
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
+declare -A RPS P50 P99 ALL_RPS ALL_P50 ALL_P99
 run() { # name port token
   local hdr=()
   [ -n "$3" ] && hdr=(-H "Authorization: Bearer $3")
   "${GEN[@]}" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "${hdr[@]}" "http://127.0.0.1:$2$PATH_OK" > "$WORK/$1.wrk"
-  RPS[$1]=$(awk '/^Requests\/sec/ { print $2 }' "$WORK/$1.wrk")
-  P50[$1]=$(to_us "$(awk '$1 == "50%" { print $2 }' "$WORK/$1.wrk")")
-  P99[$1]=$(to_us "$(awk '$1 == "99%" { print $2 }' "$WORK/$1.wrk")")
   if grep -q "Non-2xx" "$WORK/$1.wrk"; then echo "$1: non-2xx responses:" >&2; grep "Non-2xx" "$WORK/$1.wrk" >&2; exit 1; fi
+  ALL_RPS[$1]+=" $(awk '/^Requests\/sec/ { printf "%d", $2 }' "$WORK/$1.wrk")"
+  ALL_P50[$1]+=" $(to_us "$(awk '$1 == "50%" { print $2 }' "$WORK/$1.wrk")")"
+  ALL_P99[$1]+=" $(to_us "$(awk '$1 == "99%" { print $2 }' "$WORK/$1.wrk")")"
 }
-run direct $UP ""
-run nginx $NG ""
-run haproxy $HA "$JWT"
-run sg-pat $SG "$PAT"
-run sg-jwt $SG "$JWT"
-run sg-jwt-log $SGL "$JWT"
+# Interleaved, so a slow minute on a shared machine hits every target.
+for _ in $(seq 1 "$RUNS"); do
+  run direct $UP ""
+  run nginx $NG ""
+  run haproxy $HA "$JWT"
+  run sg-pat $SG "$PAT"
+  run sg-jwt $SG "$JWT"
+  run sg-jwt-log $SGL "$JWT"
+done
+for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log; do
+  RPS[$t]=$(median <<<"${ALL_RPS[$t]}")
+  P50[$t]=$(median <<<"${ALL_P50[$t]}")
+  P99[$t]=$(median <<<"${ALL_P99[$t]}")
+done
 
 echo
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); ${DURATION}s per target, $CONNS connections, wrk -t1, $([ "${PIN:-0}" = 1 ] && echo "proxy pinned to CPU 1, wrk and upstream to CPU 0" || echo "no pinning")"
-printf '%-11s %10s %10s %10s %12s\n' target "req/s" "p50 µs" "p99 µs" "p99 - direct"
+echo "full speed: median of $RUNS runs (req/s of each run in brackets)"
+printf '%-11s %10s %10s %10s %12s   %s\n' target "req/s" "p50 µs" "p99 µs" "p99 - direct" "req/s per run"
 for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log; do
-  printf '%-11s %10.0f %10.0f %10.0f %12.0f\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "$(awk -v a="${P99[$t]}" -v b="${P99[direct]}" 'BEGIN { print a - b }')"
+  printf '%-11s %10.0f %10.0f %10.0f %12.0f   [%s ]\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "$(awk -v a="${P99[$t]}" -v b="${P99[direct]}" 'BEGIN { print a - b }')" "${ALL_RPS[$t]}"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
@@ -167,7 +182,6 @@ echo "access log on / off (ES256 JWT) throughput:             $(ratio "${RPS[sg-
 # the latency a request sees when the gateway is not saturated.
 RATE=$(awk -v r="${RPS[sg-jwt]}" 'BEGIN { printf "%d", r / 2 }')
 declare -A H50 H99
-median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 paced() { # name port token
   local out
   out=$("${GEN[@]}" "$BIN/examples/paced" "127.0.0.1:$2" "$PATH_OK" "$RATE" "$DURATION" "$CONNS" ${3:+"$3"})
