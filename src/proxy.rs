@@ -26,6 +26,45 @@ use crate::decision::{Outcome, decide, decide_with};
 use crate::error::{self, Reason};
 use crate::metrics::{DecisionLabel, Metrics, NO_TAG, PUBLIC_TAG, method_label};
 
+// Header names built once, at compile time: `HeaderName::from_static` in
+// an expression parses and validates the name on every call (about 130
+// instructions each, counted under cachegrind).
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_AIRBRX_TOKEN_ID: HeaderName = HeaderName::from_static("x-airbrx-token-id");
+const X_AIRBRX_SUBJECT: HeaderName = HeaderName::from_static("x-airbrx-subject");
+const X_AIRBRX_ACCOUNT: HeaderName = HeaderName::from_static("x-airbrx-account");
+const X_AIRBRX_TENANT: HeaderName = HeaderName::from_static("x-airbrx-tenant");
+const X_AIRBRX_TAG: HeaderName = HeaderName::from_static("x-airbrx-tag");
+const X_AIRBRX_PLAN: HeaderName = HeaderName::from_static("x-airbrx-plan");
+
+/// The client end of one connection, with what each of its forwarded
+/// requests repeats worked out once, at accept: the address as the
+/// `X-Forwarded-For` value (formatting it per request was 4% of the
+/// gateway's instructions).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Whether the connection arrived over TLS (`X-Forwarded-Proto`).
+    pub tls: bool,
+    forwarded_for: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, tls: bool) -> Peer {
+        // An IP address in text is always a valid header value.
+        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer {
+            addr,
+            tls,
+            forwarded_for,
+        }
+    }
+}
+
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub use crate::upstream::UpstreamClient;
@@ -197,12 +236,7 @@ impl Gateway {
 
     /// Handle one request end to end. Never fails: every problem becomes a
     /// response.
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-        tls: bool,
-    ) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
         let started = Instant::now();
         let generation = self.current();
         let snap = &generation.snapshot;
@@ -234,7 +268,7 @@ impl Gateway {
                     "refused"
                 }])
                 .inc();
-            resp.headers_mut().insert("x-request-id", request_id);
+            resp.headers_mut().insert(X_REQUEST_ID, request_id);
             return resp.map(Either::Left);
         }
         // Decide on a clone of the URI (refcounted bytes) so `parts` can move
@@ -324,7 +358,7 @@ impl Gateway {
             )
         } else {
             let forward_started = Instant::now();
-            let result = forward(&generation, &outcome, parts, body, &request_id, peer, tls).await;
+            let result = forward(&generation, &outcome, parts, body, &request_id, peer).await;
             let elapsed = forward_started.elapsed();
             upstream_time = Some(elapsed);
             self.metrics
@@ -472,8 +506,7 @@ async fn forward(
     mut parts: http::request::Parts,
     body: Incoming,
     request_id: &HeaderValue,
-    peer: SocketAddr,
-    tls: bool,
+    peer: &Peer,
 ) -> Result<Response<ResponseBody>, ForwardError> {
     let snap = &generation.snapshot;
     let up = &snap.upstream;
@@ -511,18 +544,18 @@ async fn forward(
     remove_prefixed(h, "x-airbrx-");
     append_forwarded_for(h, peer);
     h.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(if tls { "https" } else { "http" }),
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if peer.tls { "https" } else { "http" }),
     );
     match original_host {
         Some(v) => {
-            h.insert(HeaderName::from_static("x-forwarded-host"), v);
+            h.insert(X_FORWARDED_HOST, v);
         }
         None => {
-            h.remove(HeaderName::from_static("x-forwarded-host"));
+            h.remove(X_FORWARDED_HOST);
         }
     }
-    h.insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    h.insert(X_REQUEST_ID, request_id.clone());
     set_identity(h, snap, outcome);
 
     parts.uri = uri;
@@ -538,10 +571,8 @@ async fn forward(
     };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key("x-request-id") {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-request-id"), request_id.clone());
+    if !parts.headers.contains_key(X_REQUEST_ID) {
+        parts.headers.insert(X_REQUEST_ID, request_id.clone());
     }
     let body = UpstreamBody {
         inner: body,
@@ -597,50 +628,54 @@ fn remove_prefixed(h: &mut HeaderMap, prefix: &str) {
     }
 }
 
-fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let value = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
+fn append_forwarded_for(h: &mut HeaderMap, peer: &Peer) {
+    let own = &peer.forwarded_for;
+    let value = match h.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => {
+            let mut joined = Vec::with_capacity(prev.len() + 2 + own.len());
+            joined.extend_from_slice(prev.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(own.as_bytes());
+            match HeaderValue::try_from(joined) {
+                Ok(v) => v,
+                Err(_) => return,
+            }
+        }
+        _ => own.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+    h.insert(X_FORWARDED_FOR, value);
 }
 
 /// Identity headers from the verified decision only (SPEC §7).
 fn set_identity(h: &mut HeaderMap, snap: &Snapshot, outcome: &Outcome<'_, '_>) {
     if let Some(p) = &outcome.principal {
         if let Ok(v) = HeaderValue::from_str(p.token_id()) {
-            h.insert(HeaderName::from_static("x-airbrx-token-id"), v);
+            h.insert(X_AIRBRX_TOKEN_ID, v);
         }
         if let Some(sub) = p.subject()
             && let Ok(v) = HeaderValue::from_str(sub)
         {
-            h.insert(HeaderName::from_static("x-airbrx-subject"), v);
+            h.insert(X_AIRBRX_SUBJECT, v);
         }
     }
     let Some(m) = outcome.matched else { return };
     if let Some(a) = m.account.and_then(|a| snap.accounts.get(a as usize)) {
-        h.insert(
-            HeaderName::from_static("x-airbrx-account"),
-            a.header.clone(),
-        );
+        h.insert(X_AIRBRX_ACCOUNT, a.header.clone());
     }
     if let Some(t) = m.tenant.and_then(|t| snap.tenants.get(t as usize)) {
-        h.insert(HeaderName::from_static("x-airbrx-tenant"), t.header.clone());
+        h.insert(X_AIRBRX_TENANT, t.header.clone());
     }
     if let Some(v) = m.route.tag.and_then(|t| snap.tag_headers.get(t as usize)) {
-        h.insert(HeaderName::from_static("x-airbrx-tag"), v.clone());
+        h.insert(X_AIRBRX_TAG, v.clone());
     }
     if let Some(v) = m.plan.and_then(|p| snap.plan_headers.get(p as usize)) {
-        h.insert(HeaderName::from_static("x-airbrx-plan"), v.clone());
+        h.insert(X_AIRBRX_PLAN, v.clone());
     }
 }
 
 /// The incoming `X-Request-Id` when it is a sane token, else a new one.
 fn request_id(h: &HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get("x-request-id") {
+    if let Some(v) = h.get(X_REQUEST_ID) {
         let b = v.as_bytes();
         if !b.is_empty()
             && b.len() <= 128
@@ -650,8 +685,10 @@ fn request_id(h: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+    let mut id = [0u8; 32];
+    // Cannot fail: 16 bytes fill exactly 32 hex digits.
+    let _ = hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut id);
+    HeaderValue::from_bytes(&id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 fn unix_now() -> i64 {

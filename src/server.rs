@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, Peer};
 
 /// Per-connection activity, shared by the IO wrapper, the service and the
 /// idle watchdog.
@@ -182,14 +182,15 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
         let limits = limits.clone();
         tokio::spawn(async move {
             let activity = Activity::new();
-            let is_tls = tls.is_some();
+            let peer = Arc::new(Peer::new(peer, tls.is_some()));
             let svc_activity = activity.clone();
             let svc = hyper::service::service_fn(move |req| {
                 let gw = gw.clone();
+                let peer = peer.clone();
                 svc_activity.active.fetch_add(1, Ordering::Relaxed);
                 let guard = ActiveGuard(svc_activity.clone());
                 async move {
-                    let resp = gw.handle(req, peer, is_tls).await;
+                    let resp = gw.handle(req, &peer).await;
                     drop(guard);
                     Ok::<_, Infallible>(resp)
                 }

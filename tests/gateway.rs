@@ -906,6 +906,13 @@ async fn upstream_sees_only_the_gateways_identity_and_clean_headers() {
         rid.len() == 32 && rid.bytes().all(|b| b.is_ascii_hexdigit()),
         "{rid}"
     );
+    // Without an X-Forwarded-For of its own, the upstream sees just the
+    // client's address (worked out once per connection).
+    assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    // A second request gets an id of its own.
+    allowed(&send(gw.addr, "GET", "/v1/health", &[]).await);
+    let again = up.last().expect("reached");
+    assert_ne!(again.header("x-request-id"), Some(rid));
 }
 
 #[tokio::test]
