@@ -164,7 +164,7 @@ fn bench(c: &mut Criterion) {
         panic!("the benchmarked PAT request must be allowed");
     };
     let names = m.names(&psnap);
-    book.record(principal, &Method::GET, &names, &psnap, 1);
+    book.record(principal, &Method::GET, &names, &psnap, 1, now);
     g.bench_function("part: usage record (warm)", |b| {
         b.iter(|| {
             book.record(
@@ -173,6 +173,7 @@ fn bench(c: &mut Criterion) {
                 black_box(&names),
                 &psnap,
                 1,
+                now,
             )
         })
     });

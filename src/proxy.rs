@@ -317,7 +317,7 @@ impl Gateway {
         if label == DecisionLabel::Allow
             && let (Some(book), Some(p), Some(n)) = (&self.usage, &outcome.principal, &names)
         {
-            book.record(p, &method, n, snap, generation.number);
+            book.record(p, &method, n, snap, generation.number, now);
         }
         self.metrics
             .requests
@@ -358,7 +358,16 @@ impl Gateway {
             )
         } else {
             let forward_started = Instant::now();
-            let result = forward(&generation, &outcome, parts, body, &request_id, peer).await;
+            let result = forward(
+                &generation,
+                &outcome,
+                parts,
+                body,
+                &request_id,
+                peer,
+                forward_started,
+            )
+            .await;
             let elapsed = forward_started.elapsed();
             upstream_time = Some(elapsed);
             self.metrics
@@ -507,10 +516,11 @@ async fn forward(
     body: Incoming,
     request_id: &HeaderValue,
     peer: &Peer,
+    started: Instant,
 ) -> Result<Response<ResponseBody>, ForwardError> {
     let snap = &generation.snapshot;
     let up = &snap.upstream;
-    let deadline = tokio::time::Instant::now() + up.timeout;
+    let deadline = tokio::time::Instant::from_std(started) + up.timeout;
 
     // The path exactly as checked, and the query unchanged.
     let path = outcome.path.as_deref().unwrap_or("/");

@@ -116,6 +116,7 @@ impl UsageBook {
         names: &Names<'_>,
         snap: &Snapshot,
         generation: u64,
+        now: i64,
     ) {
         let Some(tag) = names.tag else { return };
         let id = principal.token_id();
@@ -141,10 +142,6 @@ impl UsageBook {
                 .collect();
             u.cubes = Some((generation, cubes));
         }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
         let m = method.as_str();
         let u = &mut *u;
         let found = u.calls.iter().position(|s| {
