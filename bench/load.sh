@@ -177,6 +177,17 @@ echo "scopegate (ES256 JWT) / HAProxy (ES256 JWT) throughput: $(ratio "${RPS[sg-
 echo "scopegate (ES256 JWT) / nginx (no auth) throughput:     $(ratio "${RPS[sg-jwt]}" "${RPS[nginx]}")x"
 echo "scopegate (PAT) / nginx (no auth) throughput:           $(ratio "${RPS[sg-pat]}" "${RPS[nginx]}")x"
 echo "access log on / off (ES256 JWT) throughput:             $(ratio "${RPS[sg-jwt-log]}" "${RPS[sg-jwt]}")x"
+# The same ratios round by round: a slow or fast minute for one target
+# shows up here instead of hiding in the medians.
+paired() { paste -d' ' <(tr ' ' '\n' <<<"${ALL_RPS[$1]}" | grep .) <(tr ' ' '\n' <<<"${ALL_RPS[$2]}" | grep .) | awk '{ printf " %.2f", $1 / $2 }'; }
+echo "per round, ES256 / nginx:$(paired sg-jwt nginx)   PAT / nginx:$(paired sg-pat nginx)   ES256 / HAProxy:$(paired sg-jwt haproxy)"
+if [ "${PIN:-0}" = 1 ]; then
+  # With the proxy alone on its core, that core is the bottleneck: its
+  # cost per request is the inverse of its throughput.
+  printf 'cost per request on the proxy'"'"'s own core (µs):'
+  for t in nginx haproxy sg-pat sg-jwt sg-jwt-log; do printf ' %s %.1f' "$t" "$(awk -v r="${RPS[$t]}" 'BEGIN { print 1000000 / r }')"; done
+  echo
+fi
 
 # Half of scopegate's peak (ES256 JWT), paced, the same rate for each target:
 # the latency a request sees when the gateway is not saturated.
