@@ -27,61 +27,22 @@ for tool in valgrind cg_annotate nginx python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nginx-light" >&2; exit 1; }
 done
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt
-BIN=target/release
+. bench/common.sh
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 UP=18181 NG=18182 SG=18184
-PATH_OK=/v1/tenants/acme-prod/markers
-KEY_PUB=$PWD/tests/fixtures/es256.pub.pem
-KEY_PRIV=$PWD/tests/fixtures/es256.key.pem
-wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 wait_port $UP
 
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream up { server 127.0.0.1:$UP; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NG;
-    keepalive_requests 1000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-CONF
-
-"$BIN/scopegate" token new --config /nonexistent --id bench \
-  --cube '{"methods":["GET"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}' > "$WORK/pat.out"
-PAT=$(grep -o 'abx_pat_[0-9A-Za-z]*' "$WORK/pat.out" | head -1)
-{ echo "tokens:"; sed -n '/Record to paste/,$p' "$WORK/pat.out" | tail -n +2; } > "$WORK/tokens.yaml"
-cat > "$WORK/gateway.yaml" <<CONF
-listen: { addr: "127.0.0.1:$SG" }
-upstream: { url: "http://127.0.0.1:$UP" }
-tokens:
-  pat_file: tokens.yaml
-  jwt:
-    issuer: https://auth.bench.example
-    audience: airbrx-api
-    keys: [ { kid: es-bench, alg: ES256, public_key: $KEY_PUB } ]
-plans: { pro: [ { tags: ["*"], methods: ["*"] } ] }
-accounts: { acme: { plan: pro } }
-tenants: { acme-prod: { account: acme } }
-routes:
-  - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
-CONF
-JWT=$("$BIN/examples/mint_jwt" "$KEY_PRIV" es-bench \
-  "{\"iss\":\"https://auth.bench.example\",\"aud\":\"airbrx-api\",\"sub\":\"bench\",\"jti\":\"bench-1\",\"exp\":$(( $(date +%s) + 86400 )),\"cube\":{\"methods\":[\"GET\"],\"tags\":[\"markers\"],\"tenants\":[\"acme-prod\"],\"accounts\":[\"acme\"]}}")
+# nginx must stay in the foreground process for valgrind to count it.
+nginx_conf "$WORK/nginx" $NG $UP "master_process off;"
+PAT=$(mint_pat "$WORK")
+gateway_conf "$WORK/gateway.yaml" $SG $UP
+JWT=$(mint_jwt)
 
 # N requests in sequence on one keep-alive connection; every answer must be 200.
 cat > "$WORK/client.py" <<'PY'

@@ -37,40 +37,19 @@ if [ "${PIN:-0}" = 1 ]; then
 fi
 
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced
-BIN=target/release
+. bench/common.sh
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 UP=18081 NG=18082 HA=18083 SG=18084 SGL=18085
-PATH_OK=/v1/tenants/acme-prod/markers
-KEY_PUB=$PWD/tests/fixtures/es256.pub.pem
-KEY_PRIV=$PWD/tests/fixtures/es256.key.pem
-
-wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 "${GEN[@]}" "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 wait_port $UP
 
 # nginx: a plain reverse proxy with a keep-alive upstream pool.
-mkdir -p "$WORK/nginx"
-cat > "$WORK/nginx/nginx.conf" <<CONF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream up { server 127.0.0.1:$UP; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NG;
-    keepalive_requests 1000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
-  }
-}
-CONF
+nginx_conf "$WORK/nginx" $NG $UP
 "${PROXY[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
 
 # HAProxy: the same ES256 JWT, exp, and an ACL on path and method.
@@ -101,31 +80,11 @@ CONF
 "${PROXY[@]}" haproxy -f "$WORK/haproxy.cfg" -db >/dev/null 2>"$WORK/haproxy.err" & PIDS+=($!)
 
 # scopegate: a config with the same key, a PAT, and the same route.
-"$BIN/scopegate" token new --config /nonexistent --id bench \
-  --cube '{"methods":["GET"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}' > "$WORK/pat.out"
-PAT=$(grep -o 'abx_pat_[0-9A-Za-z]*' "$WORK/pat.out" | head -1)
-{ echo "tokens:"; sed -n '/Record to paste/,$p' "$WORK/pat.out" | tail -n +2; } > "$WORK/tokens.yaml"
-for port in $SG $SGL; do
-cat > "$WORK/gateway-$port.yaml" <<CONF
-listen: { addr: "127.0.0.1:$port" }
-upstream: { url: "http://127.0.0.1:$UP" }
-tokens:
-  pat_file: tokens.yaml
-  jwt:
-    issuer: https://auth.bench.example
-    audience: airbrx-api
-    keys: [ { kid: es-bench, alg: ES256, public_key: $KEY_PUB } ]
-plans: { pro: [ { tags: ["*"], methods: ["*"] } ] }
-accounts: { acme: { plan: pro } }
-tenants: { acme-prod: { account: acme } }
-routes:
-  - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
-CONF
-done
+PAT=$(mint_pat "$WORK")
+for port in $SG $SGL; do gateway_conf "$WORK/gateway-$port.yaml" $port $UP; done
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SG.yaml" >/dev/null & PIDS+=($!)
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
-JWT=$("$BIN/examples/mint_jwt" "$KEY_PRIV" es-bench \
-  "{\"iss\":\"https://auth.bench.example\",\"aud\":\"airbrx-api\",\"sub\":\"bench\",\"jti\":\"bench-1\",\"exp\":$(( $(date +%s) + 86400 )),\"cube\":{\"methods\":[\"GET\"],\"tags\":[\"markers\"],\"tenants\":[\"acme-prod\"],\"accounts\":[\"acme\"]}}")
+JWT=$(mint_jwt)
 for p in $NG $HA $SG $SGL; do wait_port $p; done
 
 # Every target must answer 200 before it is measured.

@@ -1,0 +1,72 @@
+# Shared by bench/load.sh and bench/instructions.sh: one definition of the
+# request, the token, nginx's plain proxy and scopegate's config, so the
+# two scripts always measure the same thing. Source it after `cd` to the
+# repository root; it sets BIN, PATH_OK, KEY_PUB, KEY_PRIV.
+BIN=target/release
+PATH_OK=/v1/tenants/acme-prod/markers
+KEY_PUB=$PWD/tests/fixtures/es256.pub.pem
+KEY_PRIV=$PWD/tests/fixtures/es256.key.pem
+
+wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+# nginx_conf DIR PORT UPSTREAM_PORT [MAIN_DIRECTIVE...]: a plain reverse
+# proxy, one worker, with a keep-alive upstream pool, in DIR/nginx.conf.
+nginx_conf() {
+  local dir=$1 port=$2 up=$3
+  shift 3
+  mkdir -p "$dir"
+  {
+    printf '%s\n' "$@"
+    cat <<CONF
+worker_processes 1;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$up; keepalive 64; }
+  server {
+    listen 127.0.0.1:$port;
+    keepalive_requests 1000000;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+  } > "$dir/nginx.conf"
+}
+
+# mint_pat DIR: a PAT for the benchmarked route; its record goes to
+# DIR/tokens.yaml and the secret to stdout.
+mint_pat() {
+  "$BIN/scopegate" token new --config /nonexistent --id bench \
+    --cube '{"methods":["GET"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}' > "$1/pat.out"
+  { echo "tokens:"; sed -n '/Record to paste/,$p' "$1/pat.out" | tail -n +2; } > "$1/tokens.yaml"
+  grep -o 'abx_pat_[0-9A-Za-z]*' "$1/pat.out" | head -1
+}
+
+# mint_jwt: the ES256 JWT for the same route, valid for a day.
+mint_jwt() {
+  "$BIN/examples/mint_jwt" "$KEY_PRIV" es-bench \
+    "{\"iss\":\"https://auth.bench.example\",\"aud\":\"airbrx-api\",\"sub\":\"bench\",\"jti\":\"bench-1\",\"exp\":$(( $(date +%s) + 86400 )),\"cube\":{\"methods\":[\"GET\"],\"tags\":[\"markers\"],\"tenants\":[\"acme-prod\"],\"accounts\":[\"acme\"]}}"
+}
+
+# gateway_conf FILE PORT UPSTREAM_PORT: scopegate with the same key, the
+# PAT file beside FILE, and the same route.
+gateway_conf() {
+  cat > "$1" <<CONF
+listen: { addr: "127.0.0.1:$2" }
+upstream: { url: "http://127.0.0.1:$3" }
+tokens:
+  pat_file: tokens.yaml
+  jwt:
+    issuer: https://auth.bench.example
+    audience: airbrx-api
+    keys: [ { kid: es-bench, alg: ES256, public_key: $KEY_PUB } ]
+plans: { pro: [ { tags: ["*"], methods: ["*"] } ] }
+accounts: { acme: { plan: pro } }
+tenants: { acme-prod: { account: acme } }
+routes:
+  - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
+CONF
+}
