@@ -44,11 +44,10 @@ const X_AIRBRX_PLAN: HeaderName = HeaderName::from_static("x-airbrx-plan");
 /// requests repeats worked out once, at accept: the address as the
 /// `X-Forwarded-For` value (formatting it per request was 4% of the
 /// gateway's instructions).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Peer {
-    pub addr: SocketAddr,
     /// Whether the connection arrived over TLS (`X-Forwarded-Proto`).
-    pub tls: bool,
+    tls: bool,
     forwarded_for: HeaderValue,
 }
 
@@ -57,11 +56,7 @@ impl Peer {
         // An IP address in text is always a valid header value.
         let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer {
-            addr,
-            tls,
-            forwarded_for,
-        }
+        Peer { tls, forwarded_for }
     }
 }
 
