@@ -39,7 +39,7 @@ pub struct Metrics {
     pub jwks_fetch_duration: Histogram,
     /// Usable keys in the last good JWKS.
     pub jwks_keys: IntGauge,
-    /// Own HTTP/1.1 pool (plaintext upstream) only.
+    /// TCP connections opened to the upstream, by either client.
     pub upstream_connections_opened: IntCounter,
     /// Set when the metrics are rendered ([`crate::proxy::Gateway::render_metrics`]).
     pub upstream_idle_connections: IntGauge,
@@ -192,7 +192,7 @@ fn build() -> Result<Metrics, prometheus::Error> {
     let jwks_keys = IntGauge::new("scopegate_jwks_keys", "Usable keys in the last good JWKS.")?;
     let upstream_connections_opened = IntCounter::new(
         "scopegate_upstream_connections_opened_total",
-        "Connections the gateway's HTTP/1.1 pool opened to a plaintext upstream.",
+        "TCP connections the gateway opened to the upstream.",
     )?;
     let upstream_idle_connections = IntGauge::new(
         "scopegate_upstream_idle_connections",

@@ -39,7 +39,41 @@ pub const MAX_IDLE: usize = 1024;
 /// closed by the pool's reaper within a third of this even without traffic.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-type Pooled = Client<hyper_rustls::HttpsConnector<HttpConnector>, Incoming>;
+type Pooled = Client<hyper_rustls::HttpsConnector<Counted>, Incoming>;
+
+/// hyper-util's TCP connector, counting the connections it establishes
+/// (`scopegate_upstream_connections_opened_total` for `https://` and h2c
+/// upstreams, as the own pool counts its own).
+#[derive(Clone)]
+pub struct Counted {
+    inner: HttpConnector,
+    opened: IntCounter,
+}
+
+impl tower_service::Service<Uri> for Counted {
+    type Response = <HttpConnector as tower_service::Service<Uri>>::Response;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let opened = self.opened.clone();
+        Box::pin(async move {
+            let stream = connecting.await?;
+            opened.inc();
+            Ok(stream)
+        })
+    }
+}
 
 /// The client for one upstream setting. Cloning shares the connections.
 #[derive(Clone)]
@@ -86,7 +120,7 @@ impl UpstreamClient {
     /// `https://` or by prior knowledge on plaintext when `upstream.http2`
     /// is set.
     ///
-    /// `opened` counts the connections the own pool opens.
+    /// `opened` counts the TCP connections opened to the upstream.
     pub fn build(u: &Upstream, opened: &IntCounter) -> Result<UpstreamClient, String> {
         if u.scheme == Scheme::HTTP && !u.http2 {
             return Ok(UpstreamClient::Http1(Arc::new(Http1Pool::new(
@@ -102,7 +136,10 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(Counted {
+                inner: http,
+                opened: opened.clone(),
+            });
         let mut b = crate::sources::pooled();
         if u.http2 && u.scheme == Scheme::HTTP {
             b.http2_only(true);

@@ -225,6 +225,16 @@ async fn https_upstream_trusted_through_a_configured_ca() {
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(String::from_utf8_lossy(&r.body), "HTTP/2.0 acme-prod");
+    // hyper-util's pool keeps the connection, and the connector counts it:
+    // ten requests, one connection opened.
+    for _ in 0..9 {
+        let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(
+        metric(&gw.gw, "scopegate_upstream_connections_opened_total"),
+        1.0
+    );
 
     // Without it the web PKI roots do not know this CA: 502, never a pass.
     let plain = Options {
