@@ -295,7 +295,7 @@ pub fn response_with<B: From<Bytes>>(
         HeaderValue::from_static("application/json"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-request-id", request_id.clone());
+    h.insert(crate::proxy::X_REQUEST_ID, request_id.clone());
     match status {
         StatusCode::UNAUTHORIZED => {
             h.insert(

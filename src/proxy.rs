@@ -32,7 +32,7 @@ use crate::metrics::{DecisionLabel, Metrics, NO_TAG, PUBLIC_TAG, method_label};
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_AIRBRX_TOKEN_ID: HeaderName = HeaderName::from_static("x-airbrx-token-id");
 const X_AIRBRX_SUBJECT: HeaderName = HeaderName::from_static("x-airbrx-subject");
 const X_AIRBRX_ACCOUNT: HeaderName = HeaderName::from_static("x-airbrx-account");
