@@ -14,6 +14,7 @@ pub mod config;
 pub mod decision;
 pub mod diff;
 pub mod error;
+pub mod h1;
 pub mod metrics;
 pub mod path;
 pub mod proxy;

@@ -759,7 +759,7 @@ fn access_log(
 /// the body has ended, and is closed when the body is dropped unfinished or
 /// fails.
 pub struct UpstreamBody {
-    inner: Incoming,
+    inner: crate::upstream::UpBody,
     deadline: Pin<Box<tokio::time::Sleep>>,
     checkin: Option<crate::upstream::Checkin>,
 }
@@ -796,7 +796,7 @@ impl Body for UpstreamBody {
                 Some(Ok(_)) => {}
                 Some(Err(_)) => this.checkin = None,
             }
-            return Poll::Ready(frame.map(|r| r.map_err(BoxError::from)));
+            return Poll::Ready(frame);
         }
         if this.deadline.as_mut().poll(cx).is_ready() {
             this.checkin = None;

@@ -18,12 +18,16 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
+use bytes::Bytes;
 use http::{Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
@@ -32,6 +36,7 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 
 use crate::config::Upstream;
+use crate::h1;
 
 /// Idle connections kept per upstream; more are closed when they come back.
 pub const MAX_IDLE: usize = 1024;
@@ -129,6 +134,7 @@ impl UpstreamClient {
                 IDLE_TIMEOUT,
                 MAX_IDLE,
                 opened.clone(),
+                raw_client_enabled(),
             ))));
         }
         let (http, builder) = crate::sources::connector_parts(u.ca.as_deref(), u.connect_timeout)?;
@@ -157,13 +163,18 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<Checkin>), SendError> {
+    ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         match self {
             UpstreamClient::Http1(pool) => {
                 req.headers_mut()
                     .insert(header::HOST, pool.host_header.clone());
+                if pool.raw && h1::eligible(req.method(), req.body().is_end_stream()) {
+                    let (parts, _) = req.into_parts();
+                    let resp = pool.send_raw(&parts).await?;
+                    return Ok((resp.map(UpBody::Raw), None));
+                }
                 let (resp, checkin) = pool.send(req).await?;
-                Ok((resp, Some(checkin)))
+                Ok((resp.map(UpBody::Hyper), Some(checkin)))
             }
             UpstreamClient::Pooled(p) => {
                 let mut parts = std::mem::take(req.uri_mut()).into_parts();
@@ -171,7 +182,7 @@ impl UpstreamClient {
                 parts.authority = Some(p.authority.clone());
                 *req.uri_mut() = Uri::from_parts(parts).map_err(|_| SendError::Protocol)?;
                 match p.client.request(req).await {
-                    Ok(resp) => Ok((resp, None)),
+                    Ok(resp) => Ok((resp.map(UpBody::Hyper), None)),
                     Err(e) if e.is_connect() => Err(SendError::Connect),
                     Err(_) => Err(SendError::Protocol),
                 }
@@ -182,7 +193,7 @@ impl UpstreamClient {
     /// Idle pooled connections (own pool only).
     pub fn idle(&self) -> Option<usize> {
         match self {
-            UpstreamClient::Http1(pool) => Some(pool.idle.lock().map(|q| q.len()).unwrap_or(0)),
+            UpstreamClient::Http1(pool) => Some(pool.idle_count()),
             UpstreamClient::Pooled(_) => None,
         }
     }
@@ -198,8 +209,12 @@ pub struct Http1Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    /// Idle connections, most recently used at the back.
+    /// Whether bodiless requests take the in-future client ([`h1`]).
+    raw: bool,
+    /// Idle connections, most recently used at the back: hyper's, and the
+    /// in-future client's.
     idle: Mutex<VecDeque<Idle>>,
+    idle_raw: Mutex<VecDeque<IdleRaw>>,
     /// Whether the task that closes expired idle connections is running.
     reaper: AtomicBool,
     /// Connections opened (`scopegate_upstream_connections_opened_total`).
@@ -211,6 +226,59 @@ struct Idle {
     since: Instant,
 }
 
+struct IdleRaw {
+    conn: h1::Conn,
+    since: Instant,
+}
+
+/// `SCOPEGATE_UPSTREAM_CLIENT=hyper` sends every request through hyper's
+/// client: the switch back if the in-future client ever misbehaves, and
+/// the baseline for A/B measurements.
+fn raw_client_enabled() -> bool {
+    std::env::var("SCOPEGATE_UPSTREAM_CLIENT").map_or(true, |v| v != "hyper")
+}
+
+/// A response body from either client.
+pub enum UpBody {
+    Hyper(Incoming),
+    Raw(h1::RawBody),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = crate::proxy::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpBody::Raw(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Hyper(b) => b.is_end_stream(),
+            UpBody::Raw(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Hyper(b) => b.size_hint(),
+            UpBody::Raw(b) => b.size_hint(),
+        }
+    }
+}
+
+impl h1::Return for Http1Pool {
+    fn give_back(&self, conn: h1::Conn) {
+        self.put_raw(conn);
+    }
+}
+
 impl Http1Pool {
     fn new(
         authority: &Authority,
@@ -218,6 +286,7 @@ impl Http1Pool {
         idle_timeout: Duration,
         max_idle: usize,
         opened: IntCounter,
+        raw: bool,
     ) -> Http1Pool {
         let host = authority.host();
         let port = authority.port_u16().unwrap_or(80);
@@ -237,7 +306,9 @@ impl Http1Pool {
             connect_timeout,
             idle_timeout,
             max_idle,
+            raw,
             idle: Mutex::new(VecDeque::new()),
+            idle_raw: Mutex::new(VecDeque::new()),
             reaper: AtomicBool::new(false),
             opened,
         }
@@ -272,6 +343,72 @@ impl Http1Pool {
                 },
             }
         }
+    }
+
+    /// A bodiless request through the in-future client. Retried on another
+    /// connection only when a reused one failed before the whole head was
+    /// written, so the upstream cannot have acted on it.
+    async fn send_raw(
+        self: &Arc<Self>,
+        parts: &http::request::Parts,
+    ) -> Result<Response<h1::RawBody>, SendError> {
+        loop {
+            let (conn, reused) = match self.take_raw() {
+                Some(c) => (c, true),
+                None => (self.connect_raw().await?, false),
+            };
+            let back: Arc<dyn h1::Return> = self.clone();
+            match h1::exchange(conn, parts, back).await {
+                Ok(resp) => return Ok(resp),
+                Err((_, true)) if reused => continue,
+                Err((e, _)) => {
+                    tracing::debug!(error = %e, "upstream exchange failed");
+                    return Err(SendError::Protocol);
+                }
+            }
+        }
+    }
+
+    fn take_raw(&self) -> Option<h1::Conn> {
+        let now = Instant::now();
+        let mut idle = self.idle_raw.lock().ok()?;
+        while let Some(i) = idle.pop_back() {
+            if self.usable_raw(&i, now) {
+                return Some(i.conn);
+            }
+        }
+        None
+    }
+
+    fn usable_raw(&self, i: &IdleRaw, now: Instant) -> bool {
+        now.duration_since(i.since) < self.idle_timeout && i.conn.idle_ok()
+    }
+
+    fn put_raw(&self, conn: h1::Conn) {
+        let now = Instant::now();
+        let Ok(mut idle) = self.idle_raw.lock() else {
+            return;
+        };
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back(IdleRaw { conn, since: now });
+    }
+
+    async fn connect_raw(self: &Arc<Self>) -> Result<h1::Conn, SendError> {
+        self.start_reaper();
+        let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
+            .await
+            .map_err(|_| SendError::Connect)??;
+        let _ = stream.set_nodelay(true);
+        self.opened.inc();
+        Ok(h1::Conn::new(stream))
+    }
+
+    /// Idle connections of both clients.
+    fn idle_count(&self) -> usize {
+        self.idle.lock().map(|q| q.len()).unwrap_or(0)
+            + self.idle_raw.lock().map(|q| q.len()).unwrap_or(0)
     }
 
     /// The most recently returned connection that is still open and fresh.
@@ -326,6 +463,9 @@ impl Http1Pool {
     fn reap(&self, now: Instant) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.retain(|i| self.usable(i, now));
+        }
+        if let Ok(mut idle) = self.idle_raw.lock() {
+            idle.retain(|i| self.usable_raw(i, now));
         }
     }
 
@@ -403,6 +543,7 @@ mod tests {
             idle_timeout,
             max_idle,
             counter(),
+            true,
         );
         (Arc::new(p), close)
     }
@@ -469,6 +610,90 @@ mod tests {
         );
     }
 
+    fn idle_raw(p: &Http1Pool) -> usize {
+        p.idle_raw.lock().expect("lock").len()
+    }
+
+    #[tokio::test]
+    async fn raw_idle_connections_are_capped_and_lent_back_out() {
+        let (p, _close) = pool(Duration::from_secs(60), 2).await;
+        let mut conns = Vec::new();
+        for _ in 0..3 {
+            conns.push(p.connect_raw().await.expect("connect"));
+        }
+        for c in conns {
+            p.put_raw(c);
+        }
+        assert_eq!(idle_raw(&p), 2, "capped at max_idle");
+        let newest = p.take_raw().expect("one idle");
+        assert_eq!(idle_raw(&p), 1);
+        p.put_raw(newest);
+        assert_eq!(p.idle_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn raw_expired_and_closed_connections_are_never_lent() {
+        let (p, close) = pool(Duration::from_millis(100), 8).await;
+        let c = p.connect_raw().await.expect("connect");
+        p.put_raw(c);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(p.take_raw().is_none(), "an expired connection was lent");
+
+        // Without traffic, the reaper closes it.
+        let c = p.connect_raw().await.expect("connect");
+        p.put_raw(c);
+        assert_eq!(idle_raw(&p), 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(idle_raw(&p), 0, "an expired idle connection stayed open");
+
+        let c = p.connect_raw().await.expect("connect");
+        assert!(c.idle_ok(), "a fresh open connection must be usable");
+        p.put_raw(c);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        close.notify_one();
+        // The runtime sees the FIN on its next turn.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            p.take_raw().is_none(),
+            "a connection the upstream closed was lent"
+        );
+    }
+
+    #[tokio::test]
+    async fn raw_connection_with_unasked_bytes_is_never_lent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let a: Authority = listener
+            .local_addr()
+            .expect("addr")
+            .to_string()
+            .parse()
+            .expect("authority");
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let (mut s, _) = listener.accept().await.expect("accept");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            // A response nobody asked for: the next request would read it.
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nevil")
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let p = Arc::new(Http1Pool::new(
+            &a,
+            Duration::from_secs(1),
+            IDLE_TIMEOUT,
+            MAX_IDLE,
+            counter(),
+            true,
+        ));
+        let c = p.connect_raw().await.expect("connect");
+        p.put_raw(c);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(p.take_raw().is_none(), "a connection with stray bytes was lent");
+    }
+
     #[test]
     fn host_header_matches_what_hyper_util_sends() {
         let cases = [
@@ -485,6 +710,7 @@ mod tests {
                 IDLE_TIMEOUT,
                 MAX_IDLE,
                 counter(),
+                true,
             );
             assert_eq!(p.host_header, header, "{authority}");
             assert_eq!(p.host, host, "{authority}");

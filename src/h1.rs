@@ -1,0 +1,663 @@
+//! The in-future HTTP/1.1 client for plaintext upstreams.
+//!
+//! hyper's client runs every upstream connection as a task of its own and
+//! talks to it through channels: a request crosses two tasks and wakes
+//! each. Here the request's own future writes the head and reads the
+//! answer, and the response body reads the socket when the server side
+//! polls it. `bench/instructions.sh` measured 0.82× the instructions per
+//! request of the hyper path on a prototype (BENCHMARKS.md).
+//!
+//! The scope is deliberately small, and stricter than hyper where framing
+//! is ambiguous:
+//!
+//! - Only requests without a body come here (GET, HEAD, DELETE, ... with no
+//!   content); a request with a body keeps hyper's client, which streams it
+//!   while the answer may already be arriving.
+//! - A response is framed by RFC 9112 §6.3: no body after HEAD, 1xx, 204 and
+//!   304; `Transfer-Encoding: chunked` (decoded here); `Content-Length`;
+//!   otherwise until the upstream closes.
+//! - Ambiguous framing is refused (502), never guessed: `Transfer-Encoding`
+//!   with `Content-Length`, any transfer coding but a single `chunked`,
+//!   differing or malformed lengths, chunk-size lines that are not hex
+//!   digits with optional extensions, data not followed by CRLF.
+//! - Interim 1xx answers (100, 103) are skipped; 101 is refused (the
+//!   gateway never asks for an upgrade).
+//! - A connection goes back to the pool only after a complete HTTP/1.1
+//!   answer without `Connection: close`, with no byte left over.
+//!
+//! The parsing is sans-IO ([`parse_head`], [`Chunked`]) so the property
+//! tests and the fuzz target drive it with arbitrary bytes; the pool tests
+//! and `tests/h1_differential.rs` compare it, through real sockets, with
+//! hyper's client.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version, request};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response head (status line and headers) accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head (hyper's client default).
+pub const MAX_HEADERS: usize = 100;
+/// Most interim (1xx) answers before the final one.
+pub const MAX_INTERIM: usize = 16;
+/// Longest chunk-size line, extensions included.
+pub const MAX_CHUNK_LINE: usize = 4096;
+/// Largest trailer section.
+pub const MAX_TRAILERS: usize = 64 * 1024;
+/// How much is read from the socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why an answer could not be read. Every one is a 502 before the head, or
+/// an aborted body after it; the connection is never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H1Error {
+    /// Not a valid HTTP/1.x response head, or too large.
+    Head,
+    /// 101, or more interim answers than [`MAX_INTERIM`].
+    Status,
+    /// The framing headers are ambiguous or malformed.
+    Framing,
+    /// Malformed chunked coding or trailers.
+    Chunk,
+    /// The upstream closed before the answer was complete.
+    Closed,
+}
+
+impl std::fmt::Display for H1Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            H1Error::Head => "malformed or oversized response head",
+            H1Error::Status => "unexpected interim response",
+            H1Error::Framing => "ambiguous or malformed response framing",
+            H1Error::Chunk => "malformed chunked body",
+            H1Error::Closed => "upstream closed before the response was complete",
+        })
+    }
+}
+
+impl std::error::Error for H1Error {}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    /// `Content-Length`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the upstream closes the connection.
+    Eof,
+}
+
+/// A final response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// HTTP/1.1 without `Connection: close`, and a body framing that ends
+    /// before the connection does.
+    pub keep_alive: bool,
+}
+
+/// What [`parse_head`] found at the start of a buffer.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Not a whole head yet.
+    Partial,
+    /// An interim (1xx) answer of this many bytes, to be skipped.
+    Interim(usize),
+    /// The final head, and how many bytes it took.
+    Final(Head, usize),
+}
+
+/// Parse a response head at the start of `buf`, answering a HEAD request
+/// when `head_request`. Header values are slices of `buf`, without copies.
+pub fn parse_head(buf: &Bytes, head_request: bool) -> Result<Parsed, H1Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let n = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(H1Error::Head),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+        Err(_) => return Err(H1Error::Head),
+    };
+    if n > MAX_HEAD {
+        return Err(H1Error::Head);
+    }
+    let code = resp.code.ok_or(H1Error::Head)?;
+    let status = StatusCode::from_u16(code).map_err(|_| H1Error::Head)?;
+    let version = match resp.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Err(H1Error::Head),
+    };
+    if status.is_informational() {
+        return if status == StatusCode::SWITCHING_PROTOCOLS {
+            Err(H1Error::Status)
+        } else {
+            Ok(Parsed::Interim(n))
+        };
+    }
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::Head)?;
+        let value =
+            HeaderValue::from_maybe_shared(buf.slice_ref(h.value)).map_err(|_| H1Error::Head)?;
+        headers.append(name, value);
+    }
+    let framing = framing(&headers, version, status, head_request)?;
+    let keep_alive = version == Version::HTTP_11
+        && framing != Framing::Eof
+        && !headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"));
+    Ok(Parsed::Final(
+        Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        },
+        n,
+    ))
+}
+
+/// RFC 9112 §6.3, refusing what a smuggling attempt would need.
+fn framing(
+    headers: &HeaderMap,
+    version: Version,
+    status: StatusCode,
+    head_request: bool,
+) -> Result<Framing, H1Error> {
+    let te = headers.get_all(header::TRANSFER_ENCODING);
+    let cl = headers.get_all(header::CONTENT_LENGTH);
+    let has_te = te.iter().next().is_some();
+    let has_cl = cl.iter().next().is_some();
+    if has_te && has_cl {
+        return Err(H1Error::Framing);
+    }
+    // Validated even where the status says there is no body: a malformed
+    // value is a broken upstream either way.
+    let length = if has_cl {
+        let mut length = None;
+        for v in cl.iter() {
+            for part in v.as_bytes().split(|&b| b == b',') {
+                let n = parse_decimal(trim(part)).ok_or(H1Error::Framing)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(H1Error::Framing);
+                }
+                length = Some(n);
+            }
+        }
+        length
+    } else {
+        None
+    };
+    if has_te {
+        if version != Version::HTTP_11 {
+            return Err(H1Error::Framing);
+        }
+        let mut values = te.iter();
+        let only = values.next().map(|v| trim(v.as_bytes()));
+        if values.next().is_some() || !only.is_some_and(|v| v.eq_ignore_ascii_case(b"chunked")) {
+            return Err(H1Error::Framing);
+        }
+    }
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    Ok(match (has_te, length) {
+        (true, _) => Framing::Chunked,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Eof,
+    })
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(b.len());
+    let end = b.iter().rposition(|&c| c != b' ' && c != b'\t').map_or(start, |e| e + 1);
+    &b[start..end.max(start)]
+}
+
+/// 1 to 19 ASCII digits (fits in u64 without overflow checks being hit).
+fn parse_decimal(b: &[u8]) -> Option<u64> {
+    if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| trim(t).eq_ignore_ascii_case(token))
+}
+
+/// What [`Chunked::decode`] produced.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    /// Body bytes.
+    Data(Bytes),
+    /// The trailer section (only when it has fields); the body has ended.
+    Trailers(HeaderMap),
+    /// The body has ended.
+    End,
+    /// More input is needed.
+    NeedMore,
+}
+
+/// A decoder of the chunked transfer coding (RFC 9112 §7.1).
+#[derive(Debug, Default)]
+pub struct Chunked {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+impl Chunked {
+    pub fn is_done(&self) -> bool {
+        self.state == ChunkState::Done
+    }
+
+    /// Decode from the front of `buf`, consuming what was used.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(eol) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+                        return if buf.len() >= MAX_CHUNK_LINE {
+                            Err(H1Error::Chunk)
+                        } else {
+                            Ok(Decoded::NeedMore)
+                        };
+                    };
+                    let size = chunk_size(&buf[..eol])?;
+                    buf.advance(eol + 1);
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let data = buf.split_to(n).freeze();
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(H1Error::Chunk);
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (n, fields) = match httparse::parse_headers(buf, &mut slots) {
+                        Ok(httparse::Status::Complete((n, fields))) => (n, fields),
+                        Ok(httparse::Status::Partial) if buf.len() > MAX_TRAILERS => {
+                            return Err(H1Error::Chunk);
+                        }
+                        Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
+                        Err(_) => return Err(H1Error::Chunk),
+                    };
+                    if n > MAX_TRAILERS {
+                        return Err(H1Error::Chunk);
+                    }
+                    let mut trailers = HeaderMap::with_capacity(fields.len());
+                    for f in fields.iter() {
+                        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| H1Error::Chunk)?;
+                        let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Chunk)?;
+                        trailers.append(name, value);
+                    }
+                    buf.advance(n);
+                    self.state = ChunkState::Done;
+                    return Ok(if trailers.is_empty() {
+                        Decoded::End
+                    } else {
+                        Decoded::Trailers(trailers)
+                    });
+                }
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+/// A chunk-size line without its LF: hex digits, then optionally
+/// extensions (`;` and visible text), then CR.
+fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
+    let line = line.strip_suffix(b"\r").ok_or(H1Error::Chunk)?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(H1Error::Chunk);
+    }
+    let rest = trim_start(&line[digits..]);
+    if !rest.is_empty()
+        && (rest[0] != b';' || rest.iter().any(|&b| b != b'\t' && !(b' '..=b'~').contains(&b)))
+    {
+        return Err(H1Error::Chunk);
+    }
+    let mut n = 0u64;
+    for &d in &line[..digits] {
+        // At most 16 hex digits: fits.
+        n = (n << 4) | u64::from((d as char).to_digit(16).unwrap_or(0));
+    }
+    Ok(n)
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(b.len());
+    &b[start..]
+}
+
+/// Write a bodiless request head, as hyper's client would: the origin-form
+/// target, the headers as given (names lower-case), no added framing.
+/// Header values cannot hold CR, LF or NUL (`http`'s `HeaderValue`
+/// invariant, which hyper's encoder relies on too).
+pub fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    match parts.uri.path_and_query() {
+        Some(pq) => out.extend_from_slice(pq.as_str().as_bytes()),
+        None => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Whether a request may use this client: no body, and not a tunnel.
+pub fn eligible(method: &Method, body_ended: bool) -> bool {
+    body_ended && method != Method::CONNECT
+}
+
+/// One upstream connection and its buffers.
+pub struct Conn {
+    io: TcpStream,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the upstream has not
+    /// closed it or sent anything unasked. Costs no system call when the
+    /// runtime has seen no event on the socket since the last read.
+    pub fn idle_ok(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Write the head of a bodiless request. An error means the upstream
+    /// did not receive a whole head, so it cannot have acted on it.
+    pub async fn write_head(&mut self, parts: &request::Parts) -> io::Result<()> {
+        encode_head(&mut self.wbuf, parts);
+        self.io.write_all(&self.wbuf).await
+    }
+
+    /// Read up to the final response head.
+    pub async fn read_head(&mut self, head_request: bool) -> Result<Head, H1Error> {
+        let mut interim = 0;
+        loop {
+            if !self.rbuf.is_empty() {
+                // Parse a frozen view, so header values share its memory.
+                let view = self.rbuf.split().freeze();
+                let parsed = parse_head(&view, head_request);
+                match parsed {
+                    Ok(Parsed::Partial) => self.rbuf = restore(view),
+                    Ok(Parsed::Interim(n)) => {
+                        interim += 1;
+                        if interim > MAX_INTERIM {
+                            return Err(H1Error::Status);
+                        }
+                        self.rbuf = restore(view.slice(n..));
+                        continue;
+                    }
+                    Ok(Parsed::Final(head, n)) => {
+                        self.rbuf = restore(view.slice(n..));
+                        return Ok(head);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
+                return Err(H1Error::Closed);
+            }
+        }
+    }
+
+    /// Read more into `rbuf`; `Ok(0)` is the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, H1Error>> {
+        self.rbuf.reserve(READ_CHUNK);
+        // tokio's read_buf fills the spare capacity without zeroing it
+        // first; the future holds no state, so one per poll is free.
+        let read = std::pin::pin!(self.io.read_buf(&mut self.rbuf));
+        match ready!(read.poll(cx)) {
+            Ok(n) => Poll::Ready(Ok(n)),
+            Err(_) => Poll::Ready(Err(H1Error::Closed)),
+        }
+    }
+}
+
+/// Back to a mutable buffer: without a copy when nothing else holds the
+/// bytes (the usual case, once the head's values are in the header map the
+/// bytes are shared, and the rest is copied: at most one read's worth).
+fn restore(b: Bytes) -> BytesMut {
+    match b.try_into_mut() {
+        Ok(m) => m,
+        Err(b) => BytesMut::from(&b[..]),
+    }
+}
+
+/// Where an ended body's connection goes.
+pub trait Return: Send + Sync {
+    fn give_back(&self, conn: Conn);
+}
+
+/// A response body read from the connection as the server side polls it.
+/// The connection goes back to its pool when the body ends cleanly with
+/// nothing left over; dropped earlier, or after an error, it closes.
+pub struct RawBody {
+    conn: Option<Conn>,
+    state: BodyState,
+    keep_alive: bool,
+    pool: Arc<dyn Return>,
+}
+
+enum BodyState {
+    Length(u64),
+    Chunked(Chunked),
+    Eof,
+    Done,
+}
+
+impl RawBody {
+    /// The body that follows `head` on `conn`. An empty body ends at once.
+    pub fn new(conn: Conn, head: &Head, pool: Arc<dyn Return>) -> RawBody {
+        let state = match head.framing {
+            Framing::Empty | Framing::Length(0) => BodyState::Length(0),
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(Chunked::default()),
+            Framing::Eof => BodyState::Eof,
+        };
+        let mut body = RawBody {
+            conn: Some(conn),
+            state,
+            keep_alive: head.keep_alive,
+            pool,
+        };
+        if matches!(body.state, BodyState::Length(0)) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The body has ended: lend the connection out again if it may be.
+    fn finish(&mut self) {
+        self.state = BodyState::Done;
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.rbuf.is_empty()
+        {
+            self.pool.give_back(conn);
+        }
+    }
+
+    fn fail(&mut self, e: H1Error) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        self.state = BodyState::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+impl Body for RawBody {
+    type Data = Bytes;
+    type Error = H1Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, H1Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Length(left) => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => return this.fail(H1Error::Closed),
+                            Ok(_) => continue,
+                            Err(e) => return this.fail(e),
+                        }
+                    }
+                    let n = usize::try_from(*left).unwrap_or(usize::MAX).min(conn.rbuf.len());
+                    let data = conn.rbuf.split_to(n).freeze();
+                    *left -= n as u64;
+                    if *left == 0 {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Chunked(dec) => match dec.decode(&mut conn.rbuf) {
+                    Err(e) => return this.fail(e),
+                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Decoded::Trailers(t)) => {
+                        this.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::NeedMore) => match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => return this.fail(H1Error::Closed),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    },
+                },
+                BodyState::Eof => {
+                    if !conn.rbuf.is_empty() {
+                        let data = conn.rbuf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(conn.poll_fill(cx)) {
+                        Ok(0) => {
+                            this.state = BodyState::Done;
+                            this.conn = None;
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, BodyState::Done | BodyState::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            BodyState::Length(n) => SizeHint::with_exact(n),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Send a bodiless request on `conn` and read the answer's head. `Err`
+/// carries whether the request may be retried on another connection
+/// (`true` only when the head was not wholly written).
+pub async fn exchange(
+    mut conn: Conn,
+    parts: &request::Parts,
+    pool: Arc<dyn Return>,
+) -> Result<Response<RawBody>, (H1Error, bool)> {
+    if conn.write_head(parts).await.is_err() {
+        return Err((H1Error::Closed, true));
+    }
+    let head = conn
+        .read_head(parts.method == Method::HEAD)
+        .await
+        .map_err(|e| (e, false))?;
+    let body = RawBody::new(conn, &head, pool);
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.version_mut() = head.version;
+    *resp.headers_mut() = head.headers;
+    Ok(resp)
+}
