@@ -228,8 +228,14 @@ fn framing(
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(b.len());
-    let end = b.iter().rposition(|&c| c != b' ' && c != b'\t').map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|&c| c != b' ' && c != b'\t')
+        .map_or(start, |e| e + 1);
     &b[start..end.max(start)]
 }
 
@@ -287,7 +293,8 @@ impl Chunked {
         loop {
             match self.state {
                 ChunkState::Size => {
-                    let Some(eol) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+                    let Some(eol) = buf.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n')
+                    else {
                         return if buf.len() >= MAX_CHUNK_LINE {
                             Err(H1Error::Chunk)
                         } else {
@@ -341,7 +348,8 @@ impl Chunked {
                     }
                     let mut trailers = HeaderMap::with_capacity(fields.len());
                     for f in fields.iter() {
-                        let name = HeaderName::from_bytes(f.name.as_bytes()).map_err(|_| H1Error::Chunk)?;
+                        let name = HeaderName::from_bytes(f.name.as_bytes())
+                            .map_err(|_| H1Error::Chunk)?;
                         let value = HeaderValue::from_bytes(f.value).map_err(|_| H1Error::Chunk)?;
                         trailers.append(name, value);
                     }
@@ -369,7 +377,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
     }
     let rest = trim_start(&line[digits..]);
     if !rest.is_empty()
-        && (rest[0] != b';' || rest.iter().any(|&b| b != b'\t' && !(b' '..=b'~').contains(&b)))
+        && (rest[0] != b';'
+            || rest
+                .iter()
+                .any(|&b| b != b'\t' && !(b' '..=b'~').contains(&b)))
     {
         return Err(H1Error::Chunk);
     }
@@ -382,7 +393,10 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
 }
 
 fn trim_start(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|&c| c != b' ' && c != b'\t').unwrap_or(b.len());
+    let start = b
+        .iter()
+        .position(|&c| c != b' ' && c != b'\t')
+        .unwrap_or(b.len());
     &b[start..]
 }
 
@@ -582,7 +596,9 @@ impl Body for RawBody {
                             Err(e) => return this.fail(e),
                         }
                     }
-                    let n = usize::try_from(*left).unwrap_or(usize::MAX).min(conn.rbuf.len());
+                    let n = usize::try_from(*left)
+                        .unwrap_or(usize::MAX)
+                        .min(conn.rbuf.len());
                     let data = conn.rbuf.split_to(n).freeze();
                     *left -= n as u64;
                     if *left == 0 {
@@ -660,4 +676,263 @@ pub async fn exchange(
     *resp.version_mut() = head.version;
     *resp.headers_mut() = head.headers;
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str, head_request: bool) -> Result<Head, H1Error> {
+        match parse_head(&Bytes::copy_from_slice(raw.as_bytes()), head_request)? {
+            Parsed::Final(h, n) => {
+                assert_eq!(n, raw.len(), "the whole head is consumed");
+                Ok(h)
+            }
+            other => panic!("not a final head: {other:?}"),
+        }
+    }
+
+    fn framing_of(headers: &str) -> Result<Framing, H1Error> {
+        head(&format!("HTTP/1.1 200 OK\r\n{headers}\r\n"), false).map(|h| h.framing)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        assert_eq!(
+            framing_of("content-length: 12\r\n"),
+            Ok(Framing::Length(12))
+        );
+        assert_eq!(framing_of("Content-Length: 0\r\n"), Ok(Framing::Length(0)));
+        assert_eq!(
+            framing_of("transfer-encoding: chunked\r\n"),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(
+            framing_of("Transfer-Encoding:  Chunked \r\n"),
+            Ok(Framing::Chunked)
+        );
+        assert_eq!(framing_of(""), Ok(Framing::Eof));
+        // Repeated equal lengths are one length (RFC 9110 §8.6).
+        assert_eq!(
+            framing_of("content-length: 7\r\ncontent-length: 7\r\n"),
+            Ok(Framing::Length(7))
+        );
+        assert_eq!(
+            framing_of("content-length: 7, 7\r\n"),
+            Ok(Framing::Length(7))
+        );
+        // No body whatever the headers say.
+        for (status, head_request) in [
+            ("204 No Content", false),
+            ("304 Not Modified", false),
+            ("200 OK", true),
+        ] {
+            let h = head(
+                &format!("HTTP/1.1 {status}\r\ncontent-length: 50\r\n\r\n"),
+                head_request,
+            )
+            .expect("head");
+            assert_eq!(h.framing, Framing::Empty, "{status} head={head_request}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for headers in [
+            "content-length: 7\r\ntransfer-encoding: chunked\r\n",
+            "transfer-encoding: chunked\r\ncontent-length: 7\r\n",
+            "content-length: 7\r\ncontent-length: 8\r\n",
+            "content-length: 7, 8\r\n",
+            "content-length: +7\r\n",
+            "content-length: -1\r\n",
+            "content-length: 0x10\r\n",
+            "content-length: 1 2\r\n",
+            "content-length: \r\n",
+            "content-length: 99999999999999999999\r\n",
+            "transfer-encoding: gzip, chunked\r\n",
+            "transfer-encoding: chunked, gzip\r\n",
+            "transfer-encoding: gzip\r\n",
+            "transfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n",
+            "transfer-encoding: xchunked\r\n",
+            "transfer-encoding: \r\n",
+        ] {
+            assert_eq!(
+                framing_of(headers).err(),
+                Some(H1Error::Framing),
+                "{headers:?}"
+            );
+        }
+        // Transfer-Encoding from an HTTP/1.0 upstream is a broken upstream.
+        let r = head(
+            "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.err(), Some(H1Error::Framing));
+    }
+
+    #[test]
+    fn keep_alive_needs_http_1_1_a_delimited_body_and_no_close() {
+        let ka = |raw: &str| head(raw, false).expect("head").keep_alive;
+        assert!(ka("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(ka(
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!ka(
+            "HTTP/1.1 200 OK\r\nconnection: Close\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!ka(
+            "HTTP/1.1 200 OK\r\nconnection: upgrade, close\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(!ka("HTTP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n"));
+        assert!(!ka(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n"
+        ));
+        assert!(
+            !ka("HTTP/1.1 200 OK\r\n\r\n"),
+            "read-until-close is never reused"
+        );
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_101_refused() {
+        let b = Bytes::from_static(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\n");
+        assert!(matches!(parse_head(&b, false), Ok(Parsed::Interim(25))));
+        let b = Bytes::from_static(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n");
+        assert_eq!(parse_head(&b, false).err(), Some(H1Error::Status));
+    }
+
+    #[test]
+    fn malformed_and_oversized_heads_are_refused() {
+        for raw in [
+            "HTTP/2 200 OK\r\n\r\n",
+            "HTTP/1.1 20 OK\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "ICY 200 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx: a\r\n b\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx\0: a\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nx: a\0b\r\n\r\n",
+        ] {
+            let r = parse_head(&Bytes::copy_from_slice(raw.as_bytes()), false);
+            assert_eq!(r.err(), Some(H1Error::Head), "{raw:?}");
+        }
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: v\r\n")).collect();
+        let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        let r = parse_head(&Bytes::from(raw), false);
+        assert_eq!(r.err(), Some(H1Error::Head), "too many headers");
+        let big = format!("HTTP/1.1 200 OK\r\nx: {}", "a".repeat(MAX_HEAD));
+        let r = parse_head(&Bytes::from(big), false);
+        assert_eq!(
+            r.err(),
+            Some(H1Error::Head),
+            "an unterminated head past the limit"
+        );
+        let partial = Bytes::from_static(b"HTTP/1.1 200 OK\r\ncontent-len");
+        assert!(matches!(parse_head(&partial, false), Ok(Parsed::Partial)));
+    }
+
+    #[test]
+    fn header_values_share_the_read_buffer() {
+        let b = Bytes::from_static(b"HTTP/1.1 200 OK\r\nx-a: hello\r\n\r\n");
+        let Ok(Parsed::Final(h, _)) = parse_head(&b, false) else {
+            panic!("head")
+        };
+        let v = h.headers.get("x-a").expect("x-a");
+        assert_eq!(v, "hello");
+        let inside = b.as_ptr_range().contains(&v.as_bytes().as_ptr());
+        assert!(inside, "the value was copied");
+    }
+
+    /// Decode all of `input`, fed in pieces of `step` bytes.
+    fn dechunk(input: &[u8], step: usize) -> Result<(Vec<u8>, Option<HeaderMap>, usize), H1Error> {
+        let mut dec = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut fed = 0;
+        loop {
+            match dec.decode(&mut buf)? {
+                Decoded::Data(d) => out.extend_from_slice(&d),
+                Decoded::Trailers(t) => return Ok((out, Some(t), buf.len() + input.len() - fed)),
+                Decoded::End => return Ok((out, None, buf.len() + input.len() - fed)),
+                Decoded::NeedMore => {
+                    if fed == input.len() {
+                        return Err(H1Error::Closed);
+                    }
+                    let n = step.min(input.len() - fed);
+                    buf.extend_from_slice(&input[fed..fed + n]);
+                    fed += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let input =
+            b"5\r\nhello\r\n1;ext=1\r\n \r\nA ; a=\"b\"\r\n0123456789\r\n0\r\nx-sum: 3\r\n\r\nNEXT";
+        for step in 1..=input.len() {
+            let (body, trailers, left) = dechunk(input, step).expect("valid");
+            assert_eq!(body, b"hello 0123456789", "step {step}");
+            let t = trailers.expect("trailers");
+            assert_eq!(t.get("x-sum").map(|v| v.as_bytes()), Some(&b"3"[..]));
+            assert_eq!(left, 4, "the bytes after the body are left alone");
+        }
+        let (body, trailers, _) = dechunk(b"0\r\n\r\n", 1).expect("empty");
+        assert!(body.is_empty() && trailers.is_none());
+        // Whitespace after the size is tolerated, as hyper does.
+        let (body, _, _) = dechunk(b"5 \r\nhello\r\n0\r\n\r\n", 4).expect("size with BWS");
+        assert_eq!(body, b"hello");
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for input in [
+            &b"5\r\nhelloX\r\n0\r\n\r\n"[..],
+            b"5\nhello\r\n0\r\n\r\n",
+            b"x\r\n",
+            b"\r\n",
+            b"-5\r\nhello\r\n",
+            b"+5\r\nhello\r\n",
+            b"0x5\r\nhello\r\n",
+            b"5 5\r\nhello\r\n",
+            b"5;\x01\r\nhello\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\nbad trailer\r\n\r\n",
+        ] {
+            let r = dechunk(input, 3);
+            assert_eq!(
+                r.err(),
+                Some(H1Error::Chunk),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        let long = format!("1;{}\r\n", "e".repeat(MAX_CHUNK_LINE));
+        assert_eq!(dechunk(long.as_bytes(), 512).err(), Some(H1Error::Chunk));
+        // Truncated: more input needed, none comes.
+        assert_eq!(dechunk(b"5\r\nhel", 2).err(), Some(H1Error::Closed));
+    }
+
+    #[test]
+    fn request_heads_are_written_as_hyper_writes_them() {
+        let req = http::Request::builder()
+            .method("DELETE")
+            .uri("/v1/a?b=c")
+            .header("host", "up:8080")
+            .header("x-airbrx-tenant", "acme")
+            .header("accept", "a")
+            .header("accept", "b")
+            .body(())
+            .expect("request");
+        let (parts, ()) = req.into_parts();
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts);
+        assert_eq!(
+            out,
+            b"DELETE /v1/a?b=c HTTP/1.1\r\nhost: up:8080\r\nx-airbrx-tenant: acme\r\naccept: a\r\naccept: b\r\n\r\n"
+        );
+        assert!(eligible(&Method::GET, true));
+        assert!(!eligible(&Method::POST, false));
+        assert!(!eligible(&Method::CONNECT, true));
+    }
 }

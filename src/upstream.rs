@@ -17,15 +17,15 @@
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, Scheme};
-use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -691,7 +691,10 @@ mod tests {
         let c = p.connect_raw().await.expect("connect");
         p.put_raw(c);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(p.take_raw().is_none(), "a connection with stray bytes was lent");
+        assert!(
+            p.take_raw().is_none(),
+            "a connection with stray bytes was lent"
+        );
     }
 
     #[test]
