@@ -343,7 +343,9 @@ impl Chunked {
                         Ok(httparse::Status::Partial) => return Ok(Decoded::NeedMore),
                         Err(_) => return Err(H1Error::Chunk),
                     };
-                    if n > MAX_TRAILERS {
+                    // httparse takes a bare LF as a line end; hyper, and
+                    // this decoder everywhere else, want CRLF.
+                    if n > MAX_TRAILERS || bare_lf(&buf[..n]) {
                         return Err(H1Error::Chunk);
                     }
                     let mut trailers = HeaderMap::with_capacity(fields.len());
@@ -390,6 +392,13 @@ fn chunk_size(line: &[u8]) -> Result<u64, H1Error> {
         n = (n << 4) | u64::from((d as char).to_digit(16).unwrap_or(0));
     }
     Ok(n)
+}
+
+/// Whether any LF in `b` is not preceded by CR.
+fn bare_lf(b: &[u8]) -> bool {
+    b.iter()
+        .enumerate()
+        .any(|(i, &c)| c == b'\n' && (i == 0 || b[i - 1] != b'\r'))
 }
 
 fn trim_start(b: &[u8]) -> &[u8] {

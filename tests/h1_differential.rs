@@ -396,6 +396,99 @@ proptest! {
     }
 }
 
+/// One chunk of a chunked body, with the ways a broken upstream gets it
+/// wrong: a size off by one, odd extensions, bare LF or CR line ends,
+/// something other than CRLF after the data.
+#[derive(Debug, Clone)]
+struct Chunk {
+    data: Vec<u8>,
+    size_off: i8,
+    size_text: &'static str,
+    ext: &'static str,
+    line_end: &'static str,
+    data_end: &'static str,
+}
+
+fn chunks() -> impl Strategy<Value = (Vec<Chunk>, &'static str, &'static str)> {
+    let chunk = (
+        prop::collection::vec(any::<u8>(), 1..30),
+        prop_oneof![8 => Just(0i8), 1 => Just(-1i8), 1 => Just(1i8)],
+        prop::sample::select(vec!["", "", "", "", "0", "00000000", " ", "\t", "+", "0x"]),
+        prop::sample::select(vec![
+            "",
+            "",
+            "",
+            ";a",
+            ";a=b",
+            "; a = \"b c\"",
+            ";",
+            ";\x01",
+            ";\x7f",
+            " ;a",
+            ";a\u{80}",
+        ]),
+        prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\r\n", "\n", "\r", "\r\r\n"]),
+        prop::sample::select(vec!["\r\n", "\r\n", "\r\n", "\r\n", "\n", "X\n", "\rX", ""]),
+    )
+        .prop_map(
+            |(data, size_off, size_text, ext, line_end, data_end)| Chunk {
+                data,
+                size_off,
+                size_text,
+                ext,
+                line_end,
+                data_end,
+            },
+        );
+    (
+        prop::collection::vec(chunk, 0..4),
+        prop::sample::select(vec![
+            "0\r\n", "0\r\n", "0\r\n", "000\r\n", "0;x\r\n", "0\n", "",
+        ]),
+        prop::sample::select(vec![
+            "\r\n",
+            "\r\n",
+            "x-t: 1\r\n\r\n",
+            "bad\r\n\r\n",
+            "\n",
+            "x-t: 1\r\n",
+            "",
+        ]),
+    )
+}
+
+fn chunked_answer(chunks: &[Chunk], last: &str, trailer: &str) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for c in chunks {
+        let size = (c.data.len() as i64 + i64::from(c.size_off)).max(0);
+        out.extend_from_slice(format!("{}{size:x}{}{}", c.size_text, c.ext, c.line_end).as_bytes());
+        out.extend_from_slice(&c.data);
+        out.extend_from_slice(c.data_end.as_bytes());
+    }
+    out.extend_from_slice(last.as_bytes());
+    out.extend_from_slice(trailer.as_bytes());
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 384, ..ProptestConfig::default() })]
+
+    /// Chunked bodies, well- and ill-formed: what the in-future client
+    /// accepts, hyper accepts with the same body and trailers; what hyper
+    /// refuses, it refuses.
+    #[test]
+    fn chunked_bodies_decode_as_hyper_decodes_them((c, last, trailer) in chunks()) {
+        let rt = runtime();
+        let bytes = chunked_answer(&c, last, trailer);
+        let (raw, _) = rt.block_on(via_raw(bytes.clone(), &Method::GET));
+        let hyper = rt.block_on(via_hyper(bytes.clone(), &Method::GET));
+        prop_assert_ne!(&raw, &Outcome::Timeout);
+        if matches!(raw, Outcome::Answer { .. }) || matches!(hyper, Outcome::HeadError | Outcome::BodyError) {
+            prop_assert_eq!(&raw, &hyper, "answer: {:?}", String::from_utf8_lossy(&bytes));
+        }
+    }
+}
+
 /// The generator reaches every framing, and the strict cases do differ:
 /// without these, a generator bug could make the property vacuous.
 #[test]

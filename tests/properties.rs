@@ -6,7 +6,9 @@
 //! parsing accept only what they should; a whole decision on the forwarded
 //! path is the decision on the checked one; configuration and PAT-file
 //! parsing never panic, name their file, and the chunked PAT parser agrees
-//! with serde_yaml.
+//! with serde_yaml; the upstream client's response parser and chunked
+//! decoder never panic, report the framing the headers say, and decode
+//! alike whatever the read boundaries.
 
 #[path = "properties/mod.rs"]
 mod properties;
@@ -182,6 +184,82 @@ fn pat_file_text() -> impl Strategy<Value = String> {
         })
 }
 
+/// Response heads built from the lines that decide framing (odd lengths,
+/// transfer codings, `Connection`), in any order, sometimes unfinished.
+fn response_head() -> impl Strategy<Value = Vec<u8>> {
+    let status = prop_oneof![
+        4 => Just("HTTP/1.1 200 OK"),
+        1 => Just("HTTP/1.0 200 OK"),
+        1 => Just("HTTP/1.1 204 No Content"),
+        1 => Just("HTTP/1.1 304 Not Modified"),
+        1 => Just("HTTP/1.1 100 Continue"),
+        1 => Just("HTTP/1.1 101 Switching"),
+        1 => Just("HTTP/1.1 99 Low"),
+        1 => Just("HTTP/1.2 200 OK"),
+    ];
+    let line = prop_oneof![
+        4 => prop_oneof![
+            "[0-9]{1,3}".prop_map(|v| v),
+            Just("7, 7".to_string()),
+            Just("7,8".to_string()),
+            Just(" 7 ".to_string()),
+            Just("+7".to_string()),
+            Just("".to_string()),
+            Just("99999999999999999999".to_string()),
+        ]
+        .prop_map(|v| format!("Content-Length: {v}")),
+        4 => prop_oneof![
+            Just("chunked"), Just("Chunked"), Just("gzip"), Just("gzip, chunked"),
+            Just("chunked, gzip"), Just(" chunked "), Just("xchunked"), Just(""),
+        ]
+        .prop_map(|v| format!("transfer-encoding: {v}")),
+        2 => prop_oneof![Just("close"), Just("keep-alive"), Just("Upgrade, Close")]
+            .prop_map(|v| format!("connection: {v}")),
+        2 => "[a-zA-Z-]{1,8}: [ -~]{0,8}".prop_map(|v| v),
+        1 => Just(" folded".to_string()),
+    ];
+    (
+        status,
+        proptest::collection::vec(line, 0..5),
+        any::<bool>(),
+        proptest::option::weighted(0.1, any::<u8>()),
+    )
+        .prop_map(|(status, lines, finished, stray)| {
+            let mut out = format!("{status}\r\n");
+            for l in lines {
+                out.push_str(&l);
+                out.push_str("\r\n");
+            }
+            if finished {
+                out.push_str("\r\n");
+            }
+            let mut out = out.into_bytes();
+            if let Some(b) = stray {
+                let at = usize::from(b) % out.len();
+                out[at] = b;
+            }
+            out
+        })
+}
+
+/// Bytes near a chunked body: sizes, extensions, CRLFs, data, trailers.
+fn chunkish() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        4 => "[0-9a-fA-F]{1,3}".prop_map(String::into_bytes),
+        1 => "[0-9a-fA-F]{15,18}".prop_map(String::into_bytes),
+        5 => Just(b"\r\n".to_vec()),
+        1 => Just(b"\n".to_vec()),
+        1 => Just(b"\r".to_vec()),
+        2 => Just(b";ext=\"v\"".to_vec()),
+        1 => Just(b" ".to_vec()),
+        3 => Just(b"0\r\n".to_vec()),
+        2 => "[ -~]{0,12}".prop_map(String::into_bytes),
+        1 => Just(b"x-t: 1\r\n".to_vec()),
+        1 => any::<u8>().prop_map(|b| vec![b]),
+    ];
+    proptest::collection::vec(piece, 0..16).prop_map(|v| v.concat())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
@@ -258,6 +336,26 @@ proptest! {
     #[test]
     fn pat_files(text in pat_file_text()) {
         properties::pat_file(&text);
+    }
+
+    #[test]
+    fn h1_heads(h in response_head(), head in any::<bool>()) {
+        properties::h1_head(&h, head);
+    }
+
+    #[test]
+    fn h1_heads_any_bytes(h in any::<Vec<u8>>(), head in any::<bool>()) {
+        properties::h1_head(&h, head);
+    }
+
+    #[test]
+    fn h1_chunked_bodies(b in chunkish(), step in 1usize..9) {
+        properties::h1_chunked(&b, step);
+    }
+
+    #[test]
+    fn h1_chunked_roundtrip(body in any::<Vec<u8>>(), splits in proptest::collection::vec(0usize..64, 0..8), step in 1usize..40) {
+        properties::h1_chunked_roundtrip(&body, &splits, step);
     }
 }
 

@@ -365,3 +365,103 @@ pub fn pat_file(text: &str) {
         assert_eq!(chunked, whole, "chunks of {per_chunk} disagree on {text:?}");
     }
 }
+
+/// The in-future upstream client's response-head parser (src/h1.rs) on any
+/// bytes: never panics; a final head lies within the input; the framing it
+/// reports is what the headers say; only HTTP/1.1 answers with a delimited
+/// body are kept alive.
+pub fn h1_head(input: &[u8], head_request: bool) {
+    use scopegate::h1::{Framing, Parsed, parse_head};
+    let buf = bytes::Bytes::copy_from_slice(input);
+    let Ok(Parsed::Final(head, n)) = parse_head(&buf, head_request) else {
+        if let Ok(Parsed::Interim(n)) = parse_head(&buf, head_request) {
+            assert!(n > 0 && n <= input.len());
+        }
+        return;
+    };
+    assert!(n <= input.len() && n <= scopegate::h1::MAX_HEAD);
+    let cl = head.headers.contains_key(http::header::CONTENT_LENGTH);
+    let te = head.headers.contains_key(http::header::TRANSFER_ENCODING);
+    assert!(!(cl && te), "TE with CL accepted");
+    match head.framing {
+        Framing::Empty => assert!(
+            head_request || head.status == 204 || head.status == 304,
+            "no body for {}",
+            head.status
+        ),
+        Framing::Length(_) => assert!(cl),
+        Framing::Chunked => assert!(te && head.version == http::Version::HTTP_11),
+        Framing::Eof => assert!(!cl && !te && !head.keep_alive),
+    }
+    if head.keep_alive {
+        assert_eq!(head.version, http::Version::HTTP_11);
+    }
+}
+
+/// The chunked decoder on any bytes: never panics, emits no more body
+/// than it was given, and gives the same answer whatever the read
+/// boundaries (all at once, byte by byte, in pieces of `step`).
+pub fn h1_chunked(input: &[u8], step: usize) {
+    let whole = dechunk(input, input.len().max(1));
+    assert_eq!(
+        whole,
+        dechunk(input, 1),
+        "byte by byte differs on {input:?}"
+    );
+    assert_eq!(
+        whole,
+        dechunk(input, step.max(1)),
+        "steps of {step} differ on {input:?}"
+    );
+    if let Some(Ok((body, _, _))) = &whole {
+        assert!(body.len() <= input.len());
+    }
+}
+
+/// Body, trailers and bytes left after the end; `None` when more input
+/// was needed.
+type Dechunked = Option<Result<(Vec<u8>, Option<HeaderMap>, usize), scopegate::h1::H1Error>>;
+
+fn dechunk(input: &[u8], step: usize) -> Dechunked {
+    use scopegate::h1::{Chunked, Decoded};
+    let mut dec = Chunked::default();
+    let mut buf = bytes::BytesMut::new();
+    let mut out = Vec::new();
+    let mut fed = 0;
+    loop {
+        match dec.decode(&mut buf) {
+            Err(e) => return Some(Err(e)),
+            Ok(Decoded::Data(d)) => out.extend_from_slice(&d),
+            Ok(Decoded::Trailers(t)) => {
+                return Some(Ok((out, Some(t), buf.len() + input.len() - fed)));
+            }
+            Ok(Decoded::End) => return Some(Ok((out, None, buf.len() + input.len() - fed))),
+            Ok(Decoded::NeedMore) => {
+                if fed == input.len() {
+                    return None;
+                }
+                let n = step.min(input.len() - fed);
+                buf.extend_from_slice(&input[fed..fed + n]);
+                fed += n;
+            }
+        }
+    }
+}
+
+/// Any body, chunked at any boundaries, decodes to itself.
+pub fn h1_chunked_roundtrip(body: &[u8], splits: &[usize], step: usize) {
+    let mut enc = Vec::new();
+    let mut at = 0;
+    for s in splits.iter().copied().chain([body.len()]) {
+        let end = (at + s).min(body.len());
+        if end > at {
+            enc.extend_from_slice(format!("{:x}\r\n", end - at).as_bytes());
+            enc.extend_from_slice(&body[at..end]);
+            enc.extend_from_slice(b"\r\n");
+        }
+        at = end;
+    }
+    enc.extend_from_slice(b"0\r\n\r\n");
+    let got = dechunk(&enc, step.max(1));
+    assert_eq!(got, Some(Ok((body.to_vec(), None, 0))), "{enc:?}");
+}
