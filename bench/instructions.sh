@@ -6,6 +6,8 @@
 #   nginx     plain reverse proxy, no auth (the same config as bench/load.sh)
 #   sg-pat    scopegate, PAT
 #   sg-jwt    scopegate, the ES256 JWT (cached after the first request)
+#   sg-pat-hyper  scopegate, PAT, with SCOPEGATE_UPSTREAM_CLIENT=hyper: the
+#             baseline for the in-future upstream client (src/h1.rs)
 #
 # Each target runs twice under valgrind, serving N1 and then N2 requests
 # one after another on one keep-alive connection; (I(N2) - I(N1)) / (N2 - N1)
@@ -84,13 +86,17 @@ count() {
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>"$WORK/vg.err" & pid=$! ;;
     sg-*)
       port=$SG
-      SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
+      local client=inline
+      [ "$name" = sg-pat-hyper ] && client=hyper
+      SCOPEGATE_UPSTREAM_CLIENT=$client SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
         "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null 2>"$WORK/vg.err" & pid=$! ;;
   esac
   wait_port "$port"
   local token=""
-  [ "$name" = sg-pat ] && token=$PAT
-  [ "$name" = sg-jwt ] && token=$JWT
+  case $name in
+    sg-pat | sg-pat-hyper) token=$PAT ;;
+    sg-jwt) token=$JWT ;;
+  esac
   python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token"
   if [ "$name" = nginx ]; then kill -QUIT $pid; else kill -TERM $pid; fi
   wait $pid || true
@@ -101,7 +107,7 @@ count() {
 }
 
 declare -A PER NOSHA
-for t in nginx sg-pat sg-jwt; do
+for t in nginx sg-pat sg-jwt sg-pat-hyper; do
   read -r a1 s1 <<<"$(count $t "$N1")"
   read -r a2 s2 <<<"$(count $t "$N2")"
   PER[$t]=$(( (a2 - a1) / (N2 - N1) ))
@@ -110,7 +116,8 @@ done
 
 echo
 echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection)"
-printf '%-8s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
-for t in nginx sg-pat sg-jwt; do
-  printf '%-8s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[nginx]}" 'BEGIN { print a / b }')"
+printf '%-13s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
+for t in nginx sg-pat sg-jwt sg-pat-hyper; do
+  printf '%-13s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[nginx]}" 'BEGIN { print a / b }')"
 done
+printf 'in-future client vs hyper client (sg-pat / sg-pat-hyper, w/o sha256): %.2fx\n' "$(awk -v a="${NOSHA[sg-pat]}" -v b="${NOSHA[sg-pat-hyper]}" 'BEGIN { print a / b }')"

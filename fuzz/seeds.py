@@ -100,4 +100,17 @@ pat_files = [open(os.path.join(ROOT, "tokens.yaml")).read(), "tokens: []\n",
              "tokens:\n  - id: a\n    name: |\n      - id: b\n    sha256: " + "0" * 64 + "\n    cube: {}\n",
              '{"tokens": []}']
 write("pat_file", pat_files)
+h1 = [
+    b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\ntransfer-encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\nconnection: close\r\n\r\n",
+    b"5\r\nhello\r\n1;ext=\"v\"\r\n \r\n0\r\nx-sum: 3\r\n\r\n",
+    b"ffffffffffffffff\r\n",
+    b"0\r\n\n",
+]
+# First byte: bit 0 asks for HEAD, the rest is the read step.
+write("h1_response", [bytes([flags]) + s for s in h1 for flags in (0, 1, 6)])
 print("seeds written to", OUT)
