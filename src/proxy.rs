@@ -581,7 +581,8 @@ async fn forward(
     }
     let body = UpstreamBody {
         inner: body,
-        deadline: Box::pin(tokio::time::sleep_until(deadline)),
+        deadline,
+        timer: None,
         checkin,
     };
     Ok(Response::from_parts(parts, Either::Right(body)))
@@ -760,7 +761,11 @@ fn access_log(
 /// fails.
 pub struct UpstreamBody {
     inner: crate::upstream::UpBody,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    deadline: tokio::time::Instant,
+    /// The deadline's timer, made the first time the body has to wait: a
+    /// body that is already in hand (the usual small answer) never
+    /// allocates or registers one.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     checkin: Option<crate::upstream::Checkin>,
 }
 
@@ -798,7 +803,11 @@ impl Body for UpstreamBody {
             }
             return Poll::Ready(frame);
         }
-        if this.deadline.as_mut().poll(cx).is_ready() {
+        let deadline = this.deadline;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
             this.checkin = None;
             return Poll::Ready(Some(Err("upstream response deadline passed".into())));
         }
