@@ -150,7 +150,9 @@ pub fn parse_head(buf: &Bytes, head_request: bool) -> Result<Parsed, H1Error> {
             Ok(Parsed::Interim(n))
         };
     }
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    // One more than received: the gateway adds X-Request-Id when the
+    // upstream did not, and a full map would grow (rehash) for it.
+    let mut headers = HeaderMap::with_capacity(resp.headers.len() + 1);
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| H1Error::Head)?;
         let value =
