@@ -412,10 +412,16 @@ fn trim_start(b: &[u8]) -> &[u8] {
 }
 
 /// Write a bodiless request head, as hyper's client would: the origin-form
-/// target, the headers as given (names lower-case), no added framing.
+/// target, the headers as given (names lower-case) and then `extra` (the
+/// caller makes sure no name in `extra` is also in the map), no added
+/// framing.
 /// Header values cannot hold CR, LF or NUL (`http`'s `HeaderValue`
 /// invariant, which hyper's encoder relies on too).
-pub fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
+pub fn encode_head<'a>(
+    out: &mut Vec<u8>,
+    parts: &request::Parts,
+    extra: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -424,11 +430,17 @@ pub fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
         None => out.push(b'/'),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    let mut field = |name: &HeaderName, value: &HeaderValue| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &parts.headers {
+        field(name, value);
+    }
+    for (name, value) in extra {
+        field(name, value);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -464,8 +476,12 @@ impl Conn {
 
     /// Write the head of a bodiless request. An error means the upstream
     /// did not receive a whole head, so it cannot have acted on it.
-    pub async fn write_head(&mut self, parts: &request::Parts) -> io::Result<()> {
-        encode_head(&mut self.wbuf, parts);
+    pub async fn write_head<'a>(
+        &mut self,
+        parts: &request::Parts,
+        extra: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    ) -> io::Result<()> {
+        encode_head(&mut self.wbuf, parts, extra);
         self.io.write_all(&self.wbuf).await
     }
 
@@ -666,15 +682,17 @@ impl Body for RawBody {
     }
 }
 
-/// Send a bodiless request on `conn` and read the answer's head. `Err`
+/// Send a bodiless request on `conn`, with the `extra` headers after the
+/// map's, and read the answer's head. `Err`
 /// carries whether the request may be retried on another connection
 /// (`true` only when the head was not wholly written).
-pub async fn exchange(
+pub async fn exchange<'a>(
     mut conn: Conn,
     parts: &request::Parts,
+    extra: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
     pool: Arc<dyn Return>,
 ) -> Result<Response<RawBody>, (H1Error, bool)> {
-    if conn.write_head(parts).await.is_err() {
+    if conn.write_head(parts, extra).await.is_err() {
         return Err((H1Error::Closed, true));
     }
     let head = conn
@@ -937,10 +955,14 @@ mod tests {
             .expect("request");
         let (parts, ()) = req.into_parts();
         let mut out = Vec::new();
-        encode_head(&mut out, &parts);
+        let plan = (
+            HeaderName::from_static("x-airbrx-plan"),
+            HeaderValue::from_static("pro"),
+        );
+        encode_head(&mut out, &parts, [(&plan.0, &plan.1)]);
         assert_eq!(
             out,
-            b"DELETE /v1/a?b=c HTTP/1.1\r\nhost: up:8080\r\nx-airbrx-tenant: acme\r\naccept: a\r\naccept: b\r\n\r\n"
+            b"DELETE /v1/a?b=c HTTP/1.1\r\nhost: up:8080\r\nx-airbrx-tenant: acme\r\naccept: a\r\naccept: b\r\nx-airbrx-plan: pro\r\n\r\n"
         );
         assert!(eligible(&Method::GET, true));
         assert!(!eligible(&Method::POST, false));

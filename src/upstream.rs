@@ -37,6 +37,7 @@ use prometheus::IntCounter;
 
 use crate::config::Upstream;
 use crate::h1;
+use crate::proxy::Identity;
 
 /// Idle connections kept per upstream; more are closed when they come back.
 pub const MAX_IDLE: usize = 1024;
@@ -158,11 +159,13 @@ impl UpstreamClient {
     }
 
     /// Send `req`, whose URI is origin-form (`/path?query`) and which has no
-    /// `Host` header; the client adds the upstream's. With the own pool the
+    /// `Host` header nor any `x-airbrx-*` header; the client adds the
+    /// upstream's `Host` and the `identity` headers. With the own pool the
     /// returned [`Checkin`] must be given back when the body has ended.
     pub async fn send(
         &self,
         mut req: Request<Incoming>,
+        identity: Identity,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         match self {
             UpstreamClient::Http1(pool) => {
@@ -170,13 +173,15 @@ impl UpstreamClient {
                     .insert(header::HOST, pool.host_header.clone());
                 if pool.raw && h1::eligible(req.method(), req.body().is_end_stream()) {
                     let (parts, _) = req.into_parts();
-                    let resp = pool.send_raw(&parts).await?;
+                    let resp = pool.send_raw(&parts, &identity).await?;
                     return Ok((resp.map(UpBody::Raw), None));
                 }
+                identity.insert_into(req.headers_mut());
                 let (resp, checkin) = pool.send(req).await?;
                 Ok((resp.map(UpBody::Hyper), Some(checkin)))
             }
             UpstreamClient::Pooled(p) => {
+                identity.insert_into(req.headers_mut());
                 let mut parts = std::mem::take(req.uri_mut()).into_parts();
                 parts.scheme = Some(p.scheme.clone());
                 parts.authority = Some(p.authority.clone());
@@ -351,6 +356,7 @@ impl Http1Pool {
     async fn send_raw(
         self: &Arc<Self>,
         parts: &http::request::Parts,
+        identity: &Identity,
     ) -> Result<Response<h1::RawBody>, SendError> {
         loop {
             let (conn, reused) = match self.take_raw() {
@@ -358,7 +364,7 @@ impl Http1Pool {
                 None => (self.connect_raw().await?, false),
             };
             let back: Arc<dyn h1::Return> = self.clone();
-            match h1::exchange(conn, parts, back).await {
+            match h1::exchange(conn, parts, identity.headers(), back).await {
                 Ok(resp) => return Ok(resp),
                 Err((_, true)) if reused => continue,
                 Err((e, _)) => {
