@@ -63,11 +63,9 @@ impl Identity {
     }
 
     /// Into a header map that has no `x-airbrx-*` header left.
-    pub fn insert_into(self, h: &mut HeaderMap) {
-        for (n, v) in IDENTITY_NAMES.iter().zip(self.values) {
-            if let Some(v) = v {
-                h.insert(n.clone(), v);
-            }
+    pub fn insert_into(&self, h: &mut HeaderMap) {
+        for (n, v) in self.headers() {
+            h.insert(n.clone(), v.clone());
         }
     }
 }
@@ -600,7 +598,7 @@ async fn forward(
     let req = Request::from_parts(parts, body);
 
     let (resp, checkin) =
-        match tokio::time::timeout_at(deadline, generation.client.send(req, identity)).await {
+        match tokio::time::timeout_at(deadline, generation.client.send(req, &identity)).await {
             Err(_) => return Err(ForwardError::Timeout),
             Ok(Err(crate::upstream::SendError::Connect)) => return Err(ForwardError::Connect),
             Ok(Err(crate::upstream::SendError::Protocol)) => return Err(ForwardError::Protocol),

@@ -165,7 +165,7 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         mut req: Request<Incoming>,
-        identity: Identity,
+        identity: &Identity,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         match self {
             UpstreamClient::Http1(pool) => {
@@ -173,7 +173,7 @@ impl UpstreamClient {
                     .insert(header::HOST, pool.host_header.clone());
                 if pool.raw && h1::eligible(req.method(), req.body().is_end_stream()) {
                     let (parts, _) = req.into_parts();
-                    let resp = pool.send_raw(&parts, &identity).await?;
+                    let resp = pool.send_raw(&parts, identity).await?;
                     return Ok((resp.map(UpBody::Raw), None));
                 }
                 identity.insert_into(req.headers_mut());
