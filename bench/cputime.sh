@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# CPU time per proxied request: (utime + stime of the proxy process) over
+# the requests wrk completed, with the proxy alone on CPU 1 and wrk and the
+# upstream on CPU 0. Interleaved rounds of nginx (plain proxy), scopegate
+# (PAT) and scopegate with SCOPEGATE_UPSTREAM_CLIENT=hyper; prints every
+# round and the medians. A second view beside bench/load.sh's PIN=1 pass:
+# it does not need the proxy's core to be saturated.
+#
+# Needs: apt-get install wrk nginx-light
+# Usage: [PAIRS=10] [DUR=5] bench/cputime.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PAIRS=${PAIRS:-10}
+DUR=${DUR:-5}
+[ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
+for tool in wrk nginx; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
+done
+cargo build --release --quiet --bin scopegate --example fast_upstream
+. bench/common.sh
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+UP=18481 NG=18482 SG=18484 SGH=18486
+taskset -c 0 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
+wait_port $UP
+nginx_conf "$WORK/nginx" $NG $UP
+taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & NGM=$!; PIDS+=($NGM)
+PAT=$(mint_pat "$WORK")
+gateway_conf "$WORK/g1.yaml" $SG $UP
+gateway_conf "$WORK/g2.yaml" $SGH $UP
+SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g1.yaml" >/dev/null & SG1=$!; PIDS+=($SG1)
+SCOPEGATE_UPSTREAM_CLIENT=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
+for p in $NG $SG $SGH; do wait_port $p; done
+NGW=$(pgrep -P $NGM | head -1)
+TCK=$(getconf CLK_TCK)
+cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+declare -A ALL
+one() { # name port pid
+  local c0 c1 n
+  c0=$(cpu "$3")
+  taskset -c 0 wrk -t1 -c32 -d"${DUR}s" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
+  c1=$(cpu "$3")
+  if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
+  n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
+  ALL[$1]+=" $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
+}
+for _ in $(seq 1 "$PAIRS"); do
+  one nginx $NG "$NGW"
+  one sg-pat $SG $SG1
+  one sg-pat-hyper $SGH $SG2
+done
+echo "CPU µs per request, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, wrk -c32"
+for t in nginx sg-pat sg-pat-hyper; do
+  printf '%-13s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
+done
+ratio() { awk -v a="$(median <<<"${ALL[$1]}")" -v b="$(median <<<"${ALL[$2]}")" 'BEGIN { printf "%.2f", a / b }'; }
+echo "nginx / sg-pat (scopegate's efficiency as a share of nginx's): $(ratio nginx sg-pat)x"
+echo "sg-pat / sg-pat-hyper (in-future client's cost vs hyper's):    $(ratio sg-pat sg-pat-hyper)x"
