@@ -70,6 +70,10 @@ pub enum H1Error {
     Chunk,
     /// The upstream closed before the answer was complete.
     Closed,
+    /// The upstream closed or reset the connection without a byte of an
+    /// answer: on a reused connection, the keep-alive race (the upstream
+    /// timed the connection out as the request went out).
+    NoAnswer,
 }
 
 impl std::fmt::Display for H1Error {
@@ -80,6 +84,7 @@ impl std::fmt::Display for H1Error {
             H1Error::Framing => "ambiguous or malformed response framing",
             H1Error::Chunk => "malformed chunked body",
             H1Error::Closed => "upstream closed before the response was complete",
+            H1Error::NoAnswer => "upstream closed the connection without answering",
         })
     }
 }
@@ -510,8 +515,12 @@ impl Conn {
                     Err(e) => return Err(e),
                 }
             }
-            if std::future::poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
-                return Err(H1Error::Closed);
+            let nothing_yet = interim == 0 && self.rbuf.is_empty();
+            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) | Err(_) if nothing_yet => return Err(H1Error::NoAnswer),
+                Ok(0) => return Err(H1Error::Closed),
+                Err(e) => return Err(e),
+                Ok(_) => {}
             }
         }
     }

@@ -11,9 +11,13 @@
 //! `https://` upstreams (HTTP/2 or HTTP/1.1 by ALPN) and h2c
 //! (`upstream.http2`) keep hyper-util's pooled client.
 //!
-//! A request is retried on another connection only when hyper hands it back
-//! unsent (the pooled connection had closed); a request that may have
-//! reached the upstream is never sent twice.
+//! A request is retried on another connection when it was never written
+//! (hyper hands it back unsent; the in-future client failed writing the
+//! head). One more case, in-future client only: an idempotent request
+//! without a body whose pooled connection was closed without a byte of
+//! answer is sent once more, on a new connection (RFC 9112 §9.3.1; the
+//! keep-alive race). Any other request that may have reached the upstream
+//! is never sent twice.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -236,6 +240,20 @@ struct IdleRaw {
     since: Instant,
 }
 
+/// RFC 9110 §9.2.2.
+fn idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(m)
+}
+
 /// `SCOPEGATE_UPSTREAM_CLIENT=hyper` sends every request through hyper's
 /// client: the switch back if the in-future client ever misbehaves, and
 /// the baseline for A/B measurements.
@@ -351,15 +369,21 @@ impl Http1Pool {
     }
 
     /// A bodiless request through the in-future client. Retried on another
-    /// connection only when a reused one failed before the whole head was
-    /// written, so the upstream cannot have acted on it.
+    /// connection when a reused one failed before the whole head was
+    /// written (the upstream cannot have acted on it); and once, on a new
+    /// connection, when a reused one was closed without a byte of answer
+    /// and the method is idempotent (RFC 9110 §9.2.2, RFC 9112 §9.3.1):
+    /// the keep-alive race with an upstream whose idle timeout is shorter
+    /// than the pool's, which nginx also retries.
     async fn send_raw(
         self: &Arc<Self>,
         parts: &http::request::Parts,
         identity: &Identity,
     ) -> Result<Response<h1::RawBody>, SendError> {
+        let mut fresh_only = false;
         loop {
-            let (conn, reused) = match self.take_raw() {
+            let pooled = if fresh_only { None } else { self.take_raw() };
+            let (conn, reused) = match pooled {
                 Some(c) => (c, true),
                 None => (self.connect_raw().await?, false),
             };
@@ -367,6 +391,10 @@ impl Http1Pool {
             match h1::exchange(conn, parts, identity.headers(), back).await {
                 Ok(resp) => return Ok(resp),
                 Err((_, true)) if reused => continue,
+                Err((h1::H1Error::NoAnswer, false)) if reused && idempotent(&parts.method) => {
+                    tracing::debug!("reused upstream connection closed unanswered; retrying once");
+                    fresh_only = true;
+                }
                 Err((e, _)) => {
                     tracing::debug!(error = %e, "upstream exchange failed");
                     return Err(SendError::Protocol);

@@ -297,3 +297,80 @@ async fn an_upstream_that_is_down_is_a_502_and_recovery_needs_no_reload() {
     let r = get(gw.addr, MARKERS, &tok).await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"up"[..]));
 }
+
+#[tokio::test]
+async fn the_keep_alive_race_is_retried_once_for_an_idempotent_request() {
+    // The second request arrives on the pooled connection just as the
+    // upstream times it out: closed without a byte of answer. The gateway
+    // sends it again, once, on a new connection.
+    let up = scripted(|n| {
+        if n == 1 {
+            (Vec::new(), Then::Close)
+        } else {
+            (ok("", "fine"), Then::KeepOpen)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    for i in 0..3 {
+        let r = get(gw.addr, MARKERS, &tok).await;
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"fine"[..]),
+            "request {i}"
+        );
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 4, "one retry");
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_unanswered_request_is_retried_at_most_once_and_then_a_502() {
+    // Answers the first request, then closes every connection unanswered.
+    let up = scripted(|n| {
+        if n == 0 {
+            (ok("", "fine"), Then::KeepOpen)
+        } else {
+            (Vec::new(), Then::Close)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = analytics_jwt();
+    assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
+    let r = get(gw.addr, MARKERS, &tok).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        3,
+        "the reused attempt and one retry, no more"
+    );
+    // A first attempt on a new connection is never retried.
+    let r = get(gw.addr, MARKERS, &tok).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn an_unanswered_post_is_never_sent_twice() {
+    let up = scripted(|n| {
+        if n == 0 {
+            (ok("", "fine"), Then::KeepOpen)
+        } else {
+            (Vec::new(), Then::Close)
+        }
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = es256(
+        json!({"methods": ["GET", "POST"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
+    // A POST without a body takes the same client and the same pooled
+    // connection, but may have been acted on: a 502, not a second send.
+    let r = call(gw.addr, "POST", MARKERS, &tok).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 2);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+}
