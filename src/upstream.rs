@@ -222,22 +222,61 @@ pub struct Http1Pool {
     raw: bool,
     /// Idle connections, most recently used at the back: hyper's, and the
     /// in-future client's.
-    idle: Mutex<VecDeque<Idle>>,
-    idle_raw: Mutex<VecDeque<IdleRaw>>,
+    idle: IdleStack<http1::SendRequest<Incoming>>,
+    idle_raw: IdleStack<h1::Conn>,
     /// Whether the task that closes expired idle connections is running.
     reaper: AtomicBool,
     /// Connections opened (`scopegate_upstream_connections_opened_total`).
     opened: IntCounter,
 }
 
-struct Idle {
-    tx: http1::SendRequest<Incoming>,
-    since: Instant,
+/// Idle connections of one kind, most recently returned at the back: the
+/// stack both clients' connections wait on between requests.
+struct IdleStack<C> {
+    q: Mutex<VecDeque<(C, Instant)>>,
 }
 
-struct IdleRaw {
-    conn: h1::Conn,
-    since: Instant,
+impl<C> IdleStack<C> {
+    fn new() -> IdleStack<C> {
+        IdleStack {
+            q: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The most recently returned connection idle for less than `max_age`
+    /// and still `open`; the stale ones above it are closed on the way.
+    fn take(&self, now: Instant, max_age: Duration, open: impl Fn(&C) -> bool) -> Option<C> {
+        let mut q = self.q.lock().ok()?;
+        while let Some((c, since)) = q.pop_back() {
+            if now.duration_since(since) < max_age && open(&c) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Back on top; the oldest is closed when `max` are already waiting.
+    /// Expired ones are the reaper's.
+    fn put(&self, c: C, now: Instant, max: usize) {
+        let Ok(mut q) = self.q.lock() else {
+            return;
+        };
+        if q.len() >= max {
+            q.pop_front();
+        }
+        q.push_back((c, now));
+    }
+
+    /// Close every expired or closed connection.
+    fn reap(&self, now: Instant, max_age: Duration, open: impl Fn(&C) -> bool) {
+        if let Ok(mut q) = self.q.lock() {
+            q.retain(|(c, since)| now.duration_since(*since) < max_age && open(c));
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.q.lock().map(|q| q.len()).unwrap_or(0)
+    }
 }
 
 /// RFC 9110 §9.2.2.
@@ -330,8 +369,8 @@ impl Http1Pool {
             idle_timeout,
             max_idle,
             raw,
-            idle: Mutex::new(VecDeque::new()),
-            idle_raw: Mutex::new(VecDeque::new()),
+            idle: IdleStack::new(),
+            idle_raw: IdleStack::new(),
             reaper: AtomicBool::new(false),
             opened,
         }
@@ -404,29 +443,12 @@ impl Http1Pool {
     }
 
     fn take_raw(&self) -> Option<h1::Conn> {
-        let now = Instant::now();
-        let mut idle = self.idle_raw.lock().ok()?;
-        while let Some(i) = idle.pop_back() {
-            if self.usable_raw(&i, now) {
-                return Some(i.conn);
-            }
-        }
-        None
-    }
-
-    fn usable_raw(&self, i: &IdleRaw, now: Instant) -> bool {
-        now.duration_since(i.since) < self.idle_timeout && i.conn.idle_ok()
+        self.idle_raw
+            .take(Instant::now(), self.idle_timeout, h1::Conn::idle_ok)
     }
 
     fn put_raw(&self, conn: h1::Conn) {
-        let now = Instant::now();
-        let Ok(mut idle) = self.idle_raw.lock() else {
-            return;
-        };
-        if idle.len() >= self.max_idle {
-            idle.pop_front();
-        }
-        idle.push_back(IdleRaw { conn, since: now });
+        self.idle_raw.put(conn, Instant::now(), self.max_idle);
     }
 
     async fn connect_raw(self: &Arc<Self>) -> Result<h1::Conn, SendError> {
@@ -441,40 +463,19 @@ impl Http1Pool {
 
     /// Idle connections of both clients.
     fn idle_count(&self) -> usize {
-        self.idle.lock().map(|q| q.len()).unwrap_or(0)
-            + self.idle_raw.lock().map(|q| q.len()).unwrap_or(0)
+        self.idle.len() + self.idle_raw.len()
     }
 
     /// The most recently returned connection that is still open and fresh.
     fn take(&self) -> Option<http1::SendRequest<Incoming>> {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().ok()?;
-        while let Some(i) = idle.pop_back() {
-            if self.usable(&i, now) {
-                return Some(i.tx);
-            }
-        }
-        None
-    }
-
-    /// Open, and idle for less than the idle timeout.
-    fn usable(&self, i: &Idle, now: Instant) -> bool {
-        !i.tx.is_closed() && now.duration_since(i.since) < self.idle_timeout
+        self.idle
+            .take(Instant::now(), self.idle_timeout, |tx| !tx.is_closed())
     }
 
     fn put(&self, tx: http1::SendRequest<Incoming>) {
-        if tx.is_closed() {
-            return;
+        if !tx.is_closed() {
+            self.idle.put(tx, Instant::now(), self.max_idle);
         }
-        let now = Instant::now();
-        let Ok(mut idle) = self.idle.lock() else {
-            return;
-        };
-        // Expired ones are the reaper's; here only the cap.
-        if idle.len() >= self.max_idle {
-            idle.pop_front();
-        }
-        idle.push_back(Idle { tx, since: now });
     }
 
     /// Close expired idle connections every third of the idle timeout, for
@@ -495,12 +496,9 @@ impl Http1Pool {
     }
 
     fn reap(&self, now: Instant) {
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|i| self.usable(i, now));
-        }
-        if let Ok(mut idle) = self.idle_raw.lock() {
-            idle.retain(|i| self.usable_raw(i, now));
-        }
+        self.idle.reap(now, self.idle_timeout, |tx| !tx.is_closed());
+        self.idle_raw
+            .reap(now, self.idle_timeout, h1::Conn::idle_ok);
     }
 
     async fn connect(self: &Arc<Self>) -> Result<http1::SendRequest<Incoming>, SendError> {
@@ -587,24 +585,34 @@ mod tests {
     }
 
     fn idle(p: &Http1Pool) -> usize {
-        p.idle.lock().expect("lock").len()
+        p.idle.len()
     }
 
-    #[tokio::test]
-    async fn idle_connections_are_capped_and_lent_back_out() {
-        let (p, _close) = pool(Duration::from_secs(60), 2).await;
-        let mut conns = Vec::new();
-        for _ in 0..3 {
-            conns.push(p.connect().await.expect("connect"));
+    #[test]
+    fn the_idle_stack_lends_the_newest_fresh_open_one_and_caps() {
+        let stack = IdleStack::new();
+        let t0 = Instant::now();
+        let age = Duration::from_secs(10);
+        for c in 1..=3 {
+            stack.put(c, t0, 2);
         }
-        for tx in conns {
-            p.put(tx);
-        }
-        assert_eq!(idle(&p), 2, "capped at max_idle");
-        let newest = p.take().expect("one idle");
-        assert_eq!(idle(&p), 1);
-        p.put(newest);
-        assert_eq!(idle(&p), 2);
+        assert_eq!(stack.len(), 2, "capped: the oldest is closed");
+        assert_eq!(stack.take(t0, age, |_| true), Some(3), "newest first");
+        stack.put(3, t0, 2);
+        // Not open: skipped and dropped on the way to an open one.
+        assert_eq!(stack.take(t0, age, |&c| c != 3), Some(2));
+        assert_eq!(stack.len(), 0);
+        stack.put(4, t0, 2);
+        assert_eq!(stack.take(t0 + age, age, |_| true), None, "expired");
+        stack.put(5, t0, 2);
+        stack.put(6, t0 + age, 2);
+        stack.reap(t0 + age, age, |_| true);
+        assert_eq!(
+            stack.take(t0 + age, age, |_| true),
+            Some(6),
+            "reaped the expired"
+        );
+        assert_eq!(stack.len(), 0);
     }
 
     #[tokio::test]
@@ -630,10 +638,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
             let closed = p
                 .idle
+                .q
                 .lock()
                 .expect("lock")
                 .iter()
-                .all(|i| i.tx.is_closed());
+                .all(|(tx, _)| tx.is_closed());
             if closed {
                 break;
             }
@@ -645,41 +654,12 @@ mod tests {
     }
 
     fn idle_raw(p: &Http1Pool) -> usize {
-        p.idle_raw.lock().expect("lock").len()
+        p.idle_raw.len()
     }
 
     #[tokio::test]
-    async fn raw_idle_connections_are_capped_and_lent_back_out() {
-        let (p, _close) = pool(Duration::from_secs(60), 2).await;
-        let mut conns = Vec::new();
-        for _ in 0..3 {
-            conns.push(p.connect_raw().await.expect("connect"));
-        }
-        for c in conns {
-            p.put_raw(c);
-        }
-        assert_eq!(idle_raw(&p), 2, "capped at max_idle");
-        let newest = p.take_raw().expect("one idle");
-        assert_eq!(idle_raw(&p), 1);
-        p.put_raw(newest);
-        assert_eq!(p.idle_count(), 2);
-    }
-
-    #[tokio::test]
-    async fn raw_expired_and_closed_connections_are_never_lent() {
-        let (p, close) = pool(Duration::from_millis(100), 8).await;
-        let c = p.connect_raw().await.expect("connect");
-        p.put_raw(c);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        assert!(p.take_raw().is_none(), "an expired connection was lent");
-
-        // Without traffic, the reaper closes it.
-        let c = p.connect_raw().await.expect("connect");
-        p.put_raw(c);
-        assert_eq!(idle_raw(&p), 1);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        assert_eq!(idle_raw(&p), 0, "an expired idle connection stayed open");
-
+    async fn a_raw_connection_the_upstream_closed_is_never_lent() {
+        let (p, close) = pool(Duration::from_secs(60), 8).await;
         let c = p.connect_raw().await.expect("connect");
         assert!(c.idle_ok(), "a fresh open connection must be usable");
         p.put_raw(c);
@@ -687,10 +667,12 @@ mod tests {
         close.notify_one();
         // The runtime sees the FIN on its next turn.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(idle_raw(&p), 1);
         assert!(
             p.take_raw().is_none(),
             "a connection the upstream closed was lent"
         );
+        assert_eq!(idle_raw(&p), 0);
     }
 
     #[tokio::test]
