@@ -543,21 +543,27 @@ impl Http1Pool {
 mod tests {
     use super::*;
 
+    /// A listener on loopback and its address as an authority.
+    async fn listen() -> (tokio::net::TcpListener, Authority) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let authority = listener
+            .local_addr()
+            .expect("addr")
+            .to_string()
+            .parse()
+            .expect("authority");
+        (listener, authority)
+    }
+
     /// A pool to a listener that accepts and holds connections (and closes
     /// them when `close` is notified).
     async fn pool(
         idle_timeout: Duration,
         max_idle: usize,
     ) -> (Arc<Http1Pool>, Arc<tokio::sync::Notify>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let authority: Authority = listener
-            .local_addr()
-            .expect("addr")
-            .to_string()
-            .parse()
-            .expect("authority");
+        let (listener, authority) = listen().await;
         let close = Arc::new(tokio::sync::Notify::new());
         let c = close.clone();
         tokio::spawn(async move {
@@ -677,15 +683,7 @@ mod tests {
 
     #[tokio::test]
     async fn raw_connection_with_unasked_bytes_is_never_lent() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let a: Authority = listener
-            .local_addr()
-            .expect("addr")
-            .to_string()
-            .parse()
-            .expect("authority");
+        let (listener, a) = listen().await;
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             let (mut s, _) = listener.accept().await.expect("accept");
