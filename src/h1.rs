@@ -539,8 +539,9 @@ impl Conn {
 }
 
 /// Back to a mutable buffer: without a copy when nothing else holds the
-/// bytes (the usual case, once the head's values are in the header map the
-/// bytes are shared, and the rest is copied: at most one read's worth).
+/// bytes (after a partial head). After a final head its header values
+/// share the bytes, so what follows the head (at most one read's worth)
+/// is copied.
 fn restore(b: Bytes) -> BytesMut {
     match b.try_into_mut() {
         Ok(m) => m,
