@@ -435,7 +435,13 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
         }));
         tracing::info!(addr = %bound, "admin listening");
     }
-    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        // Which client carries bodiless requests to a plaintext HTTP/1.1
+        // upstream (SCOPEGATE_UPSTREAM_CLIENT=hyper switches to hyper's).
+        upstream_client = if scopegate::upstream::raw_client_enabled() { "in-future" } else { "hyper" },
+        "gateway listening"
+    );
     scopegate::serve(listener, gw, shutdown_signal()).await;
     let _ = stop_tx.send(true);
     Ok(())

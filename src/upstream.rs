@@ -296,7 +296,7 @@ fn idempotent(m: &http::Method) -> bool {
 /// `SCOPEGATE_UPSTREAM_CLIENT=hyper` sends every request through hyper's
 /// client: the switch back if the in-future client ever misbehaves, and
 /// the baseline for A/B measurements.
-fn raw_client_enabled() -> bool {
+pub fn raw_client_enabled() -> bool {
     std::env::var("SCOPEGATE_UPSTREAM_CLIENT").map_or(true, |v| v != "hyper")
 }
 
