@@ -291,10 +291,6 @@ enum ChunkState {
 }
 
 impl Chunked {
-    pub fn is_done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
     /// Decode from the front of `buf`, consuming what was used.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, H1Error> {
         loop {
