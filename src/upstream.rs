@@ -557,6 +557,18 @@ mod tests {
         (listener, authority)
     }
 
+    /// A pool with the in-future client on, to `a`.
+    fn new_pool(a: &Authority, idle_timeout: Duration, max_idle: usize) -> Http1Pool {
+        Http1Pool::new(
+            a,
+            Duration::from_secs(1),
+            idle_timeout,
+            max_idle,
+            counter(),
+            true,
+        )
+    }
+
     /// A pool to a listener that accepts and holds connections (and closes
     /// them when `close` is notified).
     async fn pool(
@@ -575,15 +587,10 @@ mod tests {
                 }
             }
         });
-        let p = Http1Pool::new(
-            &authority,
-            Duration::from_secs(1),
-            idle_timeout,
-            max_idle,
-            counter(),
-            true,
-        );
-        (Arc::new(p), close)
+        (
+            Arc::new(new_pool(&authority, idle_timeout, max_idle)),
+            close,
+        )
     }
 
     fn counter() -> IntCounter {
@@ -694,14 +701,7 @@ mod tests {
                 .await;
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let p = Arc::new(Http1Pool::new(
-            &a,
-            Duration::from_secs(1),
-            IDLE_TIMEOUT,
-            MAX_IDLE,
-            counter(),
-            true,
-        ));
+        let p = Arc::new(new_pool(&a, IDLE_TIMEOUT, MAX_IDLE));
         let c = p.connect_raw().await.expect("connect");
         p.put_raw(c);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -721,14 +721,7 @@ mod tests {
         ];
         for (authority, header, host) in cases {
             let a: Authority = authority.parse().expect("authority");
-            let p = Http1Pool::new(
-                &a,
-                Duration::from_secs(1),
-                IDLE_TIMEOUT,
-                MAX_IDLE,
-                counter(),
-                true,
-            );
+            let p = new_pool(&a, IDLE_TIMEOUT, MAX_IDLE);
             assert_eq!(p.host_header, header, "{authority}");
             assert_eq!(p.host, host, "{authority}");
         }

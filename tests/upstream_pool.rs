@@ -325,17 +325,18 @@ async fn the_keep_alive_race_is_retried_once_for_an_idempotent_request() {
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
 }
 
+/// Answers the first request, then closes every connection unanswered.
+fn answers_once_then_drops(n: usize) -> (Vec<u8>, Then) {
+    if n == 0 {
+        (ok("", "fine"), Then::KeepOpen)
+    } else {
+        (Vec::new(), Then::Close)
+    }
+}
+
 #[tokio::test]
 async fn an_unanswered_request_is_retried_at_most_once_and_then_a_502() {
-    // Answers the first request, then closes every connection unanswered.
-    let up = scripted(|n| {
-        if n == 0 {
-            (ok("", "fine"), Then::KeepOpen)
-        } else {
-            (Vec::new(), Then::Close)
-        }
-    })
-    .await;
+    let up = scripted(answers_once_then_drops).await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
     let tok = analytics_jwt();
     assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
@@ -354,14 +355,7 @@ async fn an_unanswered_request_is_retried_at_most_once_and_then_a_502() {
 
 #[tokio::test]
 async fn an_unanswered_post_is_never_sent_twice() {
-    let up = scripted(|n| {
-        if n == 0 {
-            (ok("", "fine"), Then::KeepOpen)
-        } else {
-            (Vec::new(), Then::Close)
-        }
-    })
-    .await;
+    let up = scripted(answers_once_then_drops).await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
     let tok = es256(
         json!({"methods": ["GET", "POST"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
