@@ -103,6 +103,149 @@ async fn slowloris_headers_are_cut_off() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_connection_waits_for_its_next_head_at_most_header_read_timeout() {
+    // The upstream takes longer than the head timeout: the wait for the
+    // next head starts when the response ends, not when the connection
+    // opened. (450 ms, not a multiple of 300: a watchdog counting from the
+    // connection's start would close 150 ms after the response.)
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(Duration::from_millis(450)),
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        limits("  header_read_timeout: 300ms\n  idle_timeout: 30s\n"),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(&request(&markers_jwt(), false))
+        .await
+        .expect("write");
+    assert_eq!(read_response(&mut s).await, Some(200));
+    let started = Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "a keep-alive connection waited for its next head past header_read_timeout"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_held_longer_than_header_read_timeout_is_not_cut() {
+    use http_body_util::BodyExt;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let up = Upstream::start(UpstreamBehaviour {
+        hold: Some(release.clone()),
+        ..Default::default()
+    })
+    .await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        limits("  header_read_timeout: 300ms\n  idle_timeout: 300ms\n"),
+    )
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/tenants/acme-prod/markers")
+        .header("host", "g")
+        .header("authorization", format!("Bearer {}", markers_jwt()))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("frame").expect("ok");
+    assert_eq!(first.data_ref().map(|d| &d[..]), Some(&b"first;"[..]));
+    // The handler has long returned, but the response is still in
+    // progress: neither the head timeout nor the idle timeout may run.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    release.notify_one();
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("rest in time")
+        .expect("the connection stayed open for the rest")
+        .to_bytes();
+    assert_eq!(&rest[..], b"rest");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_have_no_head_timeout_but_close_when_idle() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        limits("  header_read_timeout: 200ms\n  idle_timeout: 1200ms\n"),
+    )
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.expect("connect");
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake");
+    let conn = tokio::spawn(conn);
+    let get = || {
+        http::Request::get("http://g/v1/tenants/acme-prod/markers")
+            .header("authorization", format!("Bearer {}", markers_jwt()))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("request")
+    };
+    assert_eq!(h2.send_request(get()).await.expect("first").status(), 200);
+    // Quiet for three head timeouts: HTTP/2 has streams, not a next head.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(h2.send_request(get()).await.expect("second").status(), 200);
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Then idle: the gateway closes it.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("an idle HTTP/2 connection was closed")
+        .expect("connection task");
+    assert!(ended.is_ok(), "closed with an error: {ended:?}");
+}
+
+#[tokio::test]
+async fn a_trickled_prefix_of_the_http2_preface_is_cut_off() {
+    // Up to its 24th byte the preface cannot be told from an HTTP/1 head;
+    // trickling it must not escape the head timeout.
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        limits("  header_read_timeout: 300ms\n  idle_timeout: 30s\n"),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let started = Instant::now();
+    let mut closed = false;
+    for b in b"PRI * HTTP/2.0\r\n\r\nSM\r\n" {
+        if s.write_all(&[*b]).await.is_err()
+            || closed_within(&mut s, Duration::from_millis(100)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "a trickled preface held the connection for {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_millis(1500));
+}
+
+#[tokio::test]
 async fn oversized_headers_are_refused_and_never_forwarded() {
     let up = Upstream::start(Default::default()).await;
     let gw = TestGateway::start(up.addr, &[], limits("  max_header_bytes: 16384\n")).await;
