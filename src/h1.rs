@@ -413,9 +413,9 @@ fn trim_start(b: &[u8]) -> &[u8] {
 }
 
 /// Write a bodiless request head, as hyper's client would: the origin-form
-/// target, the headers as given (names lower-case) and then `extra` (the
-/// caller makes sure no name in `extra` is also in the map), no added
-/// framing.
+/// target, `extra` (the gateway's own headers, `Host` first), then the
+/// headers of the map (names lower-case; the caller makes sure no name in
+/// `extra` is also in the map), no added framing.
 /// Header values cannot hold CR, LF or NUL (`http`'s `HeaderValue`
 /// invariant, which hyper's encoder relies on too).
 pub fn encode_head<'a>(
@@ -437,10 +437,10 @@ pub fn encode_head<'a>(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     };
-    for (name, value) in &parts.headers {
+    for (name, value) in extra {
         field(name, value);
     }
-    for (name, value) in extra {
+    for (name, value) in &parts.headers {
         field(name, value);
     }
     out.extend_from_slice(b"\r\n");
@@ -688,7 +688,7 @@ impl Body for RawBody {
     }
 }
 
-/// Send a bodiless request on `conn`, with the `extra` headers after the
+/// Send a bodiless request on `conn`, with the `extra` headers before the
 /// map's, and read the answer's head. `Err`
 /// carries whether the request may be retried on another connection
 /// (`true` only when the head was not wholly written).
@@ -968,7 +968,7 @@ mod tests {
         encode_head(&mut out, &parts, [(&plan.0, &plan.1)]);
         assert_eq!(
             out,
-            b"DELETE /v1/a?b=c HTTP/1.1\r\nhost: up:8080\r\nx-airbrx-tenant: acme\r\naccept: a\r\naccept: b\r\nx-airbrx-plan: pro\r\n\r\n"
+            b"DELETE /v1/a?b=c HTTP/1.1\r\nx-airbrx-plan: pro\r\nhost: up:8080\r\nx-airbrx-tenant: acme\r\naccept: a\r\naccept: b\r\n\r\n"
         );
         assert!(eligible(&Method::GET, true));
         assert!(!eligible(&Method::POST, false));

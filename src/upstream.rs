@@ -41,7 +41,7 @@ use prometheus::IntCounter;
 
 use crate::config::Upstream;
 use crate::h1;
-use crate::proxy::Identity;
+use crate::proxy::Added;
 
 /// Idle connections kept per upstream; more are closed when they come back.
 pub const MAX_IDLE: usize = 1024;
@@ -164,28 +164,29 @@ impl UpstreamClient {
 
     /// Send `req`, whose URI is origin-form (`/path?query`) and which has no
     /// `Host` header nor any `x-airbrx-*` header; the client adds the
-    /// upstream's `Host` and the `identity` headers. With the own pool the
+    /// upstream's `Host` and the `added` headers (the in-future client
+    /// writes them first in the head, after the request line). With the own pool the
     /// returned [`Checkin`] must be given back when the body has ended.
     pub async fn send(
         &self,
         mut req: Request<Incoming>,
-        identity: &Identity,
+        added: &Added,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         match self {
             UpstreamClient::Http1(pool) => {
-                req.headers_mut()
-                    .insert(header::HOST, pool.host_header.clone());
                 if pool.raw && h1::eligible(req.method(), req.body().is_end_stream()) {
                     let (parts, _) = req.into_parts();
-                    let resp = pool.send_raw(&parts, identity).await?;
+                    let resp = pool.send_raw(&parts, added).await?;
                     return Ok((resp.map(UpBody::Raw), None));
                 }
-                identity.insert_into(req.headers_mut());
+                added.insert_into(req.headers_mut());
+                req.headers_mut()
+                    .insert(header::HOST, pool.host_header.clone());
                 let (resp, checkin) = pool.send(req).await?;
                 Ok((resp.map(UpBody::Hyper), Some(checkin)))
             }
             UpstreamClient::Pooled(p) => {
-                identity.insert_into(req.headers_mut());
+                added.insert_into(req.headers_mut());
                 let mut parts = std::mem::take(req.uri_mut()).into_parts();
                 parts.scheme = Some(p.scheme.clone());
                 parts.authority = Some(p.authority.clone());
@@ -417,7 +418,7 @@ impl Http1Pool {
     async fn send_raw(
         self: &Arc<Self>,
         parts: &http::request::Parts,
-        identity: &Identity,
+        added: &Added,
     ) -> Result<Response<h1::RawBody>, SendError> {
         let mut fresh_only = false;
         loop {
@@ -427,7 +428,8 @@ impl Http1Pool {
                 None => (self.connect_raw().await?, false),
             };
             let back: Arc<dyn h1::Return> = self.clone();
-            match h1::exchange(conn, parts, identity.headers(), back).await {
+            let head = std::iter::once((&header::HOST, &self.host_header)).chain(added.headers());
+            match h1::exchange(conn, parts, head, back).await {
                 Ok(resp) => return Ok(resp),
                 Err((_, true)) if reused => continue,
                 Err((h1::H1Error::NoAnswer, false)) if reused && idempotent(&parts.method) => {
