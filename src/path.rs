@@ -73,6 +73,24 @@ pub fn canonicalize(raw: &str) -> Result<Cow<'_, str>, BadPath> {
     if bytes.len() > MAX_PATH_LEN {
         return Err(BadPath::ControlByte);
     }
+    // The common case: nothing to decode or refuse byte by byte, so the
+    // input is its own canonical form if its segments are. One tight pass
+    // instead of the escape-aware loop below (about 0.5k instructions of a
+    // proxied request, counted with callgrind).
+    if bytes
+        .iter()
+        .all(|&b| (0x21..0x7f).contains(&b) && b != b'%' && b != b'\\')
+    {
+        check_segments(bytes)?;
+        return Ok(Cow::Borrowed(raw));
+    }
+    canonicalize_bytewise(raw)
+}
+
+/// The whole canonicalizer, byte by byte: what [`canonicalize`] falls back
+/// to, and what its fast path is tested against.
+fn canonicalize_bytewise(raw: &str) -> Result<Cow<'_, str>, BadPath> {
+    let bytes = raw.as_bytes();
     // `out` stays None until the first byte that changes; then it holds the
     // canonical form built so far.
     let mut out: Option<Vec<u8>> = None;
@@ -266,6 +284,29 @@ mod tests {
             let once = ok(p);
             assert_eq!(ok(&once), once, "{p}");
             assert!(matches!(canonicalize(&once), Ok(Cow::Borrowed(_))));
+        }
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_bytewise_canonicalizer() {
+        // Paths built from the bytes that decide things: separators, dots,
+        // matrix parameters, escapes, backslash, space, control, non-ASCII.
+        let alphabet: &[&str] = &[
+            "/", "/", "a", "Z", "9", ".", "..", ";", "-", "~", ":", "@", "%", "%2e", "%2F", "%41",
+            "%c3%a9", "\\", " ", "\t", "\u{e9}", "?", "#", "!", "=",
+        ];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let mut p = String::from("/");
+            for _ in 0..rng.usize(0..12) {
+                p.push_str(alphabet[rng.usize(0..alphabet.len())]);
+            }
+            let fast = canonicalize(&p);
+            assert_eq!(fast, canonicalize_bytewise(&p), "{p:?}");
+            if let Ok(c) = &fast {
+                // Borrowed exactly when nothing changed.
+                assert_eq!(matches!(c, Cow::Borrowed(_)), c == &p, "{p:?}");
+            }
         }
     }
 
