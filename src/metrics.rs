@@ -11,6 +11,8 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::OnceLock;
+
 use crate::error::Reason;
 
 /// Tag label for requests denied before a route (and so a tag) is known.
@@ -73,18 +75,111 @@ impl DecisionLabel {
     }
 }
 
+/// The `method` label values, in [`method_index`] order.
+const METHOD_LABELS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+];
+
+fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::PATCH => 4,
+        http::Method::DELETE => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+/// The series of `scopegate_requests_total` and
+/// `scopegate_request_duration_seconds` that every request touches, looked
+/// up once per configuration generation instead of once per request:
+/// `with_label_values` hashes the label values (SipHash) and takes the
+/// family's lock every time. Indexed by tag: the generation's tags in
+/// order, then `public`, then `none`; each tag's series are made on first
+/// use, so an unused tag costs one empty slot. A handle is the registry's
+/// own series, so counts are the same as through the family.
+pub struct HotSeries {
+    by_tag: Box<[OnceLock<TagSeries>]>,
+}
+
+struct TagSeries {
+    duration: Histogram,
+    requests: [[OnceLock<IntCounter>; METHOD_LABELS.len()]; 4],
+}
+
+impl HotSeries {
+    pub fn new(tags: usize) -> HotSeries {
+        HotSeries {
+            by_tag: (0..tags + 2).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    /// The index of `public` (`none` is the one after it).
+    fn public(&self) -> usize {
+        self.by_tag.len() - 2
+    }
+
+    /// Slot of a public route, of a route's tag, or of `none` (no route
+    /// matched, or a route without a tag).
+    pub fn tag_slot(&self, public: bool, tag: Option<u32>) -> usize {
+        match tag {
+            _ if public => self.public(),
+            Some(t) if (t as usize) < self.public() => t as usize,
+            _ => self.public() + 1,
+        }
+    }
+
+    fn series(&self, slot: usize, tag: &str, m: &Metrics) -> Option<&TagSeries> {
+        let cell = self.by_tag.get(slot)?;
+        Some(cell.get_or_init(|| TagSeries {
+            duration: m.request_duration.with_label_values(&[tag]),
+            requests: Default::default(),
+        }))
+    }
+
+    /// One request, counted under its decision, tag and method. `tag` is
+    /// the label value of `slot`.
+    pub fn count(
+        &self,
+        m: &Metrics,
+        slot: usize,
+        tag: &str,
+        d: DecisionLabel,
+        method: &http::Method,
+    ) {
+        let Some(s) = self.series(slot, tag, m) else {
+            m.requests
+                .with_label_values(&[d.as_str(), tag, method_label(method)])
+                .inc();
+            return;
+        };
+        let mi = method_index(method);
+        s.requests[d as usize][mi]
+            .get_or_init(|| {
+                m.requests
+                    .with_label_values(&[d.as_str(), tag, METHOD_LABELS[mi]])
+            })
+            .inc();
+    }
+
+    /// One request's whole duration under its tag.
+    pub fn observe(&self, m: &Metrics, slot: usize, tag: &str, seconds: f64) {
+        match self.series(slot, tag, m) {
+            Some(s) => s.duration.observe(seconds),
+            None => m
+                .request_duration
+                .with_label_values(&[tag])
+                .observe(seconds),
+        }
+    }
+}
+
 /// The `method` label: the five methods and HEAD by name, anything else `other`.
 pub fn method_label(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::PATCH => "PATCH",
-        http::Method::DELETE => "DELETE",
-        http::Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    }
+    METHOD_LABELS[method_index(m)]
 }
 
 fn build() -> Result<Metrics, prometheus::Error> {
@@ -307,5 +402,70 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_series_count_into_the_families_own_series() {
+        let m = Metrics::new();
+        // Two tags, then `public`, then `none`.
+        let hot = HotSeries::new(2);
+        assert_eq!(hot.tag_slot(false, Some(1)), 1);
+        assert_eq!(hot.tag_slot(true, None), 2);
+        assert_eq!(hot.tag_slot(true, Some(0)), 2);
+        assert_eq!(hot.tag_slot(false, None), 3);
+        assert_eq!(
+            hot.tag_slot(false, Some(7)),
+            3,
+            "a tag index out of range is none"
+        );
+        let methods = [
+            http::Method::GET,
+            http::Method::HEAD,
+            http::Method::POST,
+            http::Method::PUT,
+            http::Method::PATCH,
+            http::Method::DELETE,
+            http::Method::OPTIONS,
+            http::Method::from_bytes(b"PURGE").expect("method"),
+        ];
+        let decisions = [
+            DecisionLabel::Allow,
+            DecisionLabel::Deny,
+            DecisionLabel::ShadowDeny,
+            DecisionLabel::Public,
+        ];
+        for (slot, tag) in [(0, "markers"), (1, "rules"), (2, PUBLIC_TAG), (3, NO_TAG)] {
+            for (i, d) in decisions.iter().enumerate() {
+                for (j, method) in methods.iter().enumerate() {
+                    // A distinct count per series, so a crossed index shows.
+                    for _ in 0..=(slot * 100 + i * 10 + j) {
+                        hot.count(&m, slot, tag, *d, method);
+                    }
+                }
+            }
+            hot.observe(&m, slot, tag, 0.25);
+        }
+        for (slot, tag) in [(0, "markers"), (1, "rules"), (2, PUBLIC_TAG), (3, NO_TAG)] {
+            for (i, d) in decisions.iter().enumerate() {
+                for (j, method) in methods.iter().enumerate() {
+                    let got = m
+                        .requests
+                        .with_label_values(&[d.as_str(), tag, method_label(method)])
+                        .get();
+                    assert_eq!(
+                        got,
+                        (slot * 100 + i * 10 + j + 1) as u64,
+                        "{tag} {d:?} {method}"
+                    );
+                }
+            }
+            let h = m.request_duration.with_label_values(&[tag]);
+            assert_eq!(h.get_sample_count(), 1, "{tag}");
+        }
     }
 }

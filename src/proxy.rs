@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use crate::config::{Mode, Snapshot, Upstream};
 use crate::decision::{Outcome, decide, decide_with};
 use crate::error::{self, Reason};
-use crate::metrics::{DecisionLabel, Metrics, NO_TAG, PUBLIC_TAG, method_label};
+use crate::metrics::{DecisionLabel, HotSeries, Metrics, NO_TAG, PUBLIC_TAG};
 
 // Header names built once, at compile time: `HeaderName::from_static` in
 // an expression parses and validates the name on every call (about 130
@@ -111,6 +111,8 @@ pub struct Generation {
     pub number: u64,
     pub snapshot: Snapshot,
     pub client: UpstreamClient,
+    /// The request series of this generation's tags.
+    pub hot: HotSeries,
 }
 
 impl Generation {
@@ -131,6 +133,7 @@ impl Generation {
         };
         Ok(Generation {
             number,
+            hot: HotSeries::new(snapshot.tags.len()),
             snapshot,
             client,
         })
@@ -333,6 +336,10 @@ impl Gateway {
             (_, Some(n)) => n.tag.unwrap_or(NO_TAG),
             _ => NO_TAG,
         };
+        let slot = generation.hot.tag_slot(
+            outcome.matched.is_some_and(|m| m.route.is_public()),
+            outcome.matched.and_then(|m| m.route.tag),
+        );
         let (label, denied) = match outcome.verdict {
             Ok(true) => (DecisionLabel::Allow, None),
             Ok(false) => (DecisionLabel::Public, None),
@@ -351,10 +358,9 @@ impl Gateway {
         {
             book.record(p, &method, n, snap, generation.number, now);
         }
-        self.metrics
-            .requests
-            .with_label_values(&[label.as_str(), tag, method_label(&parts.method)])
-            .inc();
+        generation
+            .hot
+            .count(&self.metrics, slot, tag, label, &parts.method);
         if snap.metrics.tenant_label
             && let Some(tenant) = names.and_then(|n| n.tenant)
         {
@@ -422,10 +428,9 @@ impl Gateway {
             }
         };
         let total = started.elapsed();
-        self.metrics
-            .request_duration
-            .with_label_values(&[tag])
-            .observe(total.as_secs_f64());
+        generation
+            .hot
+            .observe(&self.metrics, slot, tag, total.as_secs_f64());
         access_log(
             snap,
             &outcome,
