@@ -55,6 +55,10 @@ pub const MAX_CHUNK_LINE: usize = 4096;
 pub const MAX_TRAILERS: usize = 64 * 1024;
 /// How much is read from the socket at a time.
 const READ_CHUNK: usize = 8 * 1024;
+/// A response head is read into what is left of the read buffer while at
+/// least this much is: one `READ_CHUNK` then serves many small answers
+/// instead of one allocation (and a copy of the leftover) per answer.
+const MIN_HEAD_READ: usize = 1024;
 
 /// Why an answer could not be read. Every one is a 502 before the head, or
 /// an aborted body after it; the connection is never reused.
@@ -492,27 +496,36 @@ impl Conn {
         loop {
             if !self.rbuf.is_empty() {
                 // Parse a frozen view, so header values share its memory.
+                // What follows the head goes back into the buffer's own
+                // spare room after it (a copy of at most one read, without
+                // an allocation while the room lasts).
                 let view = self.rbuf.split().freeze();
                 let parsed = parse_head(&view, head_request);
                 match parsed {
-                    Ok(Parsed::Partial) => self.rbuf = restore(view),
+                    Ok(Parsed::Partial) => {
+                        // Nothing holds the view now: back to a mutable
+                        // buffer without a copy, once the room after it is
+                        // let go.
+                        self.rbuf = BytesMut::new();
+                        self.rbuf = restore(view);
+                    }
                     Ok(Parsed::Interim(n)) => {
                         interim += 1;
                         if interim > MAX_INTERIM {
                             return Err(H1Error::Status);
                         }
-                        self.rbuf = restore(view.slice(n..));
+                        self.rbuf.extend_from_slice(&view[n..]);
                         continue;
                     }
                     Ok(Parsed::Final(head, n)) => {
-                        self.rbuf = restore(view.slice(n..));
+                        self.rbuf.extend_from_slice(&view[n..]);
                         return Ok(head);
                     }
                     Err(e) => return Err(e),
                 }
             }
             let nothing_yet = interim == 0 && self.rbuf.is_empty();
-            match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+            match std::future::poll_fn(|cx| self.poll_fill(cx, MIN_HEAD_READ)).await {
                 Ok(0) | Err(_) if nothing_yet => return Err(H1Error::NoAnswer),
                 Ok(0) => return Err(H1Error::Closed),
                 Err(e) => return Err(e),
@@ -521,9 +534,12 @@ impl Conn {
         }
     }
 
-    /// Read more into `rbuf`; `Ok(0)` is the end of the stream.
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, H1Error>> {
-        self.rbuf.reserve(READ_CHUNK);
+    /// Read more into `rbuf`, first making room for `READ_CHUNK` when less
+    /// than `want` is free; `Ok(0)` is the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<usize, H1Error>> {
+        if self.rbuf.capacity() - self.rbuf.len() < want {
+            self.rbuf.reserve(READ_CHUNK);
+        }
         // tokio's read_buf fills the spare capacity without zeroing it
         // first; the future holds no state, so one per poll is free.
         let read = std::pin::pin!(self.io.read_buf(&mut self.rbuf));
@@ -534,10 +550,8 @@ impl Conn {
     }
 }
 
-/// Back to a mutable buffer: without a copy when nothing else holds the
-/// bytes (after a partial head). After a final head its header values
-/// share the bytes, so what follows the head (at most one read's worth)
-/// is copied.
+/// Back to a mutable buffer after a partial head: without a copy, as
+/// nothing else holds the bytes by then; with one if something does.
 fn restore(b: Bytes) -> BytesMut {
     match b.try_into_mut() {
         Ok(m) => m,
@@ -623,7 +637,7 @@ impl Body for RawBody {
                 BodyState::Done => return Poll::Ready(None),
                 BodyState::Length(left) => {
                     if conn.rbuf.is_empty() {
-                        match ready!(conn.poll_fill(cx)) {
+                        match ready!(conn.poll_fill(cx, READ_CHUNK)) {
                             Ok(0) => return this.fail(H1Error::Closed),
                             Ok(_) => continue,
                             Err(e) => return this.fail(e),
@@ -650,7 +664,7 @@ impl Body for RawBody {
                         this.finish();
                         return Poll::Ready(None);
                     }
-                    Ok(Decoded::NeedMore) => match ready!(conn.poll_fill(cx)) {
+                    Ok(Decoded::NeedMore) => match ready!(conn.poll_fill(cx, READ_CHUNK)) {
                         Ok(0) => return this.fail(H1Error::Closed),
                         Ok(_) => {}
                         Err(e) => return this.fail(e),
@@ -661,7 +675,7 @@ impl Body for RawBody {
                         let data = conn.rbuf.split().freeze();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                    match ready!(conn.poll_fill(cx)) {
+                    match ready!(conn.poll_fill(cx, READ_CHUNK)) {
                         Ok(0) => {
                             this.state = BodyState::Done;
                             this.conn = None;
@@ -946,6 +960,83 @@ mod tests {
         assert_eq!(dechunk(long.as_bytes(), 512).err(), Some(H1Error::Chunk));
         // Truncated: more input needed, none comes.
         assert_eq!(dechunk(b"5\r\nhel", 2).err(), Some(H1Error::Closed));
+    }
+
+    /// Keeps the connection a finished body gives back.
+    struct Keep(std::sync::Mutex<Option<Conn>>);
+
+    impl Return for Keep {
+        fn give_back(&self, conn: Conn) {
+            if let Ok(mut c) = self.0.lock() {
+                *c = Some(conn);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_split_across_reads_and_following_one_another_on_a_connection() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        // Each answer is written in pieces, cut inside the head, between an
+        // interim answer and the final one, and inside the body; the last
+        // piece of one answer and the next request's answer never share a
+        // write, but a head and its body may.
+        let answers: Vec<Vec<&'static [u8]>> = vec![
+            vec![
+                b"HTTP/1.1 200 OK\r\ncontent-le",
+                b"ngth: 5\r\n\r\nhel",
+                b"lo",
+            ],
+            vec![
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 20",
+                b"1 Created\r\ncontent-length: 2\r\n\r\nok",
+            ],
+            vec![b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"],
+            vec![b"H", b"TTP/1.1 204 No Content\r\n", b"\r\n"],
+        ];
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            for pieces in answers {
+                let _ = s.read(&mut buf).await.expect("request");
+                for p in pieces {
+                    s.write_all(p).await.expect("write");
+                    s.flush().await.expect("flush");
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            }
+        });
+        let keep = Arc::new(Keep(std::sync::Mutex::new(None)));
+        let mut conn = Conn::new(TcpStream::connect(addr).await.expect("connect"));
+        let req = http::Request::get("/x").body(()).expect("request");
+        let (parts, ()) = req.into_parts();
+        let want: [(u16, &[u8]); 4] = [(200, b"hello"), (201, b"ok"), (200, b"abc"), (204, b"")];
+        let within = std::time::Duration::from_secs(5);
+        for (status, body) in want {
+            let resp = tokio::time::timeout(within, exchange(conn, &parts, [], keep.clone()))
+                .await
+                .expect("an answer in time")
+                .map_err(|(e, _)| e)
+                .expect("answer");
+            assert_eq!(resp.status(), status);
+            let got = tokio::time::timeout(within, resp.into_body().collect())
+                .await
+                .expect("the body in time")
+                .expect("body")
+                .to_bytes();
+            assert_eq!(&got[..], body);
+            conn = keep
+                .0
+                .lock()
+                .expect("lock")
+                .take()
+                .expect("the connection came back after a complete answer");
+        }
+        server.await.expect("server");
     }
 
     #[test]
