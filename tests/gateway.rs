@@ -1182,23 +1182,7 @@ async fn responses_stream_back_without_waiting_for_the_whole_body() {
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
-    let stream = tokio::net::TcpStream::connect(gw.addr)
-        .await
-        .expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    let req = http::Request::get("/v1/tenants/acme-prod/markers")
-        .header("host", "gateway.test")
-        .header("authorization", format!("Bearer {tok}"))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
-        .await
-        .expect("head in time")
-        .expect("response");
+    let resp = get_streaming(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     // The first chunk arrives while the upstream still holds the rest.

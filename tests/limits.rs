@@ -148,18 +148,7 @@ async fn a_response_held_longer_than_header_read_timeout_is_not_cut() {
         limits("  header_read_timeout: 300ms\n  idle_timeout: 300ms\n"),
     )
     .await;
-    let stream = TcpStream::connect(gw.addr).await.expect("connect");
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .expect("handshake");
-    tokio::spawn(conn);
-    let req = http::Request::get("/v1/tenants/acme-prod/markers")
-        .header("host", "g")
-        .header("authorization", format!("Bearer {}", markers_jwt()))
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .expect("request");
-    let resp = sender.send_request(req).await.expect("response");
+    let resp = get_streaming(gw.addr, "/v1/tenants/acme-prod/markers", &markers_jwt()).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let first = body.frame().await.expect("frame").expect("ok");

@@ -799,3 +799,27 @@ pub fn wait_for(
         }
     }
 }
+
+/// GET `path` with a bearer token over a fresh HTTP/1.1 connection, and
+/// return the response as soon as its head arrives, its body still
+/// streaming (for upstreams that hold the rest of a body).
+pub async fn get_streaming(
+    addr: SocketAddr,
+    path: &str,
+    token: &str,
+) -> http::Response<hyper::body::Incoming> {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "gateway.test")
+        .header("authorization", format!("Bearer {token}"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .expect("request");
+    tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("head in time")
+        .expect("response")
+}
