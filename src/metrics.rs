@@ -122,13 +122,14 @@ impl HotSeries {
         self.by_tag.len() - 2
     }
 
-    /// Slot of a public route, of a route's tag, or of `none` (no route
-    /// matched, or a route without a tag).
-    pub fn tag_slot(&self, public: bool, tag: Option<u32>) -> usize {
+    /// The `tag` label of a request and its slot, from one classification:
+    /// `public` for a public route, the route's tag (index and name), or
+    /// `none` (no route matched, or a route without a tag).
+    pub fn tag<'a>(&self, public: bool, tag: Option<(u32, &'a str)>) -> (usize, &'a str) {
         match tag {
-            _ if public => self.public(),
-            Some(t) if (t as usize) < self.public() => t as usize,
-            _ => self.public() + 1,
+            _ if public => (self.public(), PUBLIC_TAG),
+            Some((t, name)) if (t as usize) < self.public() => (t as usize, name),
+            _ => (self.public() + 1, NO_TAG),
         }
     }
 
@@ -414,13 +415,13 @@ mod tests {
         let m = Metrics::new();
         // Two tags, then `public`, then `none`.
         let hot = HotSeries::new(2);
-        assert_eq!(hot.tag_slot(false, Some(1)), 1);
-        assert_eq!(hot.tag_slot(true, None), 2);
-        assert_eq!(hot.tag_slot(true, Some(0)), 2);
-        assert_eq!(hot.tag_slot(false, None), 3);
+        assert_eq!(hot.tag(false, Some((1, "rules"))), (1, "rules"));
+        assert_eq!(hot.tag(true, None), (2, PUBLIC_TAG));
+        assert_eq!(hot.tag(true, Some((0, "markers"))), (2, PUBLIC_TAG));
+        assert_eq!(hot.tag(false, None), (3, NO_TAG));
         assert_eq!(
-            hot.tag_slot(false, Some(7)),
-            3,
+            hot.tag(false, Some((7, "gone"))),
+            (3, NO_TAG),
             "a tag index out of range is none"
         );
         let methods = [

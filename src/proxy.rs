@@ -24,7 +24,7 @@ use hyper::body::Incoming;
 use crate::config::{Mode, Snapshot, Upstream};
 use crate::decision::{Outcome, decide, decide_with};
 use crate::error::{self, Reason};
-use crate::metrics::{DecisionLabel, HotSeries, Metrics, NO_TAG, PUBLIC_TAG};
+use crate::metrics::{DecisionLabel, HotSeries, Metrics};
 
 // Header names built once, at compile time: `HeaderName::from_static` in
 // an expression parses and validates the name on every call (about 130
@@ -331,14 +331,12 @@ impl Gateway {
         }
 
         let names = outcome.matched.map(|m| m.names(snap));
-        let tag = match (outcome.matched, names) {
-            (Some(m), _) if m.route.is_public() => PUBLIC_TAG,
-            (_, Some(n)) => n.tag.unwrap_or(NO_TAG),
-            _ => NO_TAG,
-        };
-        let slot = generation.hot.tag_slot(
+        let (slot, tag) = generation.hot.tag(
             outcome.matched.is_some_and(|m| m.route.is_public()),
-            outcome.matched.and_then(|m| m.route.tag),
+            outcome
+                .matched
+                .and_then(|m| m.route.tag)
+                .zip(names.and_then(|n| n.tag)),
         );
         let (label, denied) = match outcome.verdict {
             Ok(true) => (DecisionLabel::Allow, None),
