@@ -21,8 +21,9 @@
 #                 targets, and report the median of each figure and the
 #                 ratios of the medians (default 3). On a shared 2-core VM
 #                 one target's req/s moved by 25% between back-to-back runs.
-#   PACED_RUNS=N  repeat the paced half-peak pass N times, interleaved, and
-#                 report the median of each figure (default 3).
+#   PACED_RUNS=N  repeat the paced passes (half and a quarter of peak) N
+#                 times, interleaved, and report the median of each figure
+#                 (default 3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${1:-10}
@@ -53,6 +54,7 @@ wait_port $UP
 # nginx: a plain reverse proxy with a keep-alive upstream pool.
 nginx_conf "$WORK/nginx" $NG $UP
 "${PROXY[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
+NGINX_MASTER=$!
 
 # HAProxy: the same ES256 JWT, exp, and an ACL on path and method.
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -85,6 +87,7 @@ CONF
 PAT=$(mint_pat "$WORK")
 for port in $SG $SGL $SGH; do gateway_conf "$WORK/gateway-$port.yaml" $port $UP; done
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SG.yaml" >/dev/null & PIDS+=($!)
+SG_PID=$!
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
 SCOPEGATE_UPSTREAM_CLIENT=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGH.yaml" >/dev/null & PIDS+=($!)
 JWT=$(mint_jwt)
@@ -153,29 +156,46 @@ if [ "${PIN:-0}" = 1 ]; then
   echo
 fi
 
-# Half of scopegate's peak (ES256 JWT), paced, the same rate for each target:
-# the latency a request sees when the gateway is not saturated.
-RATE=$(awk -v r="${RPS[sg-jwt]}" 'BEGIN { printf "%d", r / 2 }')
-declare -A H50 H99
-paced() { # name port token
-  local out
-  out=$("${GEN[@]}" "$BIN/examples/paced" "127.0.0.1:$2" "$PATH_OK" "$RATE" "$DURATION" "$CONNS" ${3:+"$3"})
-  grep -q "errors=0" <<<"$out" || { echo "$1: errors at half peak: $out" >&2; exit 1; }
-  H50[$1]+=" $(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")"
-  H99[$1]+=" $(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")"
+# Paced at half of scopegate's peak (ES256 JWT), the issue's point, and at a
+# quarter of it: the latency a request sees when the gateway is not
+# saturated, at the same rates for each target. Beside each figure, how
+# busy the proxy's own process was (CPU time / wall time): a proxy paced at
+# half its peak rate is busier than half, because at full speed one wake-up
+# serves many requests and here each request pays its own.
+HALF=$(awk -v r="${RPS[sg-jwt]}" 'BEGIN { printf "%d", r / 2 }')
+QUARTER=$(( HALF / 2 ))
+NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
+HZ=$(getconf CLK_TCK)
+cpu_ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
+declare -A H50 H99 BUSY
+paced() { # name port pid token
+  local out a b
+  a=$(cpu_ticks "$3")
+  out=$("${GEN[@]}" "$BIN/examples/paced" "127.0.0.1:$2" "$PATH_OK" "$RATE" "$DURATION" "$CONNS" ${4:+"$4"})
+  b=$(cpu_ticks "$3")
+  grep -q "errors=0" <<<"$out" || { echo "$1: errors at $RATE req/s: $out" >&2; exit 1; }
+  H50[$RATE:$1]+=" $(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")"
+  H99[$RATE:$1]+=" $(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")"
+  BUSY[$RATE:$1]+=" $(( (b - a) * 100 / HZ / DURATION ))"
 }
 # Interleaved, so a slow minute on a shared machine hits every target.
 for _ in $(seq 1 "$PACED_RUNS"); do
-  paced direct $UP ""
-  paced nginx $NG ""
-  paced sg-pat $SG "$PAT"
-  paced sg-jwt $SG "$JWT"
+  for RATE in $HALF $QUARTER; do
+    paced direct $UP "" ""
+    paced nginx $NG "$NGINX_WORKER" ""
+    paced sg-pat $SG "$SG_PID" "$PAT"
+    paced sg-jwt $SG "$SG_PID" "$JWT"
+  done
 done
-echo
-echo "at half of scopegate's peak: $RATE req/s, paced over $CONNS connections; median of $PACED_RUNS runs (p99 of each run in brackets)"
-D99=$(median <<<"${H99[direct]}")
-printf '%-11s %10s %10s %14s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "p99 per run"
-for t in direct nginx sg-pat sg-jwt; do
-  m99=$(median <<<"${H99[$t]}")
-  printf '%-11s %10s %10s %14s   [%s ]\n' "$t" "$(median <<<"${H50[$t]}")" "$m99" "$(( m99 - D99 ))" "${H99[$t]}"
+for RATE in $HALF $QUARTER; do
+  echo
+  [ "$RATE" = "$HALF" ] && what=half || what="a quarter"
+  echo "paced at $what of scopegate's peak: $RATE req/s over $CONNS connections (examples/paced.rs); median of $PACED_RUNS runs (p99 of each run in brackets)"
+  D99=$(median <<<"${H99[$RATE:direct]}")
+  printf '%-11s %10s %10s %14s %11s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "p99 per run"
+  for t in direct nginx sg-pat sg-jwt; do
+    m99=$(median <<<"${H99[$RATE:$t]}")
+    busy=$([ "$t" = direct ] && echo - || echo "$(median <<<"${BUSY[$RATE:$t]}")%")
+    printf '%-11s %10s %10s %14s %11s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" "${H99[$RATE:$t]}"
+  done
 done
