@@ -693,8 +693,7 @@ fn identity(snap: &Snapshot, outcome: &Outcome<'_, '_>) -> Added {
     let mut id = Added::default();
     let [_, _, _, _, token_id, subject, account, tenant, tag, plan] = &mut id.values;
     if let Some(p) = &outcome.principal {
-        *token_id = HeaderValue::from_str(p.token_id()).ok();
-        *subject = p.subject().and_then(|s| HeaderValue::from_str(s).ok());
+        (*token_id, *subject) = p.identity_headers();
     }
     let Some(m) = outcome.matched else { return id };
     *account = m

@@ -11,7 +11,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod pat;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 use crate::scope::Cube;
 
@@ -91,6 +91,20 @@ impl Principal<'_> {
             Principal::Pat(r) => Some(&r.id),
             Principal::Jwt(j) => j.subject.as_deref(),
             Principal::Introspected(i) => i.subject.as_deref(),
+        }
+    }
+
+    /// The `X-Airbrx-Token-Id` and `X-Airbrx-Subject` values: made once
+    /// per verified JWT, per request otherwise. `None` for a value that is
+    /// not a header value (never, for identities checked by
+    /// `is_safe_identity`).
+    pub fn identity_headers(&self) -> (Option<HeaderValue>, Option<HeaderValue>) {
+        match self {
+            Principal::Jwt(j) => (j.token_id_header.clone(), j.subject_header.clone()),
+            _ => (
+                HeaderValue::from_str(self.token_id()).ok(),
+                self.subject().and_then(|s| HeaderValue::from_str(s).ok()),
+            ),
         }
     }
 
