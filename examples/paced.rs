@@ -143,13 +143,16 @@ mod linux {
                         }
                         c.last_done = done;
                         c.i += 1;
+                        c.answered = true;
                         if !keep_alive {
                             *c = c.reopen(&addr, &mut poller, idx);
                         }
                     }
-                    Received::Closed if c.buf.is_empty() => {
-                        // Closed before any answer byte: send again on a new
-                        // connection, keeping the request's start.
+                    // Closed before any answer byte, on a connection that has
+                    // answered before: send again on a new one, keeping the
+                    // request's start. (A new connection that closes at
+                    // once is a failure, not a reason to retry for ever.)
+                    Received::Closed if c.answered => {
                         let from = c.sent_at;
                         *c = c.reopen(&addr, &mut poller, idx);
                         if c.send(request).is_ok() {
@@ -159,7 +162,7 @@ mod linux {
                             c.i += 1;
                         }
                     }
-                    Received::Failed | Received::Closed => {
+                    Received::Closed | Received::Failed => {
                         errors += 1;
                         c.last_done = clock.now();
                         c.i += 1;
@@ -195,6 +198,8 @@ mod linux {
         /// Where the in-flight request's latency counts from.
         sent_at: Option<Duration>,
         last_done: Duration,
+        /// Whether this connection has carried a whole answer.
+        answered: bool,
     }
 
     enum Received {
@@ -202,9 +207,9 @@ mod linux {
         Pending,
         /// A whole 200 answer.
         Done { keep_alive: bool },
-        /// End of stream.
+        /// End of stream before any byte of an answer.
         Closed,
-        /// A non-200 answer, a malformed one, or a read error.
+        /// A non-200 answer, a malformed or cut one, or a read error.
         Failed,
     }
 
@@ -220,6 +225,7 @@ mod linux {
                 i: 0,
                 sent_at: None,
                 last_done: Duration::ZERO,
+                answered: false,
             })
         }
 
@@ -250,25 +256,35 @@ mod linux {
 
         fn receive(&mut self) -> Received {
             let mut chunk = [0u8; 4096];
-            loop {
+            let eof = loop {
                 match self.stream.read(&mut chunk) {
-                    Ok(0) => return Received::Closed,
+                    Ok(0) => break true,
                     Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    // A request written into a connection the server had
+                    // already closed draws a reset instead of an end of
+                    // stream.
+                    Err(e) if e.kind() == ErrorKind::ConnectionReset && self.buf.is_empty() => {
+                        return Received::Closed;
+                    }
                     Err(_) => return Received::Failed,
                 }
+            };
+            if eof && self.buf.is_empty() {
+                return Received::Closed;
             }
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut resp = httparse::Response::new(&mut headers);
             let head_len = match resp.parse(&self.buf) {
                 Ok(httparse::Status::Complete(len)) => len,
-                Ok(httparse::Status::Partial) => return Received::Pending,
-                Err(_) => return Received::Failed,
+                Ok(httparse::Status::Partial) if !eof => return Received::Pending,
+                Ok(httparse::Status::Partial) | Err(_) => return Received::Failed,
             };
             let mut length = None;
             let mut chunked = false;
-            let mut close = false;
+            // HTTP/1.0 closes unless it says otherwise.
+            let mut close = resp.version == Some(0);
             for h in resp.headers.iter() {
                 if h.name.eq_ignore_ascii_case("content-length") {
                     length = std::str::from_utf8(h.value)
@@ -279,10 +295,12 @@ mod linux {
                     }
                 } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                     chunked = true;
-                } else if h.name.eq_ignore_ascii_case("connection")
-                    && h.value.eq_ignore_ascii_case(b"close")
-                {
-                    close = true;
+                } else if h.name.eq_ignore_ascii_case("connection") {
+                    if h.value.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if h.value.eq_ignore_ascii_case(b"keep-alive") {
+                        close = false;
+                    }
                 }
             }
             if resp.code != Some(200) {
@@ -293,13 +311,16 @@ mod linux {
             let complete = match (chunked, length) {
                 (true, _) => self.buf[head_len..].ends_with(b"0\r\n\r\n"),
                 (false, Some(n)) => self.buf.len() >= head_len + n,
-                // Delimited by the close: not used by any bench target.
-                (false, None) => return Received::Failed,
+                // Delimited by the server's close.
+                (false, None) => eof,
             };
-            if complete {
-                Received::Done { keep_alive: !close }
-            } else {
-                Received::Pending
+            match (complete, eof) {
+                (true, _) => Received::Done {
+                    keep_alive: !close && !eof,
+                },
+                (false, false) => Received::Pending,
+                // Cut short.
+                (false, true) => Received::Failed,
             }
         }
     }
