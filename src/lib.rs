@@ -15,6 +15,7 @@ pub mod decision;
 pub mod diff;
 pub mod error;
 pub mod h1;
+pub mod logging;
 pub mod metrics;
 pub mod path;
 pub mod proxy;

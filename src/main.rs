@@ -348,13 +348,28 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     b.enable_all().build().context("starting the async runtime")
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stdout through the writer thread of `scopegate::logging` (a
+/// stalled stdout costs log lines, counted, never requests). Keep the guard
+/// until the end: dropping it writes out what is queued.
+fn init_tracing(format: LogFormat) -> Result<scopegate::logging::Guard> {
     use tracing_subscriber::EnvFilter;
+    const VAR: &str = "SCOPEGATE_LOG_BUFFER_LINES";
+    let lines = match std::env::var(VAR) {
+        Err(_) => scopegate::logging::DEFAULT_BUFFER_LINES,
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| anyhow!("{VAR}: `{v}` is not a number of lines (1 or more)"))?,
+    };
+    let (writer, guard) =
+        scopegate::logging::stdout(lines).context("starting the log writer thread")?;
     let filter =
         EnvFilter::try_from_env("SCOPEGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder
             .json()
@@ -363,6 +378,7 @@ fn init_tracing(format: LogFormat) {
             .init(),
         LogFormat::Text => builder.init(),
     }
+    Ok(guard)
 }
 
 fn load(path: &Path, env: config::EnvLookup<'_>) -> Result<Snapshot> {
@@ -448,7 +464,7 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
 }
 
 async fn serve(path: &Path, log_format: LogFormat) -> Result<ExitCode> {
-    init_tracing(log_format);
+    let _log = init_tracing(log_format)?;
     huge_pages_off();
     let snap = load(path, &config::process_env)?;
     for w in &snap.warnings {
@@ -915,7 +931,7 @@ async fn demo(
     println!();
     println!("Ctrl-C stops the demo. Access log lines (JSON) follow.");
     println!("DEMO-READY {base}");
-    init_tracing(log_format);
+    let _log = init_tracing(log_format)?;
 
     let gw = Gateway::new(snap).map_err(|e| anyhow!(e))?;
     scopegate::serve(listener, gw, shutdown_signal()).await;

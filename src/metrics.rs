@@ -331,6 +331,8 @@ fn build() -> Result<Metrics, prometheus::Error> {
         &["result"],
     )?;
     registry.register(Box::new(attenuations.clone()))?;
+    // The process's one counter (src/logging.rs), in every registry.
+    registry.register(Box::new(crate::logging::DROPPED.clone()))?;
     for result in ["hit", "miss"] {
         introspection_cache.with_label_values(&[result]);
     }

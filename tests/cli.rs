@@ -405,6 +405,96 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     }
 }
 
+/// A log collector that stops reading: before, the gateway's worker blocked
+/// writing the access log to the full pipe, and every request after the
+/// first ~160 hung. Now the lines queue, then drop (counted), and the
+/// requests keep being answered; every line that is written is whole, and
+/// written + dropped accounts for every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stdout_costs_counted_log_lines_never_requests() {
+    const REQUESTS: usize = 2_000;
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pat_record(
+        "tok_stall",
+        "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+        "",
+    );
+    let cfg = write_files(dir.path(), up.addr, &[&p], &with_admin());
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env("SCOPEGATE_WORKERS", "1")
+        .env("SCOPEGATE_LOG_BUFFER_LINES", "64")
+        .env("SG_TEST_HS256", HS_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    // Read up to "gateway listening", then stop reading.
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let (mut gw, mut admin) = (None, None);
+    while gw.is_none() {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).expect("read") > 0, "serve exited");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        let addr = || v["addr"].as_str().and_then(|a| a.parse().ok());
+        match v["message"].as_str() {
+            Some("admin listening") => admin = addr(),
+            Some("gateway listening") => gw = addr(),
+            _ => {}
+        }
+    }
+    let (gw, admin): (std::net::SocketAddr, std::net::SocketAddr) =
+        (gw.expect("gateway"), admin.expect("admin"));
+
+    for i in 0..REQUESTS {
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            get(gw, "/v1/tenants/acme-prod/markers", &p.secret),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("request {i} not answered while stdout was not read"));
+        assert_eq!(r.status, 200);
+    }
+    let metrics =
+        String::from_utf8_lossy(&send(admin, "GET", "/metrics", &[]).await.body).into_owned();
+    let dropped: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("scopegate_log_lines_dropped_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("scopegate_log_lines_dropped_total");
+    assert!(
+        dropped > 0 && dropped < REQUESTS,
+        "{dropped} of {REQUESTS} lines dropped"
+    );
+
+    // Read again, stop the gateway, and count what was written.
+    let reader = std::thread::spawn(move || {
+        let mut access = 0;
+        for line in out.lines() {
+            let line = line.expect("read");
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: a cut line: {line}"));
+            if v["target"] == "scopegate::access" {
+                access += 1;
+            }
+        }
+        access
+    });
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(exit.code(), Some(0));
+    let access = reader.join().expect("reader");
+    assert_eq!(access + dropped, REQUESTS, "written + dropped");
+}
+
 /// `THP_enabled` of a process (Linux: 0 once PR_SET_THP_DISABLE is set).
 #[cfg(target_os = "linux")]
 fn thp_enabled(pid: &str) -> Option<String> {
