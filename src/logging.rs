@@ -33,6 +33,11 @@ pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
 
 pub const DEFAULT_BUFFER_LINES: usize = 16_384;
 
+/// How long the writer lets lines gather after the first one: the delay a
+/// line can see, and about one write (and one wake-up) per interval under
+/// load. 16,384 lines last 160 ms at 100k lines/s.
+const GATHER: Duration = Duration::from_millis(10);
+
 /// Hands formatted lines to the writer thread (`tracing_subscriber`'s
 /// `MakeWriter`).
 #[derive(Clone)]
@@ -63,14 +68,20 @@ pub fn stdout_to<W: Write>(
         .name("scopegate-log".into())
         .spawn(move || {
             let mut batch = Vec::with_capacity(64 * 1024);
-            // Block for the first line, take whatever else is queued, and
-            // write it all at once: under load one write carries many lines.
+            // Block for the first line, let more queue for a moment, take
+            // them all and write them at once. While this thread sleeps
+            // instead of waiting in `recv`, queueing a line wakes nobody:
+            // waking it for every line cost the worker a context switch per
+            // request and halved throughput on one core (BENCHMARKS.md).
             // An empty message is the guard's "write out and stop".
             let mut stop = false;
             while !stop {
                 let Ok(line) = rx.recv() else { break };
                 stop = line.is_empty();
                 batch.extend_from_slice(&line);
+                if !stop {
+                    std::thread::sleep(GATHER);
+                }
                 while !stop && batch.len() < 256 * 1024 {
                     match rx.try_recv() {
                         Ok(line) => {
