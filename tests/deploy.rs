@@ -134,7 +134,7 @@ fn promtool_accepts_the_alert_rules() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("5 rules found"),
+        String::from_utf8_lossy(&out.stdout).contains("6 rules found"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
