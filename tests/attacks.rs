@@ -1037,8 +1037,7 @@ async fn no_secret_leaves_through_any_channel() {
         String::from_utf8_lossy(&send(admin, "GET", "/metrics", &[]).await.body).into_owned();
     let config =
         String::from_utf8_lossy(&send(admin, "GET", "/config", &[]).await.body).into_owned();
-    let _ = child.kill();
-    let _ = child.wait();
+    assert_eq!(terminate(child).await, Some(0));
     while let Ok(l) = rx.recv_timeout(Duration::from_millis(300)) {
         log.push(l);
     }

@@ -314,8 +314,7 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     let mut log = Vec::new();
     // One worker: the current-thread runtime serves, reloads (off-thread
     // via spawn_blocking) and drains like the multi-thread one.
-    let (mut child, rx, gw, admin) =
-        spawn_serve_with(&cfg, &mut log, &[("SCOPEGATE_WORKERS", "1")]);
+    let (child, rx, gw, admin) = spawn_serve_with(&cfg, &mut log, &[("SCOPEGATE_WORKERS", "1")]);
     let admin = admin.expect("admin listening");
 
     let jwt = es256(
@@ -381,16 +380,7 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     );
 
     // SIGTERM: stop accepting, drain, exit 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(terminate(child).await, Some(0));
     while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(200)) {
         log.push(l);
     }
@@ -481,16 +471,7 @@ async fn a_stalled_stdout_costs_counted_log_lines_never_requests() {
         }
         access
     });
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
-    assert_eq!(exit.code(), Some(0));
+    assert_eq!(terminate(child).await, Some(0));
     let access = reader.join().expect("reader");
     assert_eq!(access + dropped, REQUESTS, "written + dropped");
 }

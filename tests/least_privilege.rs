@@ -257,7 +257,7 @@ async fn diff_shows_what_a_plan_change_would_flip() {
     );
     let cfg = write_files(dir.path(), up.addr, &[&globex], &Options::default());
     let mut log = Vec::new();
-    let (mut child, rx, gw, _) = spawn_serve(&cfg, &mut log);
+    let (child, rx, gw, _) = spawn_serve(&cfg, &mut log);
     let jwt = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
@@ -288,8 +288,7 @@ async fn diff_shows_what_a_plan_change_would_flip() {
             .status,
     );
     assert_eq!(expect, [200, 200, 200, 403, 403, 200, 403, 403, 401]);
-    let _ = child.kill();
-    let _ = child.wait();
+    assert_eq!(terminate(child).await, Some(0));
     while let Ok(l) = rx.recv_timeout(std::time::Duration::from_millis(300)) {
         log.push(l);
     }

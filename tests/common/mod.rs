@@ -764,6 +764,23 @@ pub fn spawn_serve_with(
     (child, rx, gw, admin)
 }
 
+/// Stop a `scopegate serve` the way an orchestrator does (SIGTERM: drain,
+/// write out the queued log lines, exit) and wait for it; its exit code.
+/// Tests that read the log afterwards need this rather than a SIGKILL, which
+/// loses the lines still queued to stdout (src/logging.rs).
+pub async fn terminate(mut child: std::process::Child) -> Option<i32> {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait")
+        .code()
+}
+
 /// Lines of a child's stdout, read on a thread.
 pub fn line_reader(
     stdout: impl std::io::Read + Send + 'static,
