@@ -3,7 +3,8 @@
 # records, then over a soak under wrk load (RSS sampled every 30 s).
 #
 # Needs: apt-get install wrk
-# Usage: bench/memory.sh [SOAK_SECONDS]   (default 600)
+# Usage: [SCOPEGATE_LOG=info] bench/memory.sh [SOAK_SECONDS]   (default 600;
+#        SCOPEGATE_LOG=info turns the access log on, to /dev/null)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SOAK=${1:-600}
@@ -40,7 +41,7 @@ sed -n '/Record to paste/,$p' "$WORK/pat.out" | tail -n +2 >> "$WORK/tokens.yaml
 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 # As deployed (deploy/): MIMALLOC_PURGE_DELAY=0 unless the caller sets it
 # (MIMALLOC_PURGE_DELAY=1000 bench/memory.sh measures mimalloc's default).
-MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:-0} SCOPEGATE_LOG=warn "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null & SGPID=$!; PIDS+=($SGPID)
+MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:-0} SCOPEGATE_LOG=${SCOPEGATE_LOG:-warn} "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null & SGPID=$!; PIDS+=($SGPID)
 for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$SG") 2>/dev/null && break; sleep 0.05; done
 rss() { awk '/^VmRSS/ { print $2 }' "/proc/$SGPID/status"; }
 URL="http://127.0.0.1:$SG/v1/tenants/tenant-42/r7/item-1"
