@@ -17,10 +17,7 @@ command -v wrk >/dev/null || { echo "missing wrk: apt-get install wrk" >&2; exit
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced
 . bench/common.sh
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+start_work
 UP=18581
 taskset -c 0 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 wait_port $UP

@@ -7,6 +7,15 @@ PATH_OK=/v1/tenants/acme-prod/markers
 KEY_PUB=$PWD/tests/fixtures/es256.pub.pem
 KEY_PRIV=$PWD/tests/fixtures/es256.key.pem
 
+# start_work: a temporary directory in WORK and a PIDS list, both cleaned
+# up when the script exits: every process started as `... & PIDS+=($!)` is
+# killed and waited for.
+start_work() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
+}
+
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 # nginx_conf DIR PORT UPSTREAM_PORT [MAIN_DIRECTIVE...]: a plain reverse

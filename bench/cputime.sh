@@ -18,10 +18,7 @@ for tool in wrk nginx; do
 done
 cargo build --release --quiet --bin scopegate --example fast_upstream
 . bench/common.sh
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+start_work
 
 UP=18481 NG=18482 SG=18484 SGH=18486
 taskset -c 0 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)

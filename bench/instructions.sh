@@ -30,10 +30,7 @@ for tool in valgrind cg_annotate nginx python3; do
 done
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt
 . bench/common.sh
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+start_work
 
 UP=18181 NG=18182 SG=18184
 

@@ -41,10 +41,7 @@ fi
 
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced
 . bench/common.sh
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+start_work
 
 UP=18081 NG=18082 HA=18083 SG=18084 SGL=18085 SGH=18086
 

@@ -10,11 +10,8 @@ cd "$(dirname "$0")/.."
 SOAK=${1:-600}
 command -v wrk >/dev/null || { echo "missing wrk: apt-get install wrk" >&2; exit 1; }
 cargo build --release --quiet --bin scopegate --example fast_upstream
-BIN=target/release
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
-trap cleanup EXIT
+. bench/common.sh
+start_work
 UP=18281 SG=18284
 
 "$BIN/scopegate" token new --config /nonexistent --id soak \
