@@ -57,8 +57,8 @@ pub fn stdout(lines: usize) -> std::io::Result<(LogWriter, Guard)> {
     stdout_to(lines, std::io::stdout)
 }
 
-/// The same, writing to what `out` makes (a test's pipe).
-pub fn stdout_to<W: Write>(
+/// The same, writing to what `out` makes (the unit tests' sink).
+fn stdout_to<W: Write>(
     lines: usize,
     out: impl Fn() -> W + Send + 'static,
 ) -> std::io::Result<(LogWriter, Guard)> {
