@@ -39,7 +39,7 @@ if [ "${PIN:-0}" = 1 ]; then
   GEN=(taskset -c 0) PROXY=(taskset -c 1)
 fi
 
-cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced
+cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced --example stalls
 . bench/common.sh
 start_work
 
@@ -196,3 +196,12 @@ for RATE in $HALF $QUARTER; do
     printf '%-11s %10s %10s %14s %11s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" "${H99[$RATE:$t]}"
   done
 done
+
+# How much of those tails this machine sets by itself: a spinning probe on
+# the proxy's CPU records every gap the CPU was taken away (on a VM, the
+# host descheduling the vCPU), and replays them against a proxy costing what
+# scopegate (ES256 JWT) cost per request above, served first come first
+# served (examples/stalls.rs). Run with every proxy idle.
+busy_at() { awk -v b="$(median <<<"${BUSY[$1:sg-jwt]}")" 'BEGIN { f = b / 100; if (f <= 0) f = 0.01; if (f >= 1) f = 0.99; print f }'; }
+echo
+echo "this machine's stalls on the proxy's CPU over ${DURATION}s, and the p99 they alone would add to scopegate at each rate: $("${PROXY[@]}" "$BIN/examples/stalls" "$DURATION" "$HALF" "$(busy_at "$HALF")" "$QUARTER" "$(busy_at "$QUARTER")")"
