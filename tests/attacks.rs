@@ -902,7 +902,7 @@ async fn thousands_of_idle_connections_stay_bounded_and_are_reaped() {
     };
     let cfg = write_files(dir.path(), up.addr, &[], &opts);
     let mut log = Vec::new();
-    let (mut child, _rx, gw, _) = spawn_serve(&cfg, &mut log);
+    let (child, _rx, gw, _) = spawn_serve(&cfg, &mut log);
     let tok = acme_markers();
     let path = "/v1/tenants/acme-prod/markers";
     assert_eq!(get(gw, path, &tok).await.status, 200);
@@ -948,8 +948,7 @@ async fn thousands_of_idle_connections_stay_bounded_and_are_reaped() {
         .await
         .expect("idle connections were not closed");
     assert_eq!(get(gw, path, &tok).await.status, 200);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 // ---------------------------------------------------------------------------
@@ -981,6 +980,7 @@ async fn no_secret_leaves_through_any_channel() {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
+        .map(ChildGuard::new)
         .expect("spawn");
     let rx = line_reader(child.stdout.take().expect("stdout"));
     let err_rx = line_reader(child.stderr.take().expect("stderr"));

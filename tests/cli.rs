@@ -230,6 +230,7 @@ async fn demo_serves_the_shipped_example() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(ChildGuard::new)
         .expect("spawn demo");
     let stdout = child.stdout.take().expect("stdout");
     let lines = tokio::task::spawn_blocking(move || {
@@ -295,8 +296,7 @@ async fn demo_serves_the_shipped_example() {
         );
         checked += 1;
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert!(checked >= 15, "only {checked} demo lines checked");
 }
 
@@ -419,6 +419,7 @@ async fn a_stalled_stdout_costs_counted_log_lines_never_requests() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(ChildGuard::new)
         .expect("spawn serve");
     // Read up to "gateway listening", then stop reading.
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -501,10 +502,9 @@ async fn serve_turns_transparent_huge_pages_off_unless_the_operator_chose() {
     for (env, want) in [(None, "0"), (Some("1"), ours.as_str())] {
         let mut log = Vec::new();
         let vars: Vec<(&str, &str)> = env.map(|v| ("MIMALLOC_ALLOW_THP", v)).into_iter().collect();
-        let (mut child, _rx, _gw, _admin) = spawn_serve_with(&cfg, &mut log, &vars);
+        let (child, _rx, _gw, _admin) = spawn_serve_with(&cfg, &mut log, &vars);
         let got = thp_enabled(&child.id().to_string());
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
         assert_eq!(got.as_deref(), Some(want), "MIMALLOC_ALLOW_THP={env:?}");
     }
 }

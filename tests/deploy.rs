@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -144,15 +144,6 @@ fn promtool_accepts_the_alert_rules() {
     // server test below loads the same rules file.
 }
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -216,7 +207,7 @@ async fn a_real_prometheus_scrapes_denials_by_reason() {
         deploy().join("prometheus/alerts.yaml").display()
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).expect("write");
-    let _server = KillOnDrop(
+    let _server = ChildGuard::new(
         Command::new(prometheus)
             .arg(format!(
                 "--config.file={}",

@@ -100,7 +100,7 @@ async fn suggest_after_a_scripted_workload() {
     let opts = with_admin();
     let cfg = write_files(dir.path(), up.addr, &[&broad, &unused], &opts);
     let mut log = Vec::new();
-    let (mut child, _rx, gw, admin) = spawn_serve(&cfg, &mut log);
+    let (child, _rx, gw, admin) = spawn_serve(&cfg, &mut log);
     let admin = admin.expect("admin");
 
     // The workload: the token may do anything on acme, but only reads
@@ -242,8 +242,7 @@ async fn suggest_after_a_scripted_workload() {
         .expect("suggest");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usage recorded"));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

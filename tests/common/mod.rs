@@ -709,13 +709,46 @@ pub async fn eventually(
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_scopegate");
 
+/// A child process that is killed and reaped when dropped, so a test that
+/// fails (panics) before it stops its `scopegate serve` does not leave the
+/// process running behind it. Derefs to the [`std::process::Child`].
+pub struct ChildGuard(std::process::Child);
+
+impl ChildGuard {
+    pub fn new(child: std::process::Child) -> Self {
+        ChildGuard(child)
+    }
+}
+
+impl std::ops::Deref for ChildGuard {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        // After a successful wait() std neither signals nor waits again,
+        // so a reused process id is never touched.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `scopegate serve --config cfg`, with its stdout lines and the proxy's
 /// (and, when configured, the admin's) bound address.
 pub fn spawn_serve(
     cfg: &std::path::Path,
     log: &mut Vec<String>,
 ) -> (
-    std::process::Child,
+    ChildGuard,
     std::sync::mpsc::Receiver<String>,
     std::net::SocketAddr,
     Option<std::net::SocketAddr>,
@@ -729,7 +762,7 @@ pub fn spawn_serve_with(
     log: &mut Vec<String>,
     env: &[(&str, &str)],
 ) -> (
-    std::process::Child,
+    ChildGuard,
     std::sync::mpsc::Receiver<String>,
     std::net::SocketAddr,
     Option<std::net::SocketAddr>,
@@ -741,6 +774,7 @@ pub fn spawn_serve_with(
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
+        .map(ChildGuard::new)
         .expect("spawn serve");
     let rx = line_reader(child.stdout.take().expect("stdout"));
     let addr_of = |v: &serde_json::Value| -> std::net::SocketAddr {
@@ -768,7 +802,7 @@ pub fn spawn_serve_with(
 /// write out the queued log lines, exit) and wait for it; its exit code.
 /// Tests that read the log afterwards need this rather than a SIGKILL, which
 /// loses the lines still queued to stdout (src/logging.rs).
-pub async fn terminate(mut child: std::process::Child) -> Option<i32> {
+pub async fn terminate(mut child: ChildGuard) -> Option<i32> {
     let status = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
