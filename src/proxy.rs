@@ -369,6 +369,7 @@ impl Gateway {
         }
 
         let mut upstream_time = None;
+        let mut ended = None;
         let (response, final_reason) = if label == DecisionLabel::Deny {
             let allow = outcome.matched.map(|m| &m.route.allow);
             let reason = denied.unwrap_or(Reason::BadPath);
@@ -404,7 +405,10 @@ impl Gateway {
                 forward_started,
             )
             .await;
-            let elapsed = forward_started.elapsed();
+            // One clock reading ends both the upstream's time and the total.
+            let now = Instant::now();
+            ended = Some(now);
+            let elapsed = now.saturating_duration_since(forward_started);
             upstream_time = Some(elapsed);
             self.metrics
                 .upstream_duration
@@ -425,7 +429,9 @@ impl Gateway {
                 }
             }
         };
-        let total = started.elapsed();
+        let total = ended
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(started);
         generation
             .hot
             .observe(&self.metrics, slot, tag, total.as_secs_f64());
@@ -579,11 +585,17 @@ async fn forward(
     if !up.forward_authorization {
         h.remove(header::AUTHORIZATION);
     }
-    remove_prefixed(h, "x-airbrx-");
-    let client_forwarded_for = h.remove(X_FORWARDED_FOR);
-    h.remove(X_FORWARDED_PROTO);
-    h.remove(X_FORWARDED_HOST);
-    h.remove(X_REQUEST_ID);
+    // Every name below starts with `x-`, and most requests carry no such
+    // header: one pass over the names instead of five lookups (about 350
+    // instructions a request, callgrind).
+    let mut client_forwarded_for = None;
+    if h.keys().any(|k| k.as_str().starts_with("x-")) {
+        remove_prefixed(h, "x-airbrx-");
+        client_forwarded_for = h.remove(X_FORWARDED_FOR);
+        h.remove(X_FORWARDED_PROTO);
+        h.remove(X_FORWARDED_HOST);
+        h.remove(X_REQUEST_ID);
+    }
     let original_host = host.or_else(|| {
         parts
             .uri
@@ -857,5 +869,24 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `forward` looks for these only when some header name starts with
+    /// `x-`: a name outside that prefix would never be stripped.
+    #[test]
+    fn the_names_forward_strips_behind_its_x_check_start_with_x() {
+        for n in [
+            X_FORWARDED_FOR,
+            X_FORWARDED_PROTO,
+            X_FORWARDED_HOST,
+            X_REQUEST_ID,
+        ] {
+            assert!(n.as_str().starts_with("x-"), "{n}");
+        }
     }
 }
