@@ -363,8 +363,8 @@ pub fn scope_cubes(
 pub struct Vocabulary<'a> {
     pub tags: &'a HashMap<Box<str>, TagId>,
     pub routes: &'a HashMap<Box<str>, RouteId>,
-    pub tenants: &'a HashMap<Box<str>, TenantId>,
-    pub accounts: &'a HashMap<Box<str>, AccountId>,
+    pub tenants: &'a crate::config::NameIds<TenantId>,
+    pub accounts: &'a crate::config::NameIds<AccountId>,
     pub roles: &'a HashMap<Box<str>, RoleSpec>,
 }
 
@@ -380,9 +380,9 @@ pub enum Strictness {
     Claims,
 }
 
-fn ids(
+fn ids<S: std::hash::BuildHasher>(
     names: &[String],
-    table: &HashMap<Box<str>, u32>,
+    table: &HashMap<Box<str>, u32, S>,
     strict: bool,
     what: &str,
 ) -> Result<IdSet, String> {

@@ -459,11 +459,13 @@ mod tests {
             std::sync::LazyLock::new(HashMap::new);
         static NO_ROLES: std::sync::LazyLock<HashMap<Box<str>, crate::scope::RoleSpec>> =
             std::sync::LazyLock::new(HashMap::new);
+        static NO_NAMES: std::sync::LazyLock<crate::config::NameIds<u32>> =
+            std::sync::LazyLock::new(Default::default);
         Vocabulary {
             tags: &EMPTY,
             routes: &EMPTY,
-            tenants: &EMPTY,
-            accounts: &EMPTY,
+            tenants: &NO_NAMES,
+            accounts: &NO_NAMES,
             roles: &NO_ROLES,
         }
     }
