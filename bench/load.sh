@@ -176,6 +176,15 @@ paced() { # name port pid token
   BUSY[$RATE:$1]+=" $(( (b - a) * 100 / HZ / DURATION ))"
 }
 # Interleaved, so a slow minute on a shared machine hits every target.
+# After each round, how much of such a tail this machine sets by itself: a
+# spinning probe on the proxy's CPU records every gap the CPU was taken
+# away (on a VM, the host descheduling the vCPU: nothing else runs in the
+# guest then), and replays the gaps against a proxy that costs what
+# scopegate (ES256 JWT) cost per request in that round, served first come
+# first served (examples/stalls.rs). Every proxy is idle while it runs.
+declare -A STALL
+last() { tr ' ' '\n' | grep . | tail -1; }
+fraction() { awk -v b="$1" 'BEGIN { f = b / 100; if (f <= 0) f = 0.01; if (f >= 1) f = 0.99; print f }'; }
 for _ in $(seq 1 "$PACED_RUNS"); do
   for RATE in $HALF $QUARTER; do
     paced direct $UP "" ""
@@ -183,6 +192,13 @@ for _ in $(seq 1 "$PACED_RUNS"); do
     paced sg-pat $SG "$SG_PID" "$PAT"
     paced sg-jwt $SG "$SG_PID" "$JWT"
   done
+  out=$("${PROXY[@]}" "$BIN/examples/stalls" "$DURATION" \
+    "$HALF" "$(fraction "$(last <<<"${BUSY[$HALF:sg-jwt]}")")" \
+    "$QUARTER" "$(fraction "$(last <<<"${BUSY[$QUARTER:sg-jwt]}")")")
+  STALL[lost]+=" $(sed -E 's/.*lost_permille=([0-9.]+).*/\1/' <<<"$out")"
+  STALL[ms]+=" $(sed -E 's/.*over_1ms=([0-9.]+).*/\1/' <<<"$out")"
+  STALL[$HALF]+=" $(sed -E "s/.*queue_p99_us@$HALF=([0-9]+).*/\\1/" <<<"$out")"
+  STALL[$QUARTER]+=" $(sed -E "s/.*queue_p99_us@$QUARTER=([0-9]+).*/\\1/" <<<"$out")"
 done
 for RATE in $HALF $QUARTER; do
   echo
@@ -197,11 +213,7 @@ for RATE in $HALF $QUARTER; do
   done
 done
 
-# How much of those tails this machine sets by itself: a spinning probe on
-# the proxy's CPU records every gap the CPU was taken away (on a VM, the
-# host descheduling the vCPU), and replays them against a proxy costing what
-# scopegate (ES256 JWT) cost per request above, served first come first
-# served (examples/stalls.rs). Run with every proxy idle.
-busy_at() { awk -v b="$(median <<<"${BUSY[$1:sg-jwt]}")" 'BEGIN { f = b / 100; if (f <= 0) f = 0.01; if (f >= 1) f = 0.99; print f }'; }
 echo
-echo "this machine's stalls on the proxy's CPU over ${DURATION}s, and the p99 they alone would add to scopegate at each rate: $("${PROXY[@]}" "$BIN/examples/stalls" "$DURATION" "$HALF" "$(busy_at "$HALF")" "$QUARTER" "$(busy_at "$QUARTER")")"
+echo "this machine's own stalls on the proxy's CPU (examples/stalls.rs, ${DURATION}s after each round; per round in brackets):"
+echo "  CPU time lost: [${STALL[lost]} ] per mille; gaps over 1 ms: [${STALL[ms]} ] a second"
+echo "  p99 they alone add to a proxy costing what scopegate ES256 cost: at half of peak $(median <<<"${STALL[$HALF]}") µs [${STALL[$HALF]} ], at a quarter $(median <<<"${STALL[$QUARTER]}") µs [${STALL[$QUARTER]} ]"
