@@ -116,7 +116,7 @@ mod linux {
             if !busy && next.is_none() {
                 break;
             }
-            let ready = poller.wait(next, &clock).len();
+            let ready = poller.wait(next, &clock);
             for k in 0..ready {
                 let idx = poller.ready[k];
                 let Some(c) = conns.get_mut(idx) else {
@@ -386,9 +386,12 @@ mod linux {
             .expect("epoll add");
         }
 
-        /// The indexes of the readable connections, waiting until one is or
-        /// until `deadline` (on `clock`), or at most 100 ms without one.
-        fn wait(&mut self, deadline: Option<Duration>, clock: &Clock) -> &[usize] {
+        /// Waits until a connection is readable or until `deadline` (on
+        /// `clock`), or at most 100 ms without one. Fills `self.ready` with
+        /// the readable connections' indexes and returns how many there are
+        /// (a count, not the slice, so the caller can reopen connections
+        /// through `self` while it walks them).
+        fn wait(&mut self, deadline: Option<Duration>, clock: &Clock) -> usize {
             use rustix::event::epoll;
             use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
             if deadline != self.armed {
@@ -423,7 +426,7 @@ mod linux {
             )
             .is_err()
             {
-                return &self.ready;
+                return 0;
             }
             for e in &self.events {
                 match e.data.u64() {
@@ -436,7 +439,7 @@ mod linux {
                     idx => self.ready.push(idx as usize),
                 }
             }
-            &self.ready
+            self.ready.len()
         }
     }
 
