@@ -502,7 +502,7 @@ pub async fn authenticate_with_sources<'s>(
 }
 
 /// A whole decision given another chance by the token sources when the
-/// first one failed in authentication (see [`second_authentication`]);
+/// first one failed in authentication (see `second_authentication`);
 /// every other phase runs again exactly as in [`decide`]. `None` when no
 /// source applies. The proxy and `scopegate explain` both use it.
 pub async fn consult_token_sources<'s, 'r>(
