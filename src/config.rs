@@ -1659,7 +1659,13 @@ fn compile_pat_file_in(
 /// collection of a deeper item on such a line, and a chunk cut mid-construct
 /// fails to parse and sends the whole file to the sequential parser.
 fn split_pat_list(text: &str, per_chunk: usize) -> Option<Vec<String>> {
-    if per_chunk == 0 {
+    // Anchors: serde_yaml resolves an alias to the *last* definition of its
+    // anchor anywhere in the document, and a chunk sees only its own. With
+    // an anchor defined twice, a chunk holding the first definition and the
+    // alias would parse, and disagree with the whole file (found by
+    // tests/properties `pat_files`). A `&` outside an anchor can only sit in
+    // a quoted scalar, which costs the file its parallel parse, nothing more.
+    if per_chunk == 0 || text.contains('&') {
         return None;
     }
     let mut starts: Vec<usize> = Vec::new();
@@ -1977,9 +1983,33 @@ routes:
     }
 
     #[test]
-    fn a_chunk_that_does_not_parse_falls_back_to_the_whole_file() {
+    fn an_anchor_defined_twice_resolves_as_in_the_whole_file() {
+        // The case tests/properties `pat_files` found: `*a` follows the
+        // second `&a` in its chunk of two, but serde_yaml on the whole file
+        // takes the last `&a`.
+        let zero = "0".repeat(64);
+        let item = |id: &str, cube: &str| {
+            format!("- id: {id}\n  sha256: {zero}\n  cube: {{ methods: [GET]{cube} }}\n")
+        };
+        let text = format!(
+            "tokens:\n{}{}{}{}{}",
+            item("&a t0", ""),
+            item("t1", ", tags: [markers]"),
+            item("&a t2", ""),
+            item("*a", ""),
+            item("&a t6", ""),
+        );
+        assert!(split_pat_list(&text, 2).is_none());
+        let snap = load_str(BASE).expect("valid");
+        let (chunked, whole) = pat_file_both_ways(&text, 2, &snap.vocabulary());
+        assert_eq!(chunked, whole);
+        assert!(whole.contains("id: \"t6\""), "{whole}");
+    }
+
+    #[test]
+    fn a_file_with_anchors_or_a_chunk_that_does_not_parse_loads_whole() {
         // An alias in a late item refers to an anchor in the first: chunks
-        // cannot resolve it, the whole file can.
+        // could not resolve it, so a file with anchors is never split.
         let mut text = pat_text(40).replacen(
             "cube: { methods: [GET], tags: [analytics] }",
             "cube: &c { methods: [GET], tags: [analytics] }",
@@ -1989,18 +2019,20 @@ routes:
             "  - id: tok_last\n    sha256: {:064x}\n    cube: *c\n",
             999
         ));
-        assert!(split_pat_list(&text, 10).is_some());
+        assert!(split_pat_list(&text, 10).is_none());
         let snap = load_str(BASE).expect("valid");
         let vocab = snap.vocabulary();
         let compiled =
-            compile_pat_file(Path::new("t.yaml"), &text, &vocab).expect("whole-file fallback");
+            compile_pat_file(Path::new("t.yaml"), &text, &vocab).expect("whole-file parse");
         assert_eq!(compiled.len(), 41);
         match (&compiled[40], &compiled[0]) {
             (Ok((_, last)), Ok((_, first))) => assert_eq!(last.cubes, first.cubes),
             other => panic!("{other:?}"),
         }
-        // A real error still names its line in the whole file.
-        let broken = text.replace("  - id: tok_30\n", "  - id: tok_30\n    sha256: [\n");
+        // A chunk that does not parse sends the file to the whole-file
+        // parser, whose error names its line in the whole file.
+        let broken = pat_text(40).replace("  - id: tok_30\n", "  - id: tok_30\n    sha256: [\n");
+        assert!(split_pat_list(&broken, 10).is_some());
         match compile_pat_file(Path::new("t.yaml"), &broken, &vocab) {
             Err(ConfigError::Parse { line: Some(l), .. }) => assert!(l > 100, "line {l}"),
             other => panic!("expected a located parse error, got {other:?}"),
