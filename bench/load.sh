@@ -175,7 +175,6 @@ paced() { # name port pid token
   H99[$RATE:$1]+=" $(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")"
   BUSY[$RATE:$1]+=" $(( (b - a) * 100 / HZ / DURATION ))"
 }
-# Interleaved, so a slow minute on a shared machine hits every target.
 # After each round, how much of such a tail this machine sets by itself: a
 # spinning probe on the proxy's CPU records every gap the CPU was taken
 # away (on a VM, the host descheduling the vCPU: nothing else runs in the
@@ -185,6 +184,7 @@ paced() { # name port pid token
 declare -A STALL
 last() { tr ' ' '\n' | grep . | tail -1; }
 fraction() { awk -v b="$1" 'BEGIN { f = b / 100; if (f <= 0) f = 0.01; if (f >= 1) f = 0.99; print f }'; }
+# Interleaved, so a slow minute on a shared machine hits every target.
 for _ in $(seq 1 "$PACED_RUNS"); do
   for RATE in $HALF $QUARTER; do
     paced direct $UP "" ""
