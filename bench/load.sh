@@ -164,7 +164,7 @@ QUARTER=$(( HALF / 2 ))
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
-declare -A H50 H99 BUSY
+declare -A H50 H99 BUSY INB BPS
 paced() { # name port pid token
   local out a b
   a=$(cpu_ticks "$3")
@@ -174,6 +174,8 @@ paced() { # name port pid token
   H50[$RATE:$1]+=" $(sed -E 's/.*p50_us=([0-9]+).*/\1/' <<<"$out")"
   H99[$RATE:$1]+=" $(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")"
   BUSY[$RATE:$1]+=" $(( (b - a) * 100 / HZ / DURATION ))"
+  INB[$RATE:$1]+=" $(sed -E 's/.*in_bursts_pct=([0-9]+).*/\1/' <<<"$out")"
+  BPS[$RATE:$1]+=" $(( $(sed -E 's/.* bursts=([0-9]+).*/\1/' <<<"$out") / DURATION ))"
 }
 # After each round, how much of such a tail this machine sets by itself: a
 # spinning probe on the proxy's CPU records every gap the CPU was taken
@@ -204,12 +206,14 @@ for RATE in $HALF $QUARTER; do
   echo
   [ "$RATE" = "$HALF" ] && what=half || what="a quarter"
   echo "paced at $what of scopegate's peak: $RATE req/s over $CONNS connections (examples/paced.rs); median of $PACED_RUNS runs (p99 of each run in brackets)"
+  echo "(bursts: groups of 5 or more requests over 250 µs each started at most 1 ms after the one before; \"in bursts\": the share of the requests over 250 µs that were in one)"
   D99=$(median <<<"${H99[$RATE:direct]}")
-  printf '%-11s %10s %10s %14s %11s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "p99 per run"
+  printf '%-11s %10s %10s %14s %11s %10s %10s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "bursts/s" "in bursts" "p99 per run"
   for t in direct nginx sg-pat sg-jwt; do
     m99=$(median <<<"${H99[$RATE:$t]}")
     busy=$([ "$t" = direct ] && echo - || echo "$(median <<<"${BUSY[$RATE:$t]}")%")
-    printf '%-11s %10s %10s %14s %11s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" "${H99[$RATE:$t]}"
+    printf '%-11s %10s %10s %14s %11s %10s %10s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" \
+      "$(median <<<"${BPS[$RATE:$t]}")" "$(median <<<"${INB[$RATE:$t]}")%" "${H99[$RATE:$t]}"
   done
 done
 

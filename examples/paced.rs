@@ -22,9 +22,13 @@
 //! server.
 //!
 //! Usage: paced HOST:PORT PATH RATE SECONDS CONNECTIONS [BEARER_TOKEN]
-//! Prints: `rate=<achieved req/s> p50_us=<n> p99_us=<n> p999_us=<n> errors=<n> late=<n>`
+//! Prints: `rate=<achieved req/s> p50_us=<n> p99_us=<n> p999_us=<n> errors=<n> late=<n>
+//! slow=<n> bursts=<n> in_bursts_pct=<n> longest_burst_us=<n>`
 //! where `late` counts requests whose previous answer on their connection
-//! came after they were due.
+//! came after they were due, and the rest says whether the tail is spread
+//! out or comes in bursts (see [`Bursts`]). `PACED_TRACE=FILE` also writes
+//! every answered request's start and latency (µs, one `start latency` pair
+//! a line) to FILE.
 
 #[cfg(target_os = "linux")]
 fn main() {
@@ -72,7 +76,8 @@ mod linux {
             })
             .collect();
         let mut poller = Poller::new(&conns);
-        let mut lat: Vec<u32> = Vec::with_capacity((rate * seconds) as usize + n);
+        // (start, latency) of every answer, in µs from `start`.
+        let mut answers: Vec<(u32, u32)> = Vec::with_capacity((rate * seconds) as usize + n);
         let (mut errors, mut late) = (0usize, 0usize);
         let request = request.as_bytes();
         loop {
@@ -138,8 +143,10 @@ mod linux {
                     Received::Done { keep_alive } => {
                         let done = clock.now();
                         if let Some(from) = c.sent_at.take() {
-                            let took = done.saturating_sub(from);
-                            lat.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+                            answers.push((
+                                micros(from.saturating_sub(start)),
+                                micros(done.saturating_sub(from)),
+                            ));
                         }
                         c.last_done = done;
                         c.i += 1;
@@ -171,6 +178,16 @@ mod linux {
                 }
             }
         }
+        answers.sort_unstable();
+        if let Some(path) = std::env::var_os("PACED_TRACE") {
+            let mut out = String::with_capacity(answers.len() * 16);
+            for (at, took) in &answers {
+                out.push_str(&format!("{at} {took}\n"));
+            }
+            std::fs::write(&path, out).expect("writing PACED_TRACE");
+        }
+        let b = super::Bursts::of(&answers);
+        let mut lat: Vec<u32> = answers.iter().map(|&(_, took)| took).collect();
         lat.sort_unstable();
         let pct = |p: f64| {
             lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
@@ -178,14 +195,22 @@ mod linux {
                 .unwrap_or(0)
         };
         println!(
-            "rate={:.0} p50_us={} p99_us={} p999_us={} errors={} late={}",
+            "rate={:.0} p50_us={} p99_us={} p999_us={} errors={} late={} slow={} bursts={} in_bursts_pct={} longest_burst_us={}",
             lat.len() as f64 / seconds,
             pct(0.50),
             pct(0.99),
             pct(0.999),
             errors,
-            late
+            late,
+            b.slow,
+            b.bursts,
+            (b.in_bursts * 100).checked_div(b.slow).unwrap_or(0),
+            b.longest_us,
         );
+    }
+
+    fn micros(d: Duration) -> u32 {
+        u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
     }
 
     struct Conn {
@@ -479,5 +504,123 @@ mod linux {
     fn precise_timers() {
         #[cfg(target_os = "linux")]
         let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
+    }
+}
+
+/// Whether a tail is spread out or comes in bursts. A request is slow when
+/// it took over [`Bursts::SLOW_US`] (the figure the p99 target is about).
+/// Slow requests that started at most [`Bursts::GAP_US`] after the previous
+/// slow one belong to one group; a group of at least [`Bursts::MIN`] is a
+/// burst: something held many connections up at once (a stalled CPU, a
+/// queue draining), not one unlucky request.
+#[derive(Debug, PartialEq)]
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
+struct Bursts {
+    /// Requests over `SLOW_US`.
+    slow: usize,
+    /// Groups of at least `MIN` slow requests.
+    bursts: usize,
+    /// Slow requests inside those groups.
+    in_bursts: usize,
+    /// The longest burst, from its first request's start to the last end
+    /// of any of its requests, in µs.
+    longest_us: u32,
+}
+
+impl Bursts {
+    const SLOW_US: u32 = 250;
+    const GAP_US: u32 = 1_000;
+    const MIN: usize = 5;
+
+    /// `answers`: (start, latency) pairs in µs, sorted by start.
+    fn of(answers: &[(u32, u32)]) -> Bursts {
+        let mut b = Bursts {
+            slow: 0,
+            bursts: 0,
+            in_bursts: 0,
+            longest_us: 0,
+        };
+        // The open group: first start, last start, latest end, size.
+        let mut group: Option<(u32, u32, u32, usize)> = None;
+        fn close((first, _, latest, n): (u32, u32, u32, usize), b: &mut Bursts) {
+            if n >= Bursts::MIN {
+                b.bursts += 1;
+                b.in_bursts += n;
+                b.longest_us = b.longest_us.max(latest - first);
+            }
+        }
+        for &(at, took) in answers.iter().filter(|&&(_, took)| took > Self::SLOW_US) {
+            b.slow += 1;
+            let end = at.saturating_add(took);
+            group = match group {
+                Some((first, last, latest, n)) if at - last <= Self::GAP_US => {
+                    Some((first, at, latest.max(end), n + 1))
+                }
+                Some(g) => {
+                    close(g, &mut b);
+                    Some((at, at, end, 1))
+                }
+                None => Some((at, at, end, 1)),
+            };
+        }
+        if let Some(g) = group {
+            close(g, &mut b);
+        }
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Bursts;
+
+    #[test]
+    fn fast_requests_make_no_bursts() {
+        let answers: Vec<(u32, u32)> = (0..1000).map(|i| (i * 10, 100)).collect();
+        let b = Bursts::of(&answers);
+        assert_eq!(
+            b,
+            Bursts {
+                slow: 0,
+                bursts: 0,
+                in_bursts: 0,
+                longest_us: 0
+            }
+        );
+    }
+
+    #[test]
+    fn slow_requests_close_together_are_one_burst_and_lone_ones_are_not() {
+        let mut answers: Vec<(u32, u32)> = (0..1000).map(|i| (i * 100, 50)).collect();
+        // A stall: six requests from 10 ms on, 200 µs apart, each 2 ms.
+        for k in 0..6 {
+            answers[100 + 2 * k].1 = 2_000;
+        }
+        // Two lone slow requests, far apart.
+        answers[500].1 = 400;
+        answers[900].1 = 400;
+        let b = Bursts::of(&answers);
+        assert_eq!(b.slow, 8);
+        assert_eq!(b.bursts, 1);
+        assert_eq!(b.in_bursts, 6);
+        // From 10,000 µs to the last one's end: 11,000 + 2,000.
+        assert_eq!(b.longest_us, 3_000);
+    }
+
+    #[test]
+    fn a_gap_over_a_millisecond_splits_a_group() {
+        // Four slow, a gap of 1,001 µs, four slow: two groups under MIN.
+        let starts = [0, 100, 200, 300, 1_301, 1_400, 1_500, 1_600];
+        let answers: Vec<(u32, u32)> = starts.iter().map(|&at| (at, 300)).collect();
+        let b = Bursts::of(&answers);
+        assert_eq!((b.slow, b.bursts, b.in_bursts), (8, 0, 0));
+        // One microsecond less and they are one burst of eight.
+        let starts = [0, 100, 200, 300, 1_300, 1_400, 1_500, 1_600];
+        let answers: Vec<(u32, u32)> = starts.iter().map(|&at| (at, 300)).collect();
+        let b = Bursts::of(&answers);
+        assert_eq!(
+            (b.slow, b.bursts, b.in_bursts, b.longest_us),
+            (8, 1, 8, 1_900)
+        );
     }
 }
