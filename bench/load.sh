@@ -164,7 +164,7 @@ QUARTER=$(( HALF / 2 ))
 NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
 HZ=$(getconf CLK_TCK)
 cpu_ticks() { [ -n "$1" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
-declare -A H50 H99 BUSY INB BPS
+declare -A H50 H99 BUSY INB BPS LOCK
 paced() { # name port pid token
   local out a b
   a=$(cpu_ticks "$3")
@@ -176,6 +176,7 @@ paced() { # name port pid token
   BUSY[$RATE:$1]+=" $(( (b - a) * 100 / HZ / DURATION ))"
   INB[$RATE:$1]+=" $(sed -E 's/.*in_bursts_pct=([0-9]+).*/\1/' <<<"$out")"
   BPS[$RATE:$1]+=" $(( $(sed -E 's/.* bursts=([0-9]+).*/\1/' <<<"$out") / DURATION ))"
+  LOCK[$RATE:$1]+=" $(sed -E 's/.*burst_lock_1ms=([0-9.]+).*/\1/' <<<"$out")"
 }
 # After each round, how much of such a tail this machine sets by itself: a
 # spinning probe on the proxy's CPU records every gap the CPU was taken
@@ -199,6 +200,8 @@ for _ in $(seq 1 "$PACED_RUNS"); do
     "$QUARTER" "$(fraction "$(last <<<"${BUSY[$QUARTER:sg-jwt]}")")")
   STALL[lost]+=" $(sed -E 's/.*lost_permille=([0-9.]+).*/\1/' <<<"$out")"
   STALL[ms]+=" $(sed -E 's/.*over_1ms=([0-9.]+).*/\1/' <<<"$out")"
+  STALL[gaps]+=" $(sed -E 's/.* gaps=([0-9]+).*/\1/' <<<"$out")"
+  STALL[lock]+=" $(sed -E 's/.*tick_lock_1ms=([0-9.]+).*/\1/' <<<"$out")"
   STALL[$HALF]+=" $(sed -E "s/.*queue_p99_us@$HALF=([0-9]+).*/\\1/" <<<"$out")"
   STALL[$QUARTER]+=" $(sed -E "s/.*queue_p99_us@$QUARTER=([0-9]+).*/\\1/" <<<"$out")"
 done
@@ -206,18 +209,20 @@ for RATE in $HALF $QUARTER; do
   echo
   [ "$RATE" = "$HALF" ] && what=half || what="a quarter"
   echo "paced at $what of scopegate's peak: $RATE req/s over $CONNS connections (examples/paced.rs); median of $PACED_RUNS runs (p99 of each run in brackets)"
-  echo "(bursts: groups of 5 or more requests over 250 µs each started at most 1 ms after the one before; \"in bursts\": the share of the requests over 250 µs that were in one)"
+  echo "(bursts: groups of 5 or more requests over 250 µs each started at most 1 ms after the one before; \"in bursts\": the share of the requests over 250 µs that were in one;"
+  echo " \"1 ms lock\": how closely the bursts' starts keep to one phase of a 1 ms clock, 0 to 1, about 0.9/sqrt(bursts) by chance)"
   D99=$(median <<<"${H99[$RATE:direct]}")
-  printf '%-11s %10s %10s %14s %11s %10s %10s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "bursts/s" "in bursts" "p99 per run"
+  printf '%-11s %10s %10s %14s %11s %10s %10s %10s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "bursts/s" "in bursts" "1 ms lock" "p99 per run"
   for t in direct nginx sg-pat sg-jwt; do
     m99=$(median <<<"${H99[$RATE:$t]}")
     busy=$([ "$t" = direct ] && echo - || echo "$(median <<<"${BUSY[$RATE:$t]}")%")
-    printf '%-11s %10s %10s %14s %11s %10s %10s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" \
-      "$(median <<<"${BPS[$RATE:$t]}")" "$(median <<<"${INB[$RATE:$t]}")%" "${H99[$RATE:$t]}"
+    printf '%-11s %10s %10s %14s %11s %10s %10s %10s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" \
+      "$(median <<<"${BPS[$RATE:$t]}")" "$(median <<<"${INB[$RATE:$t]}")%" "$(median <<<"${LOCK[$RATE:$t]}")" "${H99[$RATE:$t]}"
   done
 done
 
 echo
 echo "this machine's own stalls on the proxy's CPU (examples/stalls.rs, ${DURATION}s after each round; per round in brackets):"
 echo "  CPU time lost: [${STALL[lost]} ] per mille; gaps over 1 ms: [${STALL[ms]} ] a second"
+echo "  gaps over 10 µs: [${STALL[gaps]} ] a second, their starts' lock to a 1 ms clock: [${STALL[lock]} ]"
 echo "  p99 they alone add to a proxy costing what scopegate ES256 cost: at half of peak $(median <<<"${STALL[$HALF]}") µs [${STALL[$HALF]} ], at a quarter $(median <<<"${STALL[$QUARTER]}") µs [${STALL[$QUARTER]} ]"

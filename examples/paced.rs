@@ -23,12 +23,17 @@
 //!
 //! Usage: paced HOST:PORT PATH RATE SECONDS CONNECTIONS [BEARER_TOKEN]
 //! Prints: `rate=<achieved req/s> p50_us=<n> p99_us=<n> p999_us=<n> errors=<n> late=<n>
-//! slow=<n> bursts=<n> in_bursts_pct=<n> longest_burst_us=<n>`
+//! slow=<n> bursts=<n> in_bursts_pct=<n> longest_burst_us=<n> burst_lock_1ms=<r>`
 //! where `late` counts requests whose previous answer on their connection
 //! came after they were due, and the rest says whether the tail is spread
-//! out or comes in bursts (see [`Bursts`]). `PACED_TRACE=FILE` also writes
+//! out or comes in bursts (see [`Bursts`]), and `burst_lock_1ms` how
+//! closely the bursts' starts keep to a 1 ms clock (0 to 1; see
+//! `phase_lock`: examples/stalls.rs finds the host's stalls on one). `PACED_TRACE=FILE` also writes
 //! every answered request's start and latency (µs, one `start latency` pair
 //! a line) to FILE.
+
+#[path = "common/phase.rs"]
+mod phase;
 
 #[cfg(target_os = "linux")]
 fn main() {
@@ -195,7 +200,7 @@ mod linux {
                 .unwrap_or(0)
         };
         println!(
-            "rate={:.0} p50_us={} p99_us={} p999_us={} errors={} late={} slow={} bursts={} in_bursts_pct={} longest_burst_us={}",
+            "rate={:.0} p50_us={} p99_us={} p999_us={} errors={} late={} slow={} bursts={} in_bursts_pct={} longest_burst_us={} burst_lock_1ms={:.2}",
             lat.len() as f64 / seconds,
             pct(0.50),
             pct(0.99),
@@ -206,6 +211,7 @@ mod linux {
             b.bursts,
             (b.in_bursts * 100).checked_div(b.slow).unwrap_or(0),
             b.longest_us,
+            b.lock_1ms(),
         );
     }
 
@@ -525,8 +531,11 @@ struct Bursts {
     /// The longest burst, from its first request's start to the last end
     /// of any of its requests, in µs.
     longest_us: u32,
+    /// Each burst's first start, in µs.
+    starts: Vec<u32>,
 }
 
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 impl Bursts {
     const SLOW_US: u32 = 250;
     const GAP_US: u32 = 1_000;
@@ -539,6 +548,7 @@ impl Bursts {
             bursts: 0,
             in_bursts: 0,
             longest_us: 0,
+            starts: Vec::new(),
         };
         // The open group: first start, last start, latest end, size.
         let mut group: Option<(u32, u32, u32, usize)> = None;
@@ -547,6 +557,7 @@ impl Bursts {
                 b.bursts += 1;
                 b.in_bursts += n;
                 b.longest_us = b.longest_us.max(latest - first);
+                b.starts.push(first);
             }
         }
         for &(at, took) in answers.iter().filter(|&&(_, took)| took > Self::SLOW_US) {
@@ -568,6 +579,12 @@ impl Bursts {
         }
         b
     }
+
+    /// How closely the bursts' starts keep to a 1 ms clock.
+    fn lock_1ms(&self) -> f64 {
+        let ns: Vec<u64> = self.starts.iter().map(|&us| u64::from(us) * 1000).collect();
+        phase::phase_lock(&ns, 1_000_000)
+    }
 }
 
 #[cfg(test)]
@@ -584,7 +601,8 @@ mod tests {
                 slow: 0,
                 bursts: 0,
                 in_bursts: 0,
-                longest_us: 0
+                longest_us: 0,
+                starts: vec![],
             }
         );
     }
@@ -605,6 +623,25 @@ mod tests {
         assert_eq!(b.in_bursts, 6);
         // From 10,000 µs to the last one's end: 11,000 + 2,000.
         assert_eq!(b.longest_us, 3_000);
+        assert_eq!(b.starts, [10_000]);
+    }
+
+    #[test]
+    fn bursts_that_start_on_a_millisecond_tick_lock_to_it() {
+        // Three bursts, each six slow requests 100 µs apart, starting 200 µs
+        // into milliseconds 10, 57 and 93.
+        let mut answers = Vec::new();
+        for ms in [10u32, 57, 93] {
+            for k in 0..6 {
+                answers.push((ms * 1000 + 200 + k * 100, 600));
+            }
+        }
+        let b = Bursts::of(&answers);
+        assert_eq!(b.starts, [10_200, 57_200, 93_200]);
+        assert!((b.lock_1ms() - 1.0).abs() < 1e-9);
+        // Half a millisecond later for one of them: no longer one phase.
+        answers.iter_mut().take(6).for_each(|a| a.0 += 500);
+        assert!(Bursts::of(&answers).lock_1ms() < 0.5);
     }
 
     #[test]

@@ -21,11 +21,18 @@
 //!
 //! Usage: stalls SECONDS [RATE BUSY]...   (BUSY a fraction, e.g. 0.7)
 //! Prints: `floor_p99_us=<n> over_100us=<n> over_250us=<n> over_1ms=<n>
-//! max_us=<n> lost_permille=<n>` and `queue_p99_us@<RATE>=<n>` for each
-//! RATE BUSY pair, where `over_*` count gaps per second and `lost_permille`
-//! is the share of wall time spent in gaps, in ‰.
+//! max_us=<n> lost_permille=<n> gaps=<n> tick_lock_1ms=<r>` and
+//! `queue_p99_us@<RATE>=<n>` for each RATE BUSY pair, where `over_*` and
+//! `gaps` count gaps per second, `lost_permille` is the share of wall time
+//! spent in gaps, in ‰, and `tick_lock_1ms` says how closely the gaps'
+//! starts keep to a 1 ms clock (0 to 1, see `phase_lock`). On the KVM guest
+//! of BENCHMARKS.md, whose own timer ticks every 4 ms (HZ=250), ~1,000
+//! gaps a second start at one phase of a 1 ms clock: the host's.
 
 use std::time::{Duration, Instant};
+
+#[path = "common/phase.rs"]
+mod phase;
 
 fn main() {
     let args: Vec<f64> = std::env::args()
@@ -71,6 +78,12 @@ fn main() {
     let total = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut line = summary(&gaps, total);
     let stalls: Vec<(u64, u64)> = ends.iter().zip(&gaps).map(|(&e, &g)| (e - g, e)).collect();
+    let starts: Vec<u64> = stalls.iter().map(|&(s, _)| s).collect();
+    line.push_str(&format!(
+        " gaps={:.0} tick_lock_1ms={:.2}",
+        gaps.len() as f64 / (total as f64 / 1e9),
+        phase::phase_lock(&starts, 1_000_000)
+    ));
     for (rate, busy) in loads {
         let service = (busy / rate * 1e9) as u64;
         let every = (1e9 / rate) as u64;
