@@ -25,12 +25,12 @@
 //! Prints: `rate=<achieved req/s> p50_us=<n> p99_us=<n> p999_us=<n> errors=<n> late=<n>
 //! slow=<n> bursts=<n> in_bursts_pct=<n> longest_burst_us=<n> burst_lock_1ms=<r>`
 //! where `late` counts requests whose previous answer on their connection
-//! came after they were due, and the rest says whether the tail is spread
-//! out or comes in bursts (see [`Bursts`]), and `burst_lock_1ms` how
-//! closely the bursts' starts keep to a 1 ms clock (0 to 1; see
-//! `phase_lock`: examples/stalls.rs finds the host's stalls on one). `PACED_TRACE=FILE` also writes
-//! every answered request's start and latency (µs, one `start latency` pair
-//! a line) to FILE.
+//! came after they were due. `slow` to `longest_burst_us` say whether the
+//! tail is spread out or comes in bursts (see [`Bursts`]); `burst_lock_1ms`
+//! says how closely the bursts' starts keep to a 1 ms clock, from 0 to 1
+//! (`phase_lock` in examples/common/phase.rs; examples/stalls.rs finds the
+//! host's stalls on such a clock). `PACED_TRACE=FILE` also writes every
+//! answered request's start and latency in µs to FILE, one pair a line.
 
 #[path = "common/phase.rs"]
 mod phase;
