@@ -582,8 +582,10 @@ impl Bursts {
 
     /// How closely the bursts' starts keep to a 1 ms clock.
     fn lock_1ms(&self) -> f64 {
-        let ns: Vec<u64> = self.starts.iter().map(|&us| u64::from(us) * 1000).collect();
-        phase::phase_lock(&ns, 1_000_000)
+        phase::phase_lock(
+            self.starts.iter().map(|&us| u64::from(us) * 1000),
+            1_000_000,
+        )
     }
 }
 

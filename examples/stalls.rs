@@ -78,11 +78,10 @@ fn main() {
     let total = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut line = summary(&gaps, total);
     let stalls: Vec<(u64, u64)> = ends.iter().zip(&gaps).map(|(&e, &g)| (e - g, e)).collect();
-    let starts: Vec<u64> = stalls.iter().map(|&(s, _)| s).collect();
     line.push_str(&format!(
         " gaps={:.0} tick_lock_1ms={:.2}",
         gaps.len() as f64 / (total as f64 / 1e9),
-        phase::phase_lock(&starts, 1_000_000)
+        phase::phase_lock(stalls.iter().map(|&(start, _)| start), 1_000_000)
     ));
     for (rate, busy) in loads {
         let service = (busy / rate * 1e9) as u64;
