@@ -175,7 +175,7 @@ paced() { # name port pid token
   H99[$RATE:$1]+=" $(sed -E 's/.*p99_us=([0-9]+).*/\1/' <<<"$out")"
   BUSY[$RATE:$1]+=" $(( (b - a) * 100 / HZ / DURATION ))"
   INB[$RATE:$1]+=" $(sed -E 's/.*in_bursts_pct=([0-9]+).*/\1/' <<<"$out")"
-  BPS[$RATE:$1]+=" $(( $(sed -E 's/.* bursts=([0-9]+).*/\1/' <<<"$out") / DURATION ))"
+  BPS[$RATE:$1]+=" $(awk -v n="$(sed -E 's/.* bursts=([0-9]+).*/\1/' <<<"$out")" -v d="$DURATION" 'BEGIN { printf "%.1f", n / d }')"
   LOCK[$RATE:$1]+=" $(sed -E 's/.*burst_lock_1ms=([0-9.]+).*/\1/' <<<"$out")"
 }
 # After each round, how much of such a tail this machine sets by itself: a
