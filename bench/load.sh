@@ -8,6 +8,9 @@
 #   sg-jwt-log  scopegate, the ES256 JWT, JSON access log on (to /dev/null)
 #   sg-pat-hyper  scopegate, PAT, SCOPEGATE_UPSTREAM_CLIENT=hyper: the baseline
 #               for the in-future upstream client (src/h1.rs)
+#   relay       (paced passes only) a byte relay with no HTTP at all
+#               (examples/relay.rs): what any proxy in the path adds on
+#               this machine, the floor under every proxy's figure
 # Same upstream, request, connections and duration for each; every proxy
 # gets one worker thread. Prints req/s, p50, p99 and ratios.
 #
@@ -39,11 +42,11 @@ if [ "${PIN:-0}" = 1 ]; then
   GEN=(taskset -c 0) PROXY=(taskset -c 1)
 fi
 
-cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced --example stalls
+cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt --example paced --example stalls --example relay
 . bench/common.sh
 start_work
 
-UP=18081 NG=18082 HA=18083 SG=18084 SGL=18085 SGH=18086
+UP=18081 NG=18082 HA=18083 SG=18084 SGL=18085 SGH=18086 RL=18087
 
 "${GEN[@]}" "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 wait_port $UP
@@ -52,6 +55,10 @@ wait_port $UP
 nginx_conf "$WORK/nginx" $NG $UP
 "${PROXY[@]}" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
 NGINX_MASTER=$!
+
+# The floor: a relay that copies bytes, on the proxies' CPU.
+"${PROXY[@]}" "$BIN/examples/relay" "127.0.0.1:$RL" "127.0.0.1:$UP" & PIDS+=($!)
+RELAY_PID=$!
 
 # HAProxy: the same ES256 JWT, exp, and an ACL on path and method.
 cat > "$WORK/haproxy.cfg" <<CONF
@@ -88,11 +95,11 @@ SG_PID=$!
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
 SCOPEGATE_UPSTREAM_CLIENT=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGH.yaml" >/dev/null & PIDS+=($!)
 JWT=$(mint_jwt)
-for p in $NG $HA $SG $SGL $SGH; do wait_port $p; done
+for p in $NG $HA $SG $SGL $SGH $RL; do wait_port $p; done
 
 # Every target must answer 200 before it is measured.
 check() { code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" "http://127.0.0.1:$1$PATH_OK"); [ "$code" = 200 ] || { echo "$3 answered $code" >&2; exit 1; }; }
-check $UP "" direct; check $NG "" nginx; check $HA "$JWT" haproxy; check $SG "$PAT" sg-pat; check $SG "$JWT" sg-jwt; check $SGL "$JWT" sg-jwt-log; check $SGH "$PAT" sg-pat-hyper
+check $UP "" direct; check $RL "" relay; check $NG "" nginx; check $HA "$JWT" haproxy; check $SG "$PAT" sg-pat; check $SG "$JWT" sg-jwt; check $SGL "$JWT" sg-jwt-log; check $SGH "$PAT" sg-pat-hyper
 # And the gateways must refuse a forged token.
 bad="${JWT%?????}AAAAA"
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $bad" "http://127.0.0.1:$HA$PATH_OK")" = 401 ] || { echo "haproxy accepted a forged JWT" >&2; exit 1; }
@@ -191,6 +198,7 @@ fraction() { awk -v b="$1" 'BEGIN { f = b / 100; if (f <= 0) f = 0.01; if (f >= 
 for _ in $(seq 1 "$PACED_RUNS"); do
   for RATE in $HALF $QUARTER; do
     paced direct $UP "" ""
+    paced relay $RL "$RELAY_PID" ""
     paced nginx $NG "$NGINX_WORKER" ""
     paced sg-pat $SG "$SG_PID" "$PAT"
     paced sg-jwt $SG "$SG_PID" "$JWT"
@@ -213,12 +221,16 @@ for RATE in $HALF $QUARTER; do
   echo " \"1 ms lock\": how closely the bursts' starts keep to one phase of a 1 ms clock, 0 to 1, about 0.9/sqrt(bursts) by chance)"
   D99=$(median <<<"${H99[$RATE:direct]}")
   printf '%-11s %10s %10s %14s %11s %10s %10s %10s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "bursts/s" "in bursts" "1 ms lock" "p99 per run"
-  for t in direct nginx sg-pat sg-jwt; do
+  for t in direct relay nginx sg-pat sg-jwt; do
     m99=$(median <<<"${H99[$RATE:$t]}")
     busy=$([ "$t" = direct ] && echo - || echo "$(median <<<"${BUSY[$RATE:$t]}")%")
     printf '%-11s %10s %10s %14s %11s %10s %10s %10s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" \
       "$(median <<<"${BPS[$RATE:$t]}")" "$(median <<<"${INB[$RATE:$t]}")%" "$(median <<<"${LOCK[$RATE:$t]}")" "${H99[$RATE:$t]}"
   done
+  # relay's own "p99 - direct" is what this machine charges any proxy; the
+  # rest of a proxy's figure is its own.
+  R99=$(median <<<"${H99[$RATE:relay]}")
+  echo "p99 above the relay's (the proxy's own share): nginx $(( $(median <<<"${H99[$RATE:nginx]}") - R99 )) µs, scopegate PAT $(( $(median <<<"${H99[$RATE:sg-pat]}") - R99 )) µs, ES256 $(( $(median <<<"${H99[$RATE:sg-jwt]}") - R99 )) µs"
 done
 
 echo
