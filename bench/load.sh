@@ -235,7 +235,9 @@ for RATE in $HALF $QUARTER; do
       "$(median <<<"${BPS[$RATE:$t]}")" "$(median <<<"${INB[$RATE:$t]}")%" "$(median <<<"${LOCK[$RATE:$t]}")" "${H99[$RATE:$t]}"
   done
   # relay's own "p99 - direct" is what this machine charges any proxy; the
-  # rest of a proxy's figure is its own.
+  # rest of a proxy's figure is its own. Medians of a few noisy runs do not
+  # always subtract: a negative figure means the relay's own tail was the
+  # longer one this time (session 11 had one such run).
   R99=$(median <<<"${H99[$RATE:relay]}")
   echo "p99 above the relay's (the proxy's own share): nginx $(( $(median <<<"${H99[$RATE:nginx]}") - R99 )) µs, scopegate PAT $(( $(median <<<"${H99[$RATE:sg-pat]}") - R99 )) µs, ES256 $(( $(median <<<"${H99[$RATE:sg-jwt]}") - R99 )) µs"
 done
