@@ -208,7 +208,8 @@ for _ in $(seq 1 "$PACED_RUNS"); do
     paced sg-pat $SG "$SG_PID" "$PAT"
     paced sg-jwt $SG "$SG_PID" "$JWT"
   done
-  "${GEN[@]}" "$BIN/examples/paced" "127.0.0.1:$UP" "$PATH_OK" "$HALF" "$DURATION" "$CONNS" >/dev/null & NEIGHBOUR=$!
+  "${GEN[@]}" "$BIN/examples/paced" "127.0.0.1:$UP" "$PATH_OK" "$HALF" "$DURATION" "$CONNS" >/dev/null & PIDS+=($!)
+  NEIGHBOUR=$!
   out=$("${PROXY[@]}" "$BIN/examples/stalls" "$DURATION" \
     "$HALF" "$(fraction "$(last <<<"${BUSY[$HALF:sg-jwt]}")")" \
     "$QUARTER" "$(fraction "$(last <<<"${BUSY[$QUARTER:sg-jwt]}")")")
@@ -228,8 +229,10 @@ for RATE in $HALF $QUARTER; do
   echo " \"1 ms lock\": how closely the bursts' starts keep to one phase of a 1 ms clock, 0 to 1, about 0.9/sqrt(bursts) by chance)"
   D99=$(median <<<"${H99[$RATE:direct]}")
   printf '%-11s %10s %10s %14s %11s %10s %10s %10s   %s\n' target "p50 µs" "p99 µs" "p99 - direct" "proxy busy" "bursts/s" "in bursts" "1 ms lock" "p99 per run"
+  declare -A M99=()
   for t in direct relay nginx sg-pat sg-jwt; do
     m99=$(median <<<"${H99[$RATE:$t]}")
+    M99[$t]=$m99
     busy=$([ "$t" = direct ] && echo - || echo "$(median <<<"${BUSY[$RATE:$t]}")%")
     printf '%-11s %10s %10s %14s %11s %10s %10s %10s   [%s ]\n' "$t" "$(median <<<"${H50[$RATE:$t]}")" "$m99" "$(( m99 - D99 ))" "$busy" \
       "$(median <<<"${BPS[$RATE:$t]}")" "$(median <<<"${INB[$RATE:$t]}")%" "$(median <<<"${LOCK[$RATE:$t]}")" "${H99[$RATE:$t]}"
@@ -238,8 +241,7 @@ for RATE in $HALF $QUARTER; do
   # rest of a proxy's figure is its own. Medians of a few noisy runs do not
   # always subtract: a negative figure means the relay's own tail was the
   # longer one this time (session 11 had one such run).
-  R99=$(median <<<"${H99[$RATE:relay]}")
-  echo "p99 above the relay's (the proxy's own share): nginx $(( $(median <<<"${H99[$RATE:nginx]}") - R99 )) µs, scopegate PAT $(( $(median <<<"${H99[$RATE:sg-pat]}") - R99 )) µs, ES256 $(( $(median <<<"${H99[$RATE:sg-jwt]}") - R99 )) µs"
+  echo "p99 above the relay's (the proxy's own share): nginx $(( M99[nginx] - M99[relay] )) µs, scopegate PAT $(( M99[sg-pat] - M99[relay] )) µs, ES256 $(( M99[sg-jwt] - M99[relay] )) µs"
 done
 
 echo

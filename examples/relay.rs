@@ -36,7 +36,7 @@ mod linux {
 
     const LISTENER: u64 = u64::MAX;
 
-    /// One end of a relayed pair, in slot `i`; its peer is in `peer`.
+    /// One end of a relayed pair; `peer` is the slot of the other end.
     struct Side {
         stream: TcpStream,
         peer: usize,
