@@ -185,9 +185,11 @@ mod linux {
         }
         answers.sort_unstable();
         if let Some(path) = std::env::var_os("PACED_TRACE") {
+            use std::fmt::Write as _;
             let mut out = String::with_capacity(answers.len() * 16);
             for (at, took) in &answers {
-                out.push_str(&format!("{at} {took}\n"));
+                // Writing to a String cannot fail.
+                let _ = writeln!(out, "{at} {took}");
             }
             std::fs::write(&path, out).expect("writing PACED_TRACE");
         }
