@@ -266,3 +266,4 @@ else
 fi
 echo
 echo "p99 added over direct < $TARGET_US µs at half of peak (medians): scopegate PAT ${ADDED_PAT} µs, ES256 ${ADDED_JWT} µs: $verdict"
+echo "(medians of $PACED_RUNS passes; bench/floor.sh gives the same comparison with a 90% interval)"
