@@ -45,6 +45,16 @@ CONF
   } > "$dir/nginx.conf"
 }
 
+# pinned_upstream_and_nginx UP NG: the upstream on CPU 0 and nginx's plain
+# proxy to it on CPU 1 (bench/load.sh's PIN=1 layout); sets NGINX_MASTER.
+pinned_upstream_and_nginx() {
+  taskset -c 0 "$BIN/examples/fast_upstream" "127.0.0.1:$1" 1 2>/dev/null & PIDS+=($!)
+  wait_port "$1"
+  nginx_conf "$WORK/nginx" "$2" "$1"
+  taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
+  NGINX_MASTER=$!
+}
+
 # mint_pat DIR: a PAT for the benchmarked route; its record goes to
 # DIR/tokens.yaml and the secret to stdout.
 mint_pat() {

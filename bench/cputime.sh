@@ -21,17 +21,14 @@ cargo build --release --quiet --bin scopegate --example fast_upstream
 start_work
 
 UP=18481 NG=18482 SG=18484 SGH=18486
-taskset -c 0 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
-wait_port $UP
-nginx_conf "$WORK/nginx" $NG $UP
-taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & NGM=$!; PIDS+=($NGM)
+pinned_upstream_and_nginx $UP $NG
 PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/g1.yaml" $SG $UP
 gateway_conf "$WORK/g2.yaml" $SGH $UP
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g1.yaml" >/dev/null & SG1=$!; PIDS+=($SG1)
 SCOPEGATE_UPSTREAM_CLIENT=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
 for p in $NG $SG $SGH; do wait_port $p; done
-NGW=$(pgrep -P $NGM | head -1)
+NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
 TCK=$(getconf CLK_TCK)
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -60,12 +57,11 @@ echo "nginx / sg-pat (scopegate's efficiency as a share of nginx's): $(ratio ngi
 # a 90% bootstrap interval for their median: rounds on this VM move by 20-30%,
 # so the median alone does not say whether issue 5's "within 15% of nginx"
 # (0.85x or better) is settled.
-python3 - "${ALL[nginx]}" "${ALL[sg-pat]}" <<'PY'
-import random, statistics, sys
+PYTHONPATH=bench python3 - "${ALL[nginx]}" "${ALL[sg-pat]}" <<'PY'
+import random, sys
+from stats import median_interval
 r = [float(a) / float(b) for a, b in zip(sys.argv[1].split(), sys.argv[2].split())]
-rng = random.Random(1)
-meds = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(2000))
-print("  per round:", " ".join(f"{x:.2f}" for x in r),
-      f"; median {statistics.median(r):.2f}, 90% interval [{meds[100]:.2f}, {meds[1899]:.2f}]")
+m, lo, hi = median_interval(r, random.Random(1))
+print("  per round:", " ".join(f"{x:.2f}" for x in r), f"; median {m:.2f}, 90% interval [{lo:.2f}, {hi:.2f}]")
 PY
 echo "sg-pat / sg-pat-hyper (in-future client's cost vs hyper's):    $(ratio sg-pat sg-pat-hyper)x"

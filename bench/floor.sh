@@ -39,11 +39,8 @@ cargo build --release --quiet --bin scopegate --example fast_upstream --example 
 . bench/common.sh
 start_work
 
-UP=18581 NG=18582 SG=18584 RL=18587
-taskset -c 0 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
-wait_port $UP
-nginx_conf "$WORK/nginx" $NG $UP
-taskset -c 1 nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" & PIDS+=($!)
+UP=18681 NG=18682 SG=18684 RL=18687
+pinned_upstream_and_nginx $UP $NG
 taskset -c 1 "$BIN/examples/relay" "127.0.0.1:$RL" "127.0.0.1:$UP" & PIDS+=($!)
 PAT=$(mint_pat "$WORK")
 JWT=$(mint_jwt)
@@ -65,8 +62,9 @@ for c in $(seq 1 "$CYCLES"); do
   done
 done
 
-python3 - "$WORK/p99" "$TARGET_US" <<'PY'
+PYTHONPATH=bench python3 - "$WORK/p99" "$TARGET_US" <<'PY'
 import random, statistics, sys
+from stats import median_interval
 rows = [line.split() for line in open(sys.argv[1])]
 target = int(sys.argv[2])
 p99 = {}
@@ -75,9 +73,7 @@ for c, name, v in rows:
 cycles = sorted(p99["direct"])
 rng = random.Random(1)  # the same samples give the same interval
 def interval(a, b):
-    d = [p99[a][c] - p99[b][c] for c in cycles]
-    meds = sorted(statistics.median(rng.choices(d, k=len(d))) for _ in range(2000))
-    return statistics.median(d), meds[100], meds[1899]
+    return median_interval([p99[a][c] - p99[b][c] for c in cycles], rng)
 print(f"median over cycles of each pass's p99 (µs): " + ", ".join(
     f"{t} {statistics.median(p99[t].values()):.0f}" for t in ["direct", "relay", "nginx", "sg-pat", "sg-jwt"]))
 print("difference of p99s, median over cycles [90% interval] (µs):")
