@@ -74,7 +74,7 @@ cycles = sorted(p99["direct"])
 rng = random.Random(1)  # the same samples give the same interval
 def interval(a, b):
     return median_interval([p99[a][c] - p99[b][c] for c in cycles], rng)
-print(f"median over cycles of each pass's p99 (µs): " + ", ".join(
+print("median over cycles of each pass's p99 (µs): " + ", ".join(
     f"{t} {statistics.median(p99[t].values()):.0f}" for t in ["direct", "relay", "nginx", "sg-pat", "sg-jwt"]))
 print("difference of p99s, median over cycles [90% interval] (µs):")
 iv = {}
