@@ -1,8 +1,11 @@
-# Shared by bench/load.sh and bench/instructions.sh: one definition of the
-# request, the token, nginx's plain proxy and scopegate's config, so the
-# two scripts always measure the same thing. Source it after `cd` to the
-# repository root; it sets BIN, PATH_OK, KEY_PUB, KEY_PRIV.
+# Shared by the bench/ scripts: one definition of the request, the token,
+# nginx's plain proxy and scopegate's config, so they always measure the
+# same thing. Source it after `cd` to the repository root; it sets BIN,
+# PATH_OK, KEY_PUB, KEY_PRIV and TARGET_US.
 BIN=target/release
+# Issue 5's p99 target: added over direct at half of peak, in µs (the
+# verdicts of load.sh and floor.sh).
+TARGET_US=250
 PATH_OK=/v1/tenants/acme-prod/markers
 KEY_PUB=$PWD/tests/fixtures/es256.pub.pem
 KEY_PRIV=$PWD/tests/fixtures/es256.key.pem

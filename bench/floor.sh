@@ -30,7 +30,6 @@ cd "$(dirname "$0")/.."
 CYCLES=${CYCLES:-40}
 SLICE=${SLICE:-1}
 CONNS=32
-TARGET_US=250
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
 for tool in wrk nginx python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
