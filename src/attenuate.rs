@@ -278,7 +278,7 @@ pub async fn handle(
     snap: &Snapshot,
     principal: Result<Principal<'_>, crate::error::Reason>,
     headers: &HeaderMap,
-    body: hyper::body::Incoming,
+    body: crate::proxy::RequestBody,
     now: i64,
     rid: &str,
 ) -> Response<Full<Bytes>> {

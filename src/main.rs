@@ -435,6 +435,7 @@ async fn shutdown_signal() {
 }
 
 async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
+    let options = scopegate::server::ServeOptions::from_env().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding listen.addr {listen}"))?;
@@ -456,9 +457,12 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
         // Which client carries bodiless requests to a plaintext HTTP/1.1
         // upstream (SCOPEGATE_UPSTREAM_CLIENT=hyper switches to hyper's).
         upstream_client = if scopegate::upstream::raw_client_enabled() { "in-future" } else { "hyper" },
+        // Which server reads bodiless HTTP/1.1 requests
+        // (SCOPEGATE_HTTP1_SERVER=hyper switches to hyper's alone).
+        http1_server = if options.h1_fast_path { "own" } else { "hyper" },
         "gateway listening"
     );
-    scopegate::serve(listener, gw, shutdown_signal()).await;
+    scopegate::server::serve_with(listener, gw, shutdown_signal(), options).await;
     let _ = stop_tx.send(true);
     Ok(())
 }

@@ -105,6 +105,43 @@ pub use crate::upstream::UpstreamClient;
 /// streamed one.
 pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
+/// What a request arrives with: hyper's streamed body, or none, when the
+/// listener's own HTTP/1 reader (`crate::fast`) parsed a head that has no
+/// body framing at all.
+pub enum RequestBody {
+    Incoming(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Incoming(b) => b.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Incoming(b) => b.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// A configuration snapshot and the client built for its upstream settings,
 /// published together with one store.
 pub struct Generation {
@@ -172,6 +209,10 @@ pub struct Gateway {
     last_error: std::sync::Mutex<Option<String>>,
     /// What each token used (`None` when `usage.enabled` is false at start).
     pub usage: Option<crate::usage::UsageBook>,
+    /// Requests the listener's own HTTP/1 loop served, added when each of
+    /// its connections ends (a shared counter per request would cost more
+    /// than the loop saves on two cores). For tests and diagnostics.
+    pub own_h1_served: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -188,6 +229,7 @@ impl Gateway {
             metrics,
             last_error: std::sync::Mutex::new(None),
             usage,
+            own_h1_served: std::sync::atomic::AtomicU64::new(0),
         };
         gw.record_success(&gw.current());
         gw.start_sources(&gw.current());
@@ -271,7 +313,7 @@ impl Gateway {
 
     /// Handle one request end to end. Never fails: every problem becomes a
     /// response.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ResponseBody> {
+    pub async fn handle(&self, req: Request<RequestBody>, peer: &Peer) -> Response<ResponseBody> {
         let started = Instant::now();
         let generation = self.current();
         let snap = &generation.snapshot;
@@ -554,7 +596,7 @@ async fn forward(
     generation: &Generation,
     outcome: &Outcome<'_, '_>,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: RequestBody,
     request_id: &HeaderValue,
     peer: &Peer,
     started: Instant,

@@ -32,7 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::proxy::{Gateway, Peer};
+use crate::proxy::{Gateway, Peer, RequestBody};
+
+mod fast;
 
 /// Per-connection state, shared by the IO wrapper, the service, the
 /// response bodies, the connection future and its watchdog.
@@ -148,6 +150,9 @@ struct Tracked<T> {
     activity: Arc<Activity>,
     /// Bytes of the preface matched so far; `usize::MAX` once decided.
     preface: usize,
+    /// Bytes read already and given back by [`Tracked::rewind`], read
+    /// again before the stream's own.
+    again: bytes::Bytes,
 }
 
 impl<T> Tracked<T> {
@@ -156,7 +161,15 @@ impl<T> Tracked<T> {
             inner,
             activity,
             preface: 0,
+            again: bytes::Bytes::new(),
         }
+    }
+
+    /// Give back bytes read from this stream (and counted and sniffed
+    /// then), so the next reader reads them first: how a connection goes
+    /// from the own HTTP/1 loop to hyper.
+    fn rewind(&mut self, read: bytes::Bytes) {
+        self.again = read;
     }
 
     /// Follow the preface across reads, however the bytes are split. A
@@ -183,6 +196,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.again.is_empty() {
+            let n = this.again.len().min(buf.remaining());
+            buf.put_slice(&this.again.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -284,6 +302,60 @@ impl<B: Body + Unpin> Body for Guarded<B> {
 /// connection takes the certificate of the generation current when it is
 /// accepted. Limits are read once, at start.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+    let options = ServeOptions::from_env().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "serving HTTP/1 with hyper alone");
+        ServeOptions {
+            h1_fast_path: false,
+        }
+    });
+    serve_with(listener, gw, shutdown, options).await;
+}
+
+/// How the listener serves HTTP/1.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// Serve bodiless HTTP/1.1 requests with the listener's own loop
+    /// (`src/server/fast.rs`), and hand everything else to hyper. Off, hyper
+    /// serves every request.
+    pub h1_fast_path: bool,
+}
+
+/// The environment variable that chooses the HTTP/1 server:
+/// `SCOPEGATE_HTTP1_SERVER=hyper` serves every request with hyper (the
+/// switch back if the own loop ever misbehaves, and the baseline for A/B
+/// measurements, as `SCOPEGATE_UPSTREAM_CLIENT=hyper` is for the client).
+pub const HTTP1_SERVER_ENV: &str = "SCOPEGATE_HTTP1_SERVER";
+
+impl ServeOptions {
+    /// From `SCOPEGATE_HTTP1_SERVER`: unset or `own` (the default), or
+    /// `hyper`. Anything else is an error naming the variable.
+    pub fn from_env() -> Result<ServeOptions, String> {
+        let h1_fast_path = match std::env::var(HTTP1_SERVER_ENV) {
+            Err(std::env::VarError::NotPresent) => true,
+            Ok(v) if v == "own" => true,
+            Ok(v) if v == "hyper" => false,
+            Ok(v) => {
+                return Err(format!(
+                    "{HTTP1_SERVER_ENV}={v:?}: expected \"own\" (the default) or \"hyper\""
+                ));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(format!(
+                    "{HTTP1_SERVER_ENV} is not UTF-8: expected \"own\" (the default) or \"hyper\""
+                ));
+            }
+        };
+        Ok(ServeOptions { h1_fast_path })
+    }
+}
+
+/// [`serve`] with explicit options.
+pub async fn serve_with(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+    options: ServeOptions,
+) {
     let limits = gw.current().snapshot.limits.clone();
     let max = limits.max_connections;
     let permits = Arc::new(Semaphore::new(max));
@@ -330,25 +402,17 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
         tokio::spawn(async move {
             let activity = Activity::new();
             let peer = Arc::new(Peer::new(peer, tls.is_some()));
-            let svc_activity = activity.clone();
-            let svc = hyper::service::service_fn(move |req| {
-                let gw = gw.clone();
-                let peer = peer.clone();
-                let guard = ActiveGuard::new(&svc_activity);
-                async move {
-                    let resp = gw.handle(req, &peer).await;
-                    Ok::<_, Infallible>(resp.map(|inner| Guarded {
-                        inner,
-                        _guard: guard,
-                    }))
-                }
-            });
+            let conn = Conn {
+                gw,
+                peer,
+                activity,
+                builder,
+                stop,
+                limits: &limits,
+                fast: options.h1_fast_path,
+            };
             match tls {
-                None => {
-                    let io = Tracked::new(stream, activity.clone());
-                    let conn = builder.serve_connection(TokioIo::new(io), svc);
-                    drive(conn, activity, stop, &limits).await;
-                }
+                None => conn.run(stream).await,
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     if let Ok(Ok(stream)) =
@@ -357,12 +421,10 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
                     {
                         // The handshake had its own timeout; the first
                         // head's starts now.
-                        let now = activity.now_ms();
-                        activity.head_since.store(now, Ordering::Relaxed);
-                        activity.last.store(now, Ordering::Relaxed);
-                        let io = Tracked::new(stream, activity.clone());
-                        let conn = builder.serve_connection(TokioIo::new(io), svc);
-                        drive(conn, activity, stop, &limits).await;
+                        let now = conn.activity.now_ms();
+                        conn.activity.head_since.store(now, Ordering::Relaxed);
+                        conn.activity.last.store(now, Ordering::Relaxed);
+                        conn.run(stream).await;
                     }
                 }
             }
@@ -382,24 +444,95 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
     }
 }
 
-/// Run one connection until it ends, or until its watchdog says to close:
-/// gracefully (requests in progress finish first) or at once. No timer and
-/// no channel is polled here, so a request's wake-ups cost the connection
-/// only two atomic loads.
-async fn drive<C>(
-    conn: C,
+/// One accepted connection (after its TLS handshake, if any), and what
+/// serving it needs.
+struct Conn<'l> {
+    gw: Arc<Gateway>,
+    peer: Arc<Peer>,
     activity: Arc<Activity>,
+    builder: auto::Builder<TokioExecutor>,
     stop: watch::Receiver<bool>,
-    limits: &crate::config::LimitsSpec,
-) where
+    limits: &'l crate::config::LimitsSpec,
+    fast: bool,
+}
+
+impl Conn<'_> {
+    /// Serve the connection until it ends: first with the own HTTP/1 loop
+    /// (when on), then, from the first request that loop does not serve,
+    /// with hyper. One watchdog keeps both.
+    async fn run<S>(self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            gw,
+            peer,
+            activity,
+            builder,
+            stop,
+            limits,
+            fast,
+        } = self;
+        let _watchdog = AbortOnDrop(tokio::spawn(watchdog(
+            activity.clone(),
+            stop,
+            limits.idle_timeout,
+            limits.header_read_timeout,
+        )));
+        let mut io = Tracked::new(stream, activity.clone());
+        if fast {
+            let max_head = limits.max_header_bytes.max(8192);
+            let next = {
+                let mut run = std::pin::pin!(fast::serve(&mut io, &gw, &peer, &activity, max_head));
+                std::future::poll_fn(|cx| {
+                    activity.waker.register(cx.waker());
+                    if activity.verdict.load(Ordering::Acquire) == CLOSE {
+                        return Poll::Ready(fast::Next::Close);
+                    }
+                    run.as_mut().poll(cx)
+                })
+                .await
+            };
+            match next {
+                fast::Next::Close => return,
+                fast::Next::Handoff(rest) => io.rewind(rest),
+            }
+        }
+        let svc_activity = activity.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let gw = gw.clone();
+            let peer = peer.clone();
+            let guard = ActiveGuard::new(&svc_activity);
+            async move {
+                let resp = gw.handle(req.map(RequestBody::Incoming), &peer).await;
+                Ok::<_, Infallible>(resp.map(|inner| Guarded {
+                    inner,
+                    _guard: guard,
+                }))
+            }
+        });
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        drive(conn, &activity).await;
+    }
+}
+
+/// Aborts a task when dropped: the watchdog ends with its connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Run one hyper connection until it ends, or until its watchdog says to
+/// close: gracefully (requests in progress finish first) or at once. No
+/// timer and no channel is polled here, so a request's wake-ups cost the
+/// connection only two atomic loads.
+async fn drive<C>(conn: C, activity: &Activity)
+where
     C: Future + GracefulConnection,
 {
-    let watchdog = tokio::spawn(watchdog(
-        activity.clone(),
-        stop,
-        limits.idle_timeout,
-        limits.header_read_timeout,
-    ));
     let mut conn = std::pin::pin!(conn);
     let mut closing = false;
     std::future::poll_fn(|cx| {
@@ -415,7 +548,6 @@ async fn drive<C>(
         conn.as_mut().poll(cx).map(|_| ())
     })
     .await;
-    watchdog.abort();
 }
 
 /// One connection's timekeeper: sleeps until the earliest deadline the

@@ -41,7 +41,7 @@ use prometheus::IntCounter;
 
 use crate::config::Upstream;
 use crate::h1;
-use crate::proxy::Added;
+use crate::proxy::{Added, RequestBody};
 
 /// Idle connections kept per upstream; more are closed when they come back.
 pub const MAX_IDLE: usize = 1024;
@@ -49,7 +49,7 @@ pub const MAX_IDLE: usize = 1024;
 /// closed by the pool's reaper within a third of this even without traffic.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-type Pooled = Client<hyper_rustls::HttpsConnector<Counted>, Incoming>;
+type Pooled = Client<hyper_rustls::HttpsConnector<Counted>, RequestBody>;
 
 /// hyper-util's TCP connector, counting the connections it establishes
 /// (`scopegate_upstream_connections_opened_total` for `https://` and h2c
@@ -116,7 +116,7 @@ pub enum SendError {
 /// once its response body has ended. Dropped instead, it closes.
 pub struct Checkin {
     pool: Arc<Http1Pool>,
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<RequestBody>,
 }
 
 impl Checkin {
@@ -169,7 +169,7 @@ impl UpstreamClient {
     /// returned [`Checkin`] must be given back when the body has ended.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         added: &Added,
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         match self {
@@ -223,7 +223,7 @@ pub struct Http1Pool {
     raw: bool,
     /// Idle connections, most recently used at the back: hyper's, and the
     /// in-future client's.
-    idle: IdleStack<http1::SendRequest<Incoming>>,
+    idle: IdleStack<http1::SendRequest<RequestBody>>,
     idle_raw: IdleStack<h1::Conn>,
     /// Whether the task that closes expired idle connections is running.
     reaper: AtomicBool,
@@ -379,7 +379,7 @@ impl Http1Pool {
 
     async fn send(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkin), SendError> {
         loop {
             let (mut tx, reused) = match self.take() {
@@ -469,12 +469,12 @@ impl Http1Pool {
     }
 
     /// The most recently returned connection that is still open and fresh.
-    fn take(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn take(&self) -> Option<http1::SendRequest<RequestBody>> {
         self.idle
             .take(Instant::now(), self.idle_timeout, |tx| !tx.is_closed())
     }
 
-    fn put(&self, tx: http1::SendRequest<Incoming>) {
+    fn put(&self, tx: http1::SendRequest<RequestBody>) {
         if !tx.is_closed() {
             self.idle.put(tx, Instant::now(), self.max_idle);
         }
@@ -503,7 +503,7 @@ impl Http1Pool {
             .reap(now, self.idle_timeout, h1::Conn::idle_ok);
     }
 
-    async fn connect(self: &Arc<Self>) -> Result<http1::SendRequest<Incoming>, SendError> {
+    async fn connect(self: &Arc<Self>) -> Result<http1::SendRequest<RequestBody>, SendError> {
         self.start_reaper();
         let stream = tokio::time::timeout(self.connect_timeout, self.tcp())
             .await

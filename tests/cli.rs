@@ -549,3 +549,53 @@ async fn sigterm_drains_a_slow_request_then_exits_0() {
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(gw).await.is_err());
 }
+
+/// `SCOPEGATE_HTTP1_SERVER` chooses the HTTP/1 server: the own loop by
+/// default, hyper alone with `hyper` (both serve, and the start line says
+/// which), and any other value stops `serve` with the variable named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
+    let tok = es256(
+        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    for (env, want) in [
+        (None, "own"),
+        (Some("own"), "own"),
+        (Some("hyper"), "hyper"),
+    ] {
+        let vars: Vec<(&str, &str)> = env
+            .map(|v| ("SCOPEGATE_HTTP1_SERVER", v))
+            .into_iter()
+            .collect();
+        let mut log = Vec::new();
+        let (child, _rx, gw, _) = spawn_serve_with(&cfg, &mut log, &vars);
+        let started = log
+            .iter()
+            .find(|l| l.contains("gateway listening"))
+            .expect("start line");
+        assert!(
+            started.contains(&format!("\"http1_server\":\"{want}\"")),
+            "{env:?}: {started}"
+        );
+        assert_eq!(
+            get(gw, "/v1/tenants/acme-prod/markers", &tok).await.status,
+            200
+        );
+        drop(child);
+    }
+    let out = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env("SCOPEGATE_HTTP1_SERVER", "fast")
+        .env("SG_TEST_HS256", HS_SECRET)
+        .output()
+        .expect("run serve");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SCOPEGATE_HTTP1_SERVER=\"fast\""),
+        "stderr: {err}"
+    );
+}

@@ -1,0 +1,662 @@
+//! The listener's own HTTP/1.1 loop for the common request: a head with no
+//! body framing at all, answered with a response it can frame the way
+//! hyper's server would.
+//!
+//! hyper's server side was the largest cost left on the request path:
+//! about 8.5k of 26.8k instructions a PAT request, running at about one
+//! instruction a nanosecond (BENCHMARKS.md, sessions 12 and 13). This loop
+//! parses heads with httparse (hyper's own parser, with the same default
+//! configuration) and writes the response head and body in one write when
+//! the body is ready at once.
+//!
+//! It serves a request only when every one of these holds, and otherwise
+//! gives the whole connection to hyper, with the bytes it has read and not
+//! used (see [`Next::Handoff`]), and never takes it back:
+//! - the head parses completely, within `max_header_bytes`, with at most
+//!   [`MAX_HEADERS`] fields, as HTTP/1.1;
+//! - the method is neither `HEAD` nor `CONNECT`, and the target is
+//!   origin-form (starts with `/`) and no longer than hyper allows;
+//! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field, no
+//!   `Content-Length` other than one `0`, and no `Connection` other than one
+//!   `keep-alive`: nothing that frames a body, changes the connection, or
+//!   lets a client ask for trailers;
+//! - every name and value is one `http` accepts, and the target is a `Uri`.
+//!
+//! Anything else (a body, HTTP/1.0, HTTP/2's preface, a malformed head, a
+//! head over the limit, a client that closed mid-head) is hyper's to
+//! answer, exactly as before, because hyper then reads exactly the bytes
+//! it would have read from the socket. `tests/fast_h1.rs` checks the two
+//! paths answer alike, byte for byte but for `date` and the request id.
+//!
+//! What it keeps of hyper's behaviour, by reading hyper 1.x's
+//! `proto/h1/role.rs` (`Server::encode`):
+//! - the status line (`200 OK` for the usual case, a custom reason phrase
+//!   when the response carries one);
+//! - the response framing: an ended body gets `content-length: 0` (none on
+//!   204 and 304), and any `Content-Length` header of such a response is
+//!   dropped; a body of known size gets it; a `Content-Length` header is
+//!   trusted and written once; a body of unknown size is chunked; 204 and
+//!   304 never carry a body;
+//! - a `date` field when the response has none (cached per second);
+//! - a response with `Connection: close` ends the connection;
+//! - a body that fails, or ends short of its length, ends the connection
+//!   without the chunked terminator, so the client sees an incomplete
+//!   answer and never a complete wrong one;
+//! - reading goes on while a request is in progress: a client that closes
+//!   its end cancels the request, as with hyper (no half-close);
+//! - the watchdog's verdicts (`Activity`): a head that does not arrive in
+//!   time closes at once; idle or drain finishes the response in progress
+//!   and closes.
+//!
+//! Where it is stricter: a response that would need hyper to guess (an
+//! informational status as the final answer, `Transfer-Encoding` or
+//! `Trailer` in a response, or two different lengths) closes the
+//! connection without an answer; hyper errors in those cases too. The
+//! gateway never produces them: it strips hop-by-hop fields from upstream
+//! answers and both upstream clients handle 1xx themselves.
+
+use std::future::{Future, poll_fn};
+use std::mem::MaybeUninit;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{ActiveGuard, Activity, KEEP};
+use crate::proxy::{Gateway, Peer, RequestBody, ResponseBody};
+
+/// Header fields a head may have here; more goes to hyper (which allows
+/// 100, and answers 431 beyond).
+pub(super) const MAX_HEADERS: usize = 100;
+/// hyper's limit on a request target (`proto/h1/role.rs`, `MAX_URI_LEN`).
+const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
+/// The size of a connection's first read (see [`make_room`]).
+const FIRST_READ: usize = 1024;
+/// Response bytes gathered before a write even while the body has more
+/// ready at once.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// How the loop ended.
+pub(super) enum Next {
+    /// The connection is finished (closed by either side, or broken).
+    Close,
+    /// The rest of the connection is hyper's, starting with these bytes:
+    /// a head this loop does not serve, in part or whole, and whatever the
+    /// client sent after it.
+    Handoff(Bytes),
+}
+
+/// A head this loop serves, or why not.
+// Moved once a request; boxing the request would allocate for every one.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Request(Request<RequestBody>),
+    Partial,
+    NotMine,
+}
+
+/// Per-connection state kept between requests, so a request allocates
+/// nothing here once the connection is warm.
+struct Scratch {
+    /// Names and value ranges of the head being built.
+    fields: Vec<(HeaderName, usize, usize)>,
+    /// The previous response's header map, cleared: its capacity holds the
+    /// next request's fields (hyper does the same).
+    spare: HeaderMap,
+    /// The response being written.
+    out: Vec<u8>,
+    date: DateCache,
+}
+
+/// Serve requests on `io` until the connection ends or a request is not
+/// this loop's to serve. `max_head` is hyper's `max_buf_size` on the same
+/// connection.
+pub(super) async fn serve<T>(
+    io: &mut T,
+    gw: &Gateway,
+    peer: &Peer,
+    activity: &Arc<Activity>,
+    max_head: usize,
+) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut served = Served { gw, n: 0 };
+    let mut buf = BytesMut::new();
+    // Nothing but the read buffer is allocated before the first request:
+    // an idle connection costs what it costs hyper.
+    let mut scratch = Scratch {
+        fields: Vec::new(),
+        spare: HeaderMap::new(),
+        out: Vec::new(),
+        date: DateCache::default(),
+    };
+    loop {
+        // The next head, from what is buffered and then from the socket.
+        let req = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf, max_head, &mut scratch) {
+                    Parsed::Request(req) => break req,
+                    Parsed::NotMine => return Next::Handoff(buf.freeze()),
+                    Parsed::Partial => {}
+                }
+            }
+            if buf.len() >= max_head {
+                // hyper answers 431.
+                return Next::Handoff(buf.freeze());
+            }
+            make_room(&mut buf);
+            let mut read = pin!(io.read_buf(&mut buf));
+            // The watchdog's verdict is looked at on every wake-up: the
+            // connection task is woken when it changes.
+            let got = poll_fn(|cx| {
+                if activity.verdict.load(Ordering::Acquire) != KEEP {
+                    return Poll::Ready(None);
+                }
+                read.as_mut().poll(cx).map(Some)
+            })
+            .await;
+            match got {
+                // Idle, draining, or the head timed out (the connection
+                // task stops polling this loop for the last).
+                None => {
+                    let _ = io.shutdown().await;
+                    return Next::Close;
+                }
+                Some(Ok(0)) if buf.is_empty() => return Next::Close,
+                // Closed mid-head: whatever hyper does with that.
+                Some(Ok(0)) => return Next::Handoff(buf.freeze()),
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return Next::Close,
+            }
+        };
+
+        let guard = ActiveGuard::new(activity);
+        let resp = {
+            let mut handled = Box::pin(gw.handle(req, peer));
+            loop {
+                // Keep reading while the request is in progress, to see a
+                // client that goes away (hyper's server does the same);
+                // pipelined bytes wait in `buf`, up to the head limit.
+                let room = buf.len() < max_head;
+                if room {
+                    make_room(&mut buf);
+                }
+                tokio::select! {
+                    biased;
+                    resp = &mut handled => break resp,
+                    r = io.read_buf(&mut buf), if room => match r {
+                        Ok(0) | Err(_) => return Next::Close,
+                        Ok(_) => {}
+                    },
+                }
+            }
+        };
+
+        let keep_alive = activity.verdict.load(Ordering::Acquire) == KEEP;
+        let (mut parts, body) = resp.into_parts();
+        scratch.out.clear();
+        let Ok(head) = encode_head(&mut parts, &body, keep_alive, &mut scratch) else {
+            return Next::Close;
+        };
+        scratch.spare = std::mem::take(&mut parts.headers);
+        scratch.spare.clear();
+        let sent = write_body(io, &mut buf, max_head, body, head.framing, &mut scratch.out).await;
+        drop(guard);
+        if !sent {
+            return Next::Close;
+        }
+        served.n += 1;
+        if head.last || activity.verdict.load(Ordering::Acquire) != KEEP {
+            let _ = io.shutdown().await;
+            return Next::Close;
+        }
+    }
+}
+
+/// Make room in `buf` for a read. A connection's first read gets
+/// [`FIRST_READ`] bytes, enough for a usual head: a client that connects
+/// and sends nothing holds that much, not the 8 KiB hyper reserves (3,500
+/// idle connections were 6 MiB more resident than with hyper before this).
+/// Later reads get 8 KiB, reclaimed in place once the heads before are
+/// dropped.
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() == 0 {
+        buf.reserve(FIRST_READ);
+    } else if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8192);
+    }
+}
+
+/// Adds a connection's count to [`Gateway::own_h1_served`] when it ends,
+/// however it ends.
+struct Served<'g> {
+    gw: &'g Gateway,
+    n: u64,
+}
+
+impl Drop for Served<'_> {
+    fn drop(&mut self) {
+        self.gw.own_h1_served.fetch_add(self.n, Ordering::Relaxed);
+    }
+}
+
+/// Parse the head at the start of `buf`; when it is one this loop serves,
+/// take it out of `buf` and build the request, sharing the head's bytes.
+fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
+    let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut []);
+    let len = match r.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::NotMine,
+    };
+    if len > max_head || r.version != Some(1) {
+        return Parsed::NotMine;
+    }
+    let (Some(method), Some(path)) = (r.method, r.path) else {
+        return Parsed::NotMine;
+    };
+    let method = match method {
+        "GET" => Method::GET,
+        "HEAD" | "CONNECT" => return Parsed::NotMine,
+        other => match Method::from_bytes(other.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Parsed::NotMine,
+        },
+    };
+    if !path.starts_with('/') || path.len() > MAX_URI_LEN {
+        return Parsed::NotMine;
+    }
+    // Offsets into the head: the slices borrow `buf`, which is split below.
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| (s.as_ptr() as usize).checked_sub(base);
+    let Some(path_at) = offset(path.as_bytes()) else {
+        return Parsed::NotMine;
+    };
+    let path_range = (path_at, path_at + path.len());
+    scratch.fields.clear();
+    let mut saw_length = false;
+    let mut saw_connection = false;
+    for h in r.headers.iter() {
+        let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
+            return Parsed::NotMine;
+        };
+        if name == header::CONTENT_LENGTH {
+            if saw_length || h.value != b"0" {
+                return Parsed::NotMine;
+            }
+            saw_length = true;
+        } else if name == header::CONNECTION {
+            if saw_connection || !h.value.trim_ascii().eq_ignore_ascii_case(b"keep-alive") {
+                return Parsed::NotMine;
+            }
+            saw_connection = true;
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+            || name == header::UPGRADE
+            || name == header::TE
+        {
+            return Parsed::NotMine;
+        }
+        let Some(at) = offset(h.value) else {
+            return Parsed::NotMine;
+        };
+        scratch.fields.push((name, at, at + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    // From here the head is consumed: a failure must not hand the rest of
+    // the connection to hyper without it, so it is answered as hyper
+    // would have answered it, by hyper: put it back.
+    let Some(built) = build(&head, method, path_range, scratch) else {
+        let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+        whole.extend_from_slice(&head);
+        whole.extend_from_slice(buf);
+        *buf = whole;
+        return Parsed::NotMine;
+    };
+    Parsed::Request(built)
+}
+
+fn build(
+    head: &Bytes,
+    method: Method,
+    path: (usize, usize),
+    scratch: &mut Scratch,
+) -> Option<Request<RequestBody>> {
+    let uri = Uri::from_maybe_shared(
+        head.get(path.0..path.1)
+            .map(|_| head.slice(path.0..path.1))?,
+    )
+    .ok()?;
+    let mut headers = std::mem::take(&mut scratch.spare);
+    headers.reserve(scratch.fields.len());
+    for (name, from, to) in scratch.fields.drain(..) {
+        head.get(from..to)?;
+        let value = HeaderValue::from_maybe_shared(head.slice(from..to)).ok()?;
+        headers.append(name, value);
+    }
+    let mut req = Request::new(RequestBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+/// How the body is written after the head.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Framing {
+    /// Exactly this many bytes (none for 204 and 304).
+    Length(u64),
+    Chunked,
+}
+
+struct Head {
+    framing: Framing,
+    /// The connection ends after this response.
+    last: bool,
+}
+
+/// The body's length as hyper's server sees it: `None` when it has ended
+/// already, `Some(None)` when unknown.
+fn body_length(body: &ResponseBody) -> Option<Option<u64>> {
+    if body.is_end_stream() {
+        None
+    } else {
+        Some(body.size_hint().exact())
+    }
+}
+
+/// Write the status line and header fields into `scratch.out` as hyper's
+/// `Server::encode` does for a response to a request that is neither HEAD
+/// nor CONNECT. `Err` where hyper errors too (see the module's notes).
+fn encode_head(
+    parts: &mut http::response::Parts,
+    body: &ResponseBody,
+    keep_alive: bool,
+    scratch: &mut Scratch,
+) -> Result<Head, ()> {
+    let status = parts.status;
+    if status.is_informational() {
+        return Err(());
+    }
+    let out = &mut scratch.out;
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if status == StatusCode::OK && reason.is_none() {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        match reason {
+            Some(r) => out.extend_from_slice(r.as_bytes()),
+            None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+    let can_body = !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let length = body_length(body);
+    let mut framing = Framing::Length(0);
+    let mut wrote_len = false;
+    let mut wrote_date = false;
+    let mut last = !keep_alive;
+    for (name, value) in parts.headers.iter() {
+        if name == header::CONTENT_LENGTH {
+            match length {
+                // An ended body: hyper drops the field (and adds its own
+                // `0` below where one is allowed).
+                None => continue,
+                Some(Some(known)) => {
+                    if wrote_len {
+                        continue;
+                    }
+                    framing = Framing::Length(known);
+                }
+                Some(None) => {
+                    let len = digits(value.as_bytes()).ok_or(())?;
+                    if wrote_len {
+                        if framing != Framing::Length(len) {
+                            return Err(());
+                        }
+                        continue;
+                    }
+                    framing = Framing::Length(len);
+                }
+            }
+            wrote_len = true;
+        } else if name == header::TRANSFER_ENCODING || name == header::TRAILER {
+            return Err(());
+        } else if name == header::CONNECTION {
+            last |= value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if name == header::DATE {
+            wrote_date = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !wrote_len {
+        match length {
+            Some(None) if can_body => {
+                out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+                framing = Framing::Chunked;
+            }
+            Some(None) => {}
+            None | Some(Some(0)) => {
+                if can_body {
+                    out.extend_from_slice(b"content-length: 0\r\n");
+                }
+            }
+            Some(Some(n)) => {
+                if can_body {
+                    out.extend_from_slice(b"content-length: ");
+                    push_decimal(out, n);
+                    out.extend_from_slice(b"\r\n");
+                    framing = Framing::Length(n);
+                }
+            }
+        }
+    }
+    if !can_body {
+        framing = Framing::Length(0);
+    }
+    if !wrote_date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(scratch.date.get());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Head { framing, last })
+}
+
+/// hyper's `from_digits`: decimal digits only, no sign, no space, no
+/// overflow.
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &c| {
+        if c.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
+/// Write the head in `out` and then the body, framed. Data that is ready
+/// at once is gathered into one write; the rest is written as it comes,
+/// while the client is watched for going away. False when the connection
+/// cannot go on: a write failed, the client left, the body failed or did
+/// not match its length.
+async fn write_body<T>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    max_head: usize,
+    body: ResponseBody,
+    framing: Framing,
+    out: &mut Vec<u8>,
+) -> bool
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut left = match framing {
+        Framing::Length(0) => {
+            // Nothing of the body is sent (204, 304, an ended body); it is
+            // dropped, as hyper drops it.
+            drop(body);
+            return io.write_all(out).await.is_ok();
+        }
+        Framing::Length(n) => n,
+        Framing::Chunked => u64::MAX,
+    };
+    let chunked = framing == Framing::Chunked;
+    let mut body = pin!(body);
+    loop {
+        // Take the next frame if it is ready; otherwise write what is
+        // gathered and wait for it, watching the client.
+        let ready = poll_fn(|cx| Poll::Ready(poll_once(body.as_mut(), cx))).await;
+        let frame = match ready {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() {
+                    if io.write_all(out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+                loop {
+                    let room = buf.len() < max_head;
+                    if room {
+                        make_room(buf);
+                    }
+                    tokio::select! {
+                        biased;
+                        f = poll_fn(|cx| body.as_mut().poll_frame(cx)) => break f,
+                        r = io.read_buf(buf), if room => match r {
+                            Ok(0) | Err(_) => return false,
+                            Ok(_) => {}
+                        },
+                    }
+                }
+            }
+        };
+        match frame {
+            None => break,
+            // What is gathered is dropped, as hyper drops it: the missing
+            // end tells the client the answer is incomplete.
+            Some(Err(_)) => return false,
+            Some(Ok(frame)) => {
+                // Trailers are dropped: they are sent only to a client that
+                // asked with `TE: trailers`, which goes to hyper.
+                let Ok(mut data) = frame.into_data() else {
+                    continue;
+                };
+                let n = data.remaining() as u64;
+                if n == 0 {
+                    continue;
+                }
+                if !chunked && n > left {
+                    // More than the length said: never write past it.
+                    return false;
+                }
+                if chunked {
+                    push_hex(out, n);
+                    out.extend_from_slice(b"\r\n");
+                } else {
+                    left -= n;
+                }
+                while data.has_remaining() {
+                    let c = data.chunk();
+                    let l = c.len();
+                    out.extend_from_slice(c);
+                    data.advance(l);
+                }
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() >= FLUSH_AT {
+                    if io.write_all(out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+            }
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    } else if left != 0 {
+        // Ended short of its length.
+        return false;
+    }
+    let ok = io.write_all(out).await.is_ok();
+    out.clear();
+    ok
+}
+
+type FrameResult = Option<Result<http_body::Frame<Bytes>, crate::proxy::BoxError>>;
+
+/// Poll the body once: `Some` when a frame (or its end) is ready now.
+fn poll_once(body: Pin<&mut ResponseBody>, cx: &mut Context<'_>) -> Option<FrameResult> {
+    match body.poll_frame(cx) {
+        Poll::Ready(f) => Some(f),
+        Poll::Pending => None,
+    }
+}
+
+/// `n` in upper-case hex (a chunk size, as hyper writes it), without
+/// allocating.
+fn push_hex(out: &mut Vec<u8>, n: u64) {
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        out.push(b"0123456789ABCDEF"[((n >> (i * 4)) & 0xf) as usize]);
+    }
+}
+
+/// `n` in decimal (a content length), without allocating.
+fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut tmp = [0u8; 20];
+    let mut at = tmp.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        tmp[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[at..]);
+}
+
+/// The `date` field's value, formatted at most once a second.
+#[derive(Default)]
+struct DateCache {
+    secs: u64,
+    text: Vec<u8>,
+}
+
+impl DateCache {
+    fn get(&mut self) -> &[u8] {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if secs != self.secs || self.text.is_empty() {
+            self.secs = secs;
+            self.text = httpdate::fmt_http_date(now).into_bytes();
+        }
+        &self.text
+    }
+}
