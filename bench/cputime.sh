@@ -2,8 +2,10 @@
 # CPU time per proxied request: (utime + stime of the proxy process) over
 # the requests wrk completed, with the proxy alone on CPU 1 and wrk and the
 # upstream on CPU 0. Interleaved rounds of nginx (plain proxy), scopegate
-# (PAT) and scopegate with SCOPEGATE_UPSTREAM_CLIENT=hyper; prints every
-# round and the medians. A second view beside bench/load.sh's PIN=1 pass:
+# (PAT) and scopegate with SCOPEGATE_HTTP1_SERVER=hyper (the baseline for
+# the own HTTP/1 loop; until session 13 the third target was
+# SCOPEGATE_UPSTREAM_CLIENT=hyper); prints every round and the medians.
+# A second view beside bench/load.sh's PIN=1 pass:
 # it does not need the proxy's core to be saturated.
 #
 # Needs: apt-get install wrk nginx-light; python3
@@ -26,7 +28,7 @@ PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/g1.yaml" $SG $UP
 gateway_conf "$WORK/g2.yaml" $SGH $UP
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g1.yaml" >/dev/null & SG1=$!; PIDS+=($SG1)
-SCOPEGATE_UPSTREAM_CLIENT=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
+SCOPEGATE_HTTP1_SERVER=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
 for p in $NG $SG $SGH; do wait_port $p; done
 NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
 TCK=$(getconf CLK_TCK)
@@ -45,10 +47,10 @@ one() { # name port pid
 for _ in $(seq 1 "$PAIRS"); do
   one nginx $NG "$NGW"
   one sg-pat $SG $SG1
-  one sg-pat-hyper $SGH $SG2
+  one sg-pat-hyper-srv $SGH $SG2
 done
 echo "CPU µs per request, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, wrk -c32"
-for t in nginx sg-pat sg-pat-hyper; do
+for t in nginx sg-pat sg-pat-hyper-srv; do
   printf '%-13s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
 done
 ratio() { awk -v a="$(median <<<"${ALL[$1]}")" -v b="$(median <<<"${ALL[$2]}")" 'BEGIN { printf "%.2f", a / b }'; }
@@ -64,4 +66,4 @@ r = [float(a) / float(b) for a, b in zip(sys.argv[1].split(), sys.argv[2].split(
 m, lo, hi = median_interval(r, random.Random(1))
 print("  per round:", " ".join(f"{x:.2f}" for x in r), f"; median {m:.2f}, 90% interval [{lo:.2f}, {hi:.2f}]")
 PY
-echo "sg-pat / sg-pat-hyper (in-future client's cost vs hyper's):    $(ratio sg-pat sg-pat-hyper)x"
+echo "sg-pat / sg-pat-hyper-srv (own HTTP/1 loop's cost vs hyper's server): $(ratio sg-pat sg-pat-hyper-srv)x"

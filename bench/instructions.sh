@@ -8,6 +8,8 @@
 #   sg-jwt    scopegate, the ES256 JWT (cached after the first request)
 #   sg-pat-hyper  scopegate, PAT, with SCOPEGATE_UPSTREAM_CLIENT=hyper: the
 #             baseline for the in-future upstream client (src/h1.rs)
+#   sg-pat-hyper-srv  scopegate, PAT, with SCOPEGATE_HTTP1_SERVER=hyper: the
+#             baseline for the own HTTP/1 server loop (src/server/fast.rs)
 #
 # Each target runs twice under valgrind, serving N1 and then N2 requests
 # one after another on one keep-alive connection; (I(N2) - I(N1)) / (N2 - N1)
@@ -83,15 +85,16 @@ count() {
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>"$WORK/vg.err" & pid=$! ;;
     sg-*)
       port=$SG
-      local client=inline
+      local client=inline server=own
       [ "$name" = sg-pat-hyper ] && client=hyper
-      SCOPEGATE_UPSTREAM_CLIENT=$client SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
+      [ "$name" = sg-pat-hyper-srv ] && server=hyper
+      SCOPEGATE_UPSTREAM_CLIENT=$client SCOPEGATE_HTTP1_SERVER=$server SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
         "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null 2>"$WORK/vg.err" & pid=$! ;;
   esac
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-hyper) token=$PAT ;;
+    sg-pat | sg-pat-hyper | sg-pat-hyper-srv) token=$PAT ;;
     sg-jwt) token=$JWT ;;
   esac
   python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token"
@@ -104,7 +107,8 @@ count() {
 }
 
 declare -A PER NOSHA
-for t in nginx sg-pat sg-jwt sg-pat-hyper; do
+TARGETS="nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv"
+for t in $TARGETS; do
   read -r a1 s1 <<<"$(count $t "$N1")"
   read -r a2 s2 <<<"$(count $t "$N2")"
   PER[$t]=$(( (a2 - a1) / (N2 - N1) ))
@@ -113,8 +117,9 @@ done
 
 echo
 echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection)"
-printf '%-13s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
-for t in nginx sg-pat sg-jwt sg-pat-hyper; do
-  printf '%-13s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[nginx]}" 'BEGIN { print a / b }')"
+printf '%-17s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
+for t in $TARGETS; do
+  printf '%-17s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[nginx]}" 'BEGIN { print a / b }')"
 done
 printf 'in-future client vs hyper client (sg-pat / sg-pat-hyper, w/o sha256): %.2fx\n' "$(awk -v a="${NOSHA[sg-pat]}" -v b="${NOSHA[sg-pat-hyper]}" 'BEGIN { print a / b }')"
+printf 'own HTTP/1 loop vs hyper server (sg-pat / sg-pat-hyper-srv, w/o sha256): %.2fx\n' "$(awk -v a="${NOSHA[sg-pat]}" -v b="${NOSHA[sg-pat-hyper-srv]}" 'BEGIN { print a / b }')"
