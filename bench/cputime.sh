@@ -33,16 +33,18 @@ for p in $NG $SG $SGH; do wait_port $p; done
 NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
 TCK=$(getconf CLK_TCK)
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+ucpu() { awk '{ print $14 }' "/proc/$1/stat"; }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
-declare -A ALL
+declare -A ALL USR
 one() { # name port pid
-  local c0 c1 n
-  c0=$(cpu "$3")
+  local c0 c1 u0 u1 n
+  c0=$(cpu "$3"); u0=$(ucpu "$3")
   taskset -c 0 wrk -t1 -c32 -d"${DUR}s" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
-  c1=$(cpu "$3")
+  c1=$(cpu "$3"); u1=$(ucpu "$3")
   if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
   n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
   ALL[$1]+=" $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
+  USR[$1]+=" $(awk -v a="$u0" -v b="$u1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
 }
 for _ in $(seq 1 "$PAIRS"); do
   one nginx $NG "$NGW"
@@ -51,7 +53,13 @@ for _ in $(seq 1 "$PAIRS"); do
 done
 echo "CPU µs per request, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, wrk -c32"
 for t in nginx sg-pat sg-pat-hyper-srv; do
-  printf '%-13s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
+  printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
+done
+# User time alone: the part a change in user-space code moves; system time
+# (about two thirds here) is the same four socket calls for every target.
+echo "of which user µs per request (clock ticks of 10 ms: coarse per round)"
+for t in nginx sg-pat sg-pat-hyper-srv; do
+  printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${USR[$t]}")" "${USR[$t]}"
 done
 ratio() { awk -v a="$(median <<<"${ALL[$1]}")" -v b="$(median <<<"${ALL[$2]}")" 'BEGIN { printf "%.2f", a / b }'; }
 echo "nginx / sg-pat (scopegate's efficiency as a share of nginx's): $(ratio nginx sg-pat)x"
@@ -59,11 +67,15 @@ echo "nginx / sg-pat (scopegate's efficiency as a share of nginx's): $(ratio ngi
 # a 90% bootstrap interval for their median: rounds on this VM move by 20-30%,
 # so the median alone does not say whether issue 5's "within 15% of nginx"
 # (0.85x or better) is settled.
-PYTHONPATH=bench python3 - "${ALL[nginx]}" "${ALL[sg-pat]}" <<'PY'
+paired() { # A B: A/B round by round, with a 90% bootstrap interval of the median
+PYTHONPATH=bench python3 - "$1" "$2" <<'PY'
 import random, sys
 from stats import median_interval
 r = [float(a) / float(b) for a, b in zip(sys.argv[1].split(), sys.argv[2].split())]
 m, lo, hi = median_interval(r, random.Random(1))
 print("  per round:", " ".join(f"{x:.2f}" for x in r), f"; median {m:.2f}, 90% interval [{lo:.2f}, {hi:.2f}]")
 PY
+}
+paired "${ALL[nginx]}" "${ALL[sg-pat]}"
 echo "sg-pat / sg-pat-hyper-srv (own HTTP/1 loop's cost vs hyper's server): $(ratio sg-pat sg-pat-hyper-srv)x"
+paired "${ALL[sg-pat]}" "${ALL[sg-pat-hyper-srv]}"

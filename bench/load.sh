@@ -6,8 +6,10 @@
 #   sg-pat      scopegate, PAT
 #   sg-jwt      scopegate, the ES256 JWT
 #   sg-jwt-log  scopegate, the ES256 JWT, JSON access log on (to /dev/null)
-#   sg-pat-hyper  scopegate, PAT, SCOPEGATE_UPSTREAM_CLIENT=hyper: the baseline
-#               for the in-future upstream client (src/h1.rs)
+#   sg-pat-hyper-srv  scopegate, PAT, SCOPEGATE_HTTP1_SERVER=hyper: the
+#               baseline for the own HTTP/1 server loop (src/server/fast.rs).
+#               Until session 13 this target was SCOPEGATE_UPSTREAM_CLIENT=hyper,
+#               the in-future client's baseline (bench/instructions.sh keeps it)
 #   relay       (paced passes only) a byte relay with no HTTP at all
 #               (examples/relay.rs): what any proxy in the path adds on
 #               this machine, the floor under every proxy's figure
@@ -94,13 +96,13 @@ for port in $SG $SGL $SGH; do gateway_conf "$WORK/gateway-$port.yaml" $port $UP;
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SG.yaml" >/dev/null & PIDS+=($!)
 SG_PID=$!
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=info "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGL.yaml" >/dev/null & PIDS+=($!)
-SCOPEGATE_UPSTREAM_CLIENT=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGH.yaml" >/dev/null & PIDS+=($!)
+SCOPEGATE_HTTP1_SERVER=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn "${PROXY[@]}" "$BIN/scopegate" serve --config "$WORK/gateway-$SGH.yaml" >/dev/null & PIDS+=($!)
 JWT=$(mint_jwt)
 for p in $NG $HA $SG $SGL $SGH $RL; do wait_port $p; done
 
 # Every target must answer 200 before it is measured.
 check() { code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $2" "http://127.0.0.1:$1$PATH_OK"); [ "$code" = 200 ] || { echo "$3 answered $code" >&2; exit 1; }; }
-check $UP "" direct; check $RL "" relay; check $NG "" nginx; check $HA "$JWT" haproxy; check $SG "$PAT" sg-pat; check $SG "$JWT" sg-jwt; check $SGL "$JWT" sg-jwt-log; check $SGH "$PAT" sg-pat-hyper
+check $UP "" direct; check $RL "" relay; check $NG "" nginx; check $HA "$JWT" haproxy; check $SG "$PAT" sg-pat; check $SG "$JWT" sg-jwt; check $SGL "$JWT" sg-jwt-log; check $SGH "$PAT" sg-pat-hyper-srv
 # And the gateways must refuse a forged token.
 bad="${JWT%?????}AAAAA"
 [ "$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $bad" "http://127.0.0.1:$HA$PATH_OK")" = 401 ] || { echo "haproxy accepted a forged JWT" >&2; exit 1; }
@@ -127,9 +129,9 @@ for _ in $(seq 1 "$RUNS"); do
   run sg-pat $SG "$PAT"
   run sg-jwt $SG "$JWT"
   run sg-jwt-log $SGL "$JWT"
-  run sg-pat-hyper $SGH "$PAT"
+  run sg-pat-hyper-srv $SGH "$PAT"
 done
-for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log sg-pat-hyper; do
+for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log sg-pat-hyper-srv; do
   RPS[$t]=$(median <<<"${ALL_RPS[$t]}")
   P50[$t]=$(median <<<"${ALL_P50[$t]}")
   P99[$t]=$(median <<<"${ALL_P99[$t]}")
@@ -138,9 +140,9 @@ done
 echo
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); ${DURATION}s per target, $CONNS connections, wrk -t1, $([ "${PIN:-0}" = 1 ] && echo "proxy pinned to CPU 1, wrk and upstream to CPU 0" || echo "no pinning")"
 echo "full speed: median of $RUNS runs (req/s of each run in brackets)"
-printf '%-13s %10s %10s %10s %12s   %s\n' target "req/s" "p50 µs" "p99 µs" "p99 - direct" "req/s per run"
-for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log sg-pat-hyper; do
-  printf '%-13s %10.0f %10.0f %10.0f %12.0f   [%s ]\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "$(awk -v a="${P99[$t]}" -v b="${P99[direct]}" 'BEGIN { print a - b }')" "${ALL_RPS[$t]}"
+printf '%-17s %10s %10s %10s %12s   %s\n' target "req/s" "p50 µs" "p99 µs" "p99 - direct" "req/s per run"
+for t in direct nginx haproxy sg-pat sg-jwt sg-jwt-log sg-pat-hyper-srv; do
+  printf '%-17s %10.0f %10.0f %10.0f %12.0f   [%s ]\n' "$t" "${RPS[$t]}" "${P50[$t]}" "${P99[$t]}" "$(awk -v a="${P99[$t]}" -v b="${P99[direct]}" 'BEGIN { print a - b }')" "${ALL_RPS[$t]}"
 done
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 echo
@@ -148,16 +150,16 @@ echo "scopegate (ES256 JWT) / HAProxy (ES256 JWT) throughput: $(ratio "${RPS[sg-
 echo "scopegate (ES256 JWT) / nginx (no auth) throughput:     $(ratio "${RPS[sg-jwt]}" "${RPS[nginx]}")x"
 echo "scopegate (PAT) / nginx (no auth) throughput:           $(ratio "${RPS[sg-pat]}" "${RPS[nginx]}")x"
 echo "access log on / off (ES256 JWT) throughput:             $(ratio "${RPS[sg-jwt-log]}" "${RPS[sg-jwt]}")x"
-echo "in-future / hyper upstream client (PAT) throughput:     $(ratio "${RPS[sg-pat]}" "${RPS[sg-pat-hyper]}")x"
+echo "own HTTP/1 loop / hyper server (PAT) throughput:        $(ratio "${RPS[sg-pat]}" "${RPS[sg-pat-hyper-srv]}")x"
 # The same ratios round by round: a slow or fast minute for one target
 # shows up here instead of hiding in the medians.
 paired() { paste -d' ' <(tr ' ' '\n' <<<"${ALL_RPS[$1]}" | grep .) <(tr ' ' '\n' <<<"${ALL_RPS[$2]}" | grep .) | awk '{ printf " %.2f", $1 / $2 }'; }
-echo "per round, ES256 / nginx:$(paired sg-jwt nginx)   PAT / nginx:$(paired sg-pat nginx)   ES256 / HAProxy:$(paired sg-jwt haproxy)   in-future / hyper client:$(paired sg-pat sg-pat-hyper)"
+echo "per round, ES256 / nginx:$(paired sg-jwt nginx)   PAT / nginx:$(paired sg-pat nginx)   ES256 / HAProxy:$(paired sg-jwt haproxy)   own loop / hyper server:$(paired sg-pat sg-pat-hyper-srv)"
 if [ "${PIN:-0}" = 1 ]; then
   # With the proxy alone on its core, that core is the bottleneck: its
   # cost per request is the inverse of its throughput.
   printf 'cost per request on the proxy'"'"'s own core (µs):'
-  for t in nginx haproxy sg-pat sg-jwt sg-jwt-log sg-pat-hyper; do printf ' %s %.1f' "$t" "$(awk -v r="${RPS[$t]}" 'BEGIN { print 1000000 / r }')"; done
+  for t in nginx haproxy sg-pat sg-jwt sg-jwt-log sg-pat-hyper-srv; do printf ' %s %.1f' "$t" "$(awk -v r="${RPS[$t]}" 'BEGIN { print 1000000 / r }')"; done
   echo
 fi
 
