@@ -566,6 +566,11 @@ async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
         (Some("own"), "own"),
         (Some("hyper"), "hyper"),
     ] {
+        // The child inherits the variable when the suite itself runs with it
+        // (CI runs part of it so): the default cannot be seen then.
+        if env.is_none() && std::env::var_os("SCOPEGATE_HTTP1_SERVER").is_some() {
+            continue;
+        }
         let vars: Vec<(&str, &str)> = env
             .map(|v| ("SCOPEGATE_HTTP1_SERVER", v))
             .into_iter()
