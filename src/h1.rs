@@ -251,7 +251,7 @@ fn trim(b: &[u8]) -> &[u8] {
 }
 
 /// 1 to 19 ASCII digits (fits in u64 without overflow checks being hit).
-fn parse_decimal(b: &[u8]) -> Option<u64> {
+pub(crate) fn parse_decimal(b: &[u8]) -> Option<u64> {
     if b.is_empty() || b.len() > 19 || !b.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -259,7 +259,7 @@ fn parse_decimal(b: &[u8]) -> Option<u64> {
 }
 
 /// Whether a comma-separated header value holds `token` (case-insensitive).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
+pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| trim(t).eq_ignore_ascii_case(token))

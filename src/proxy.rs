@@ -106,8 +106,8 @@ pub use crate::upstream::UpstreamClient;
 pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
 /// What a request arrives with: hyper's streamed body, or none, when the
-/// listener's own HTTP/1 reader (`crate::fast`) parsed a head that has no
-/// body framing at all.
+/// listener's own HTTP/1 loop (src/server/fast.rs) parsed a head that has
+/// no body framing at all.
 pub enum RequestBody {
     Incoming(Incoming),
     Empty,

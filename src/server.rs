@@ -2,7 +2,9 @@
 //! timeout and graceful drain.
 //!
 //! Owns connections, never requests: a request is handed to
-//! [`Gateway::handle`] as soon as hyper has parsed its head. Limits:
+//! [`Gateway::handle`] as soon as its head is parsed, by the own HTTP/1
+//! loop (`fast`: plain bodiless HTTP/1.1) or by hyper (everything else,
+//! and every request after the first the loop hands over). Limits:
 //! `max_connections` (further connections wait in the kernel's accept
 //! queue), `max_header_bytes`, `header_read_timeout` (slowloris: on HTTP/1
 //! a request head must be complete within it of the connection's start or

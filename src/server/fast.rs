@@ -426,7 +426,7 @@ fn encode_head(
                     framing = Framing::Length(known);
                 }
                 Some(None) => {
-                    let len = digits(value.as_bytes()).ok_or(())?;
+                    let len = crate::h1::parse_decimal(value.as_bytes()).ok_or(())?;
                     if wrote_len {
                         if framing != Framing::Length(len) {
                             return Err(());
@@ -440,10 +440,7 @@ fn encode_head(
         } else if name == header::TRANSFER_ENCODING || name == header::TRAILER {
             return Err(());
         } else if name == header::CONNECTION {
-            last |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            last |= crate::h1::has_token(value.as_bytes(), b"close");
         } else if name == header::DATE {
             wrote_date = true;
         }
@@ -484,21 +481,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     Ok(Head { framing, last })
-}
-
-/// hyper's `from_digits`: decimal digits only, no sign, no space, no
-/// overflow.
-fn digits(b: &[u8]) -> Option<u64> {
-    if b.is_empty() {
-        return None;
-    }
-    b.iter().try_fold(0u64, |n, &c| {
-        if c.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
-        } else {
-            None
-        }
-    })
 }
 
 /// Write the head in `out` and then the body, framed. Data that is ready
@@ -843,18 +825,6 @@ mod tests {
             v.clear();
             push_decimal(&mut v, n);
             assert_eq!(v, dec.as_bytes());
-        }
-        assert_eq!(digits(b"0"), Some(0));
-        assert_eq!(digits(b"18446744073709551615"), Some(u64::MAX));
-        for bad in [
-            &b""[..],
-            b"18446744073709551616",
-            b"+1",
-            b" 1",
-            b"1 ",
-            b"0x1",
-        ] {
-            assert_eq!(digits(bad), None, "{bad:?}");
         }
     }
 }
