@@ -113,4 +113,15 @@ h1 = [
 ]
 # First byte: bit 0 asks for HEAD, the rest is the read step.
 write("h1_response", [bytes([flags]) + s for s in h1 for flags in (0, 1, 6)])
+requests = [
+    b"GET /v1/tenants/acme-prod/markers HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer x\r\n\r\n",
+    b"GET / HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
+    b"DELETE /a HTTP/1.1\r\ncontent-length: 0\r\nconnection: keep-alive\r\n\r\n",
+    b"\r\nGET /a<b> HTTP/1.1\nhost: a\n\n",
+    b"HEAD / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    b"GET / HTTP/1.1\r\nx: caf\xe9\r\ntransfer-encoding: chunked\r\n\r\n",
+]
+write("fast_h1_head", requests)
 print("seeds written to", OUT)

@@ -37,6 +37,8 @@ use tokio::sync::{Semaphore, watch};
 use crate::proxy::{Gateway, Peer, RequestBody};
 
 mod fast;
+#[doc(hidden)]
+pub use fast::{Parsed as ParsedHead, parse_head};
 
 /// Per-connection state, shared by the IO wrapper, the service, the
 /// response bodies, the connection future and its watchdog.

@@ -398,6 +398,52 @@ pub fn h1_head(input: &[u8], head_request: bool) {
     }
 }
 
+/// The listener's own HTTP/1 loop's head parser (src/server/fast.rs) on
+/// any bytes: it either takes one whole head and leaves exactly the bytes
+/// after it, or leaves every byte where it was, because hyper reads those
+/// bytes next. A head it takes is one httparse takes whole, HTTP/1.1 and
+/// not HEAD, and the request has httparse's method, the target as `Uri`
+/// (and so hyper) reads it, and every field's values in order.
+pub fn fast_h1_head(input: &[u8]) {
+    use scopegate::server::{ParsedHead, parse_head};
+    let mut buf = bytes::BytesMut::from(input);
+    let ParsedHead::Request(req) = parse_head(&mut buf, 8192) else {
+        assert_eq!(&buf[..], input, "a head not taken leaves every byte");
+        return;
+    };
+    let mut hs = [httparse::EMPTY_HEADER; 100];
+    let mut r = httparse::Request::new(&mut hs);
+    let Ok(httparse::Status::Complete(n)) = r.parse(input) else {
+        panic!("served what httparse does not take whole: {input:?}");
+    };
+    assert!(n <= 8192);
+    assert_eq!(&buf[..], &input[n..], "the bytes after the head stay");
+    assert_eq!(r.version, Some(1));
+    assert_eq!(Some(req.method().as_str()), r.method);
+    assert_ne!(req.method(), Method::HEAD);
+    // The target as `Uri` reads it, as hyper reads it (a fragment, which
+    // has no place in a request, is dropped by both; found by the fuzzer).
+    let target = http::Uri::try_from(r.path.unwrap_or_default());
+    assert_eq!(Some(req.uri()), target.as_ref().ok());
+    assert_eq!(req.headers().len(), r.headers.len());
+    // Every name's values, in the order they came.
+    for h in r.headers.iter() {
+        let want: Vec<&[u8]> = r
+            .headers
+            .iter()
+            .filter(|o| o.name.eq_ignore_ascii_case(h.name))
+            .map(|o| o.value)
+            .collect();
+        let got: Vec<&[u8]> = req
+            .headers()
+            .get_all(h.name)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(got, want, "{}", h.name);
+    }
+}
+
 /// The chunked decoder on any bytes: never panics, emits no more body
 /// than it was given, and gives the same answer whatever the read
 /// boundaries (all at once, byte by byte, in pieces of `step`).
