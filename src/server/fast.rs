@@ -590,6 +590,10 @@ where
                 }
                 if chunked {
                     out.extend_from_slice(b"\r\n");
+                } else if left == 0 {
+                    // All the length said: the answer is complete, as for
+                    // hyper, without waiting for the body to say it ended.
+                    break;
                 }
                 if out.len() >= FLUSH_AT {
                     if io.write_all(out).await.is_err() {
