@@ -60,7 +60,7 @@ use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -74,7 +74,7 @@ use crate::proxy::{Gateway, Peer, RequestBody, ResponseBody};
 
 /// Header fields a head may have here; more goes to hyper (which allows
 /// 100, and answers 431 beyond).
-pub(super) const MAX_HEADERS: usize = 100;
+const MAX_HEADERS: usize = 100;
 /// hyper's limit on a request target (`proto/h1/role.rs`, `MAX_URI_LEN`).
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 /// The size of a connection's first read (see [`make_room`]).
@@ -201,23 +201,10 @@ where
             // copy and an allocation a request (about 2% of its
             // instructions), and the task's unused room is not resident
             // while a connection waits.
-            let mut handled = pin!(gw.handle(req, peer));
-            loop {
-                // Keep reading while the request is in progress, to see a
-                // client that goes away (hyper's server does the same);
-                // pipelined bytes wait in `buf`, up to the head limit.
-                let room = buf.len() < max_head;
-                if room {
-                    make_room(&mut buf);
-                }
-                tokio::select! {
-                    biased;
-                    resp = &mut handled => break resp,
-                    r = io.read_buf(&mut buf), if room => match r {
-                        Ok(0) | Err(_) => return Next::Close,
-                        Ok(_) => {}
-                    },
-                }
+            let handled = pin!(gw.handle(req, peer));
+            match watching(io, &mut buf, max_head, handled).await {
+                Some(resp) => resp,
+                None => return Next::Close,
             }
         };
 
@@ -353,11 +340,8 @@ fn build(
     path: (usize, usize),
     scratch: &mut Scratch,
 ) -> Option<Request<RequestBody>> {
-    let uri = Uri::from_maybe_shared(
-        head.get(path.0..path.1)
-            .map(|_| head.slice(path.0..path.1))?,
-    )
-    .ok()?;
+    head.get(path.0..path.1)?;
+    let uri = Uri::from_maybe_shared(head.slice(path.0..path.1)).ok()?;
     let mut headers = std::mem::take(&mut scratch.spare);
     headers.reserve(scratch.fields.len());
     for (name, from, to) in scratch.fields.drain(..) {
@@ -531,29 +515,19 @@ where
     loop {
         // Take the next frame if it is ready; otherwise write what is
         // gathered and wait for it, watching the client.
-        let ready = poll_fn(|cx| Poll::Ready(poll_once(body.as_mut(), cx))).await;
-        let frame = match ready {
-            Some(f) => f,
-            None => {
+        let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
                 if !out.is_empty() {
                     if io.write_all(out).await.is_err() {
                         return false;
                     }
                     out.clear();
                 }
-                loop {
-                    let room = buf.len() < max_head;
-                    if room {
-                        make_room(buf);
-                    }
-                    tokio::select! {
-                        biased;
-                        f = poll_fn(|cx| body.as_mut().poll_frame(cx)) => break f,
-                        r = io.read_buf(buf), if room => match r {
-                            Ok(0) | Err(_) => return false,
-                            Ok(_) => {}
-                        },
-                    }
+                let next = pin!(poll_fn(|cx| body.as_mut().poll_frame(cx)));
+                match watching(io, buf, max_head, next).await {
+                    Some(f) => f,
+                    None => return false,
                 }
             }
         };
@@ -615,13 +589,34 @@ where
     ok
 }
 
-type FrameResult = Option<Result<http_body::Frame<Bytes>, crate::proxy::BoxError>>;
-
-/// Poll the body once: `Some` when a frame (or its end) is ready now.
-fn poll_once(body: Pin<&mut ResponseBody>, cx: &mut Context<'_>) -> Option<FrameResult> {
-    match body.poll_frame(cx) {
-        Poll::Ready(f) => Some(f),
-        Poll::Pending => None,
+/// Run `fut` while reading the client, to see one that goes away (hyper's
+/// server does the same): `None` when it has. Pipelined bytes wait in
+/// `buf`, up to the head limit; past it the client is not read until they
+/// are used. `fut` stays pinned where it was made: moving the request's
+/// future in would copy its 4.6 KB.
+async fn watching<T, F>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    max_head: usize,
+    mut fut: Pin<&mut F>,
+) -> Option<F::Output>
+where
+    T: AsyncRead + Unpin,
+    F: Future,
+{
+    loop {
+        let room = buf.len() < max_head;
+        if room {
+            make_room(buf);
+        }
+        tokio::select! {
+            biased;
+            out = fut.as_mut() => return Some(out),
+            r = io.read_buf(buf), if room => match r {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            },
+        }
     }
 }
 
