@@ -436,8 +436,8 @@ async fn shutdown_signal() {
 
 async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
     let options = scopegate::server::ServeOptions::from_env().map_err(anyhow::Error::msg)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let backlog = scopegate::server::backlog_for(gw.current().snapshot.limits.max_connections);
+    let listener = scopegate::server::bind(listen, backlog)
         .with_context(|| format!("binding listen.addr {listen}"))?;
     let admin_addr = gw.current().snapshot.admin_addr;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -775,9 +775,10 @@ async fn demo(
     snap.upstream.authority = http::uri::Authority::try_from(api_addr.to_string().as_str())?;
 
     let want = listen.unwrap_or(snap.listen_addr);
-    let listener = match tokio::net::TcpListener::bind(want).await {
+    let backlog = scopegate::server::backlog_for(snap.limits.max_connections);
+    let listener = match scopegate::server::bind(want, backlog) {
         Ok(l) => l,
-        Err(_) if listen.is_none() => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        Err(_) if listen.is_none() => scopegate::server::bind(([127, 0, 0, 1], 0).into(), backlog)?,
         Err(e) => return Err(e).with_context(|| format!("binding {want}")),
     };
     let addr = listener.local_addr()?;

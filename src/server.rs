@@ -301,6 +301,33 @@ impl<B: Body + Unpin> Body for Guarded<B> {
     }
 }
 
+/// The proxy's listening socket on `addr`, with an accept queue of
+/// `backlog` connections (the kernel caps it at `net.core.somaxconn`).
+/// `TcpListener::bind` asks for 128, std's value: a burst of more new
+/// connections than that (clients reconnecting after a deploy, a load
+/// balancer's health checks meeting a traffic spike) has the kernel drop
+/// their SYNs, and each waits out a one-second retransmission. The
+/// gateway asks for `limits.max_connections`, as HAProxy's default
+/// backlog follows `maxconn`.
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted gateway binds at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The backlog [`bind`] asks for, from `limits.max_connections`.
+pub fn backlog_for(max_connections: usize) -> u32 {
+    u32::try_from(max_connections)
+        .unwrap_or(u32::MAX)
+        .clamp(128, i32::MAX as u32)
+}
+
 /// Serve the proxy on `listener` until `shutdown` resolves, then drain.
 /// TLS is used when the serving generation configures it; each new
 /// connection takes the certificate of the generation current when it is
