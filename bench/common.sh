@@ -62,7 +62,7 @@ pinned_upstream_and_nginx() {
 # DIR/tokens.yaml and the secret to stdout.
 mint_pat() {
   "$BIN/scopegate" token new --config /nonexistent --id bench \
-    --cube '{"methods":["GET"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}' > "$1/pat.out"
+    --cube '{"methods":["GET","POST"],"tags":["markers"],"tenants":["acme-prod"],"accounts":["acme"]}' > "$1/pat.out"
   { echo "tokens:"; sed -n '/Record to paste/,$p' "$1/pat.out" | tail -n +2; } > "$1/tokens.yaml"
   grep -o 'abx_pat_[0-9A-Za-z]*' "$1/pat.out" | head -1
 }

@@ -10,6 +10,8 @@
 #             baseline for the in-future upstream client (src/h1.rs)
 #   sg-pat-hyper-srv  scopegate, PAT, with SCOPEGATE_HTTP1_SERVER=hyper: the
 #             baseline for the own HTTP/1 server loop (src/server/fast.rs)
+#   nginx-post, sg-post, sg-post-hyper-srv  the same with POST and a
+#             256-byte JSON body in the same write as the head
 #
 # Each target runs twice under valgrind, serving N1 and then N2 requests
 # one after another on one keep-alive connection; (I(N2) - I(N1)) / (N2 - N1)
@@ -22,7 +24,7 @@
 # column "w/o sha256" leaves those functions out.
 #
 # Needs: apt-get install valgrind nginx-light
-# Usage: bench/instructions.sh [N1] [N2]   (default 200 2200)
+# Usage: [TARGETS="..."] bench/instructions.sh [N1] [N2]   (default 200 2200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-200}
@@ -48,9 +50,14 @@ JWT=$(mint_jwt)
 # N requests in sequence on one keep-alive connection; every answer must be 200.
 cat > "$WORK/client.py" <<'PY'
 import socket, sys
-port, n, path, token = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+port, n, path, token, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 auth = f"Authorization: Bearer {token}\r\n" if token else ""
-req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n".encode()
+if method == "POST":
+    body = ('{"marker": "' + "m" * 240 + '"}').encode()
+    assert len(body) == 256
+    req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+else:
+    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n".encode()
 s = socket.create_connection(("127.0.0.1", port))
 buf = b""
 for _ in range(n):
@@ -79,7 +86,7 @@ PY
 count() {
   local name=$1 n=$2 port pid out="$WORK/cg.$1.$2"
   case $name in
-    nginx)
+    nginx*)
       port=$NG
       valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
         nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>"$WORK/vg.err" & pid=$! ;;
@@ -87,18 +94,20 @@ count() {
       port=$SG
       local client=inline server=own
       [ "$name" = sg-pat-hyper ] && client=hyper
-      [ "$name" = sg-pat-hyper-srv ] && server=hyper
+      case $name in *-hyper-srv) server=hyper ;; esac
       SCOPEGATE_UPSTREAM_CLIENT=$client SCOPEGATE_HTTP1_SERVER=$server SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
         "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null 2>"$WORK/vg.err" & pid=$! ;;
   esac
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-hyper | sg-pat-hyper-srv) token=$PAT ;;
+    sg-pat | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv) token=$PAT ;;
     sg-jwt) token=$JWT ;;
   esac
-  python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token"
-  if [ "$name" = nginx ]; then kill -QUIT $pid; else kill -TERM $pid; fi
+  local method=GET
+  case $name in *post*) method=POST ;; esac
+  python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method"
+  case $name in nginx*) kill -QUIT $pid ;; *) kill -TERM $pid ;; esac
   wait $pid || true
   local total sha
   total=$(awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }' < <(cg_annotate "$out" 2>/dev/null))
@@ -107,7 +116,7 @@ count() {
 }
 
 declare -A PER NOSHA
-TARGETS="nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv"
+TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv"}
 for t in $TARGETS; do
   read -r a1 s1 <<<"$(count $t "$N1")"
   read -r a2 s2 <<<"$(count $t "$N2")"
@@ -119,7 +128,16 @@ echo
 echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection)"
 printf '%-17s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
 for t in $TARGETS; do
-  printf '%-17s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[nginx]}" 'BEGIN { print a / b }')"
+  # POST targets against nginx with POST.
+  base=nginx
+  case $t in *post*) base=nginx-post ;; esac
+  [ -n "${NOSHA[$base]:-}" ] || continue
+  printf '%-17s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { print a / b }')"
 done
-printf 'in-future client vs hyper client (sg-pat / sg-pat-hyper, w/o sha256): %.2fx\n' "$(awk -v a="${NOSHA[sg-pat]}" -v b="${NOSHA[sg-pat-hyper]}" 'BEGIN { print a / b }')"
-printf 'own HTTP/1 loop vs hyper server (sg-pat / sg-pat-hyper-srv, w/o sha256): %.2fx\n' "$(awk -v a="${NOSHA[sg-pat]}" -v b="${NOSHA[sg-pat-hyper-srv]}" 'BEGIN { print a / b }')"
+ratio() {
+  [ -n "${NOSHA[$2]:-}" ] && [ -n "${NOSHA[$3]:-}" ] || return 0
+  printf '%s (%s / %s, w/o sha256): %.2fx\n' "$1" "$2" "$3" "$(awk -v a="${NOSHA[$2]}" -v b="${NOSHA[$3]}" 'BEGIN { print a / b }')"
+}
+ratio "in-future client vs hyper client" sg-pat sg-pat-hyper
+ratio "own HTTP/1 loop vs hyper server" sg-pat sg-pat-hyper-srv
+ratio "own HTTP/1 loop vs hyper server, POST" sg-post sg-post-hyper-srv

@@ -122,6 +122,9 @@ requests = [
     b"GET / HTTP/1.0\r\n\r\n",
     b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     b"GET / HTTP/1.1\r\nx: caf\xe9\r\ntransfer-encoding: chunked\r\n\r\n",
+    b"POST /a HTTP/1.1\r\ncontent-length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n",
+    b"POST /a HTTP/1.1\r\ncontent-length: 007\r\n\r\nhel",
+    b"PUT /a HTTP/1.1\r\ncontent-length: 16384\r\ncontent-length: 16384\r\n\r\n",
 ]
 write("fast_h1_head", requests)
 print("seeds written to", OUT)

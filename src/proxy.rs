@@ -105,12 +105,14 @@ pub use crate::upstream::UpstreamClient;
 /// streamed one.
 pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
-/// What a request arrives with: hyper's streamed body, or none, when the
-/// listener's own HTTP/1 loop (src/server/fast.rs) parsed a head that has
-/// no body framing at all.
+/// What a request arrives with: hyper's streamed body; or, from the
+/// listener's own HTTP/1 loop (src/server/fast.rs), none, or a body framed
+/// by `Content-Length` that had arrived whole with its head (taken as it
+/// lay in the read buffer, never waited for; `None` once yielded).
 pub enum RequestBody {
     Incoming(Incoming),
     Empty,
+    Arrived(Option<Bytes>),
 }
 
 impl Body for RequestBody {
@@ -124,6 +126,7 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Arrived(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -131,6 +134,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Incoming(b) => b.is_end_stream(),
             RequestBody::Empty => true,
+            RequestBody::Arrived(b) => b.is_none(),
         }
     }
 
@@ -138,6 +142,9 @@ impl Body for RequestBody {
         match self {
             RequestBody::Incoming(b) => b.size_hint(),
             RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Arrived(b) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

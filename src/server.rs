@@ -3,13 +3,14 @@
 //!
 //! Owns connections, never requests: a request is handed to
 //! [`Gateway::handle`] as soon as its head is parsed, by the own HTTP/1
-//! loop (`fast`: plain bodiless HTTP/1.1) or by hyper (everything else,
-//! and every request after the first the loop hands over). Limits:
-//! `max_connections` (further connections wait in the kernel's accept
-//! queue), `max_header_bytes`, `header_read_timeout` (slowloris: on HTTP/1
-//! a request head must be complete within it of the connection's start or
-//! of the previous response's end, so it also bounds the wait for the next
-//! request on a keep-alive connection; the connection is closed at once),
+//! loop (`fast`: plain HTTP/1.1, small bodies that came with the head) or
+//! by hyper (everything else, and every request after the first the loop
+//! hands over). Limits: `max_connections` (further connections wait in the
+//! kernel's accept queue, sized to match: see [`bind`]), `max_header_bytes`,
+//! `header_read_timeout` (slowloris: on HTTP/1 a request head must be
+//! complete within it of the connection's start or of the previous
+//! response's end, so it also bounds the wait for the next request on a
+//! keep-alive connection; the connection is closed at once),
 //! and `idle_timeout`: a connection with no request in progress and no
 //! byte moved for that long is closed gracefully. Both are kept by one
 //! watchdog task per connection, not by timers per request. On shutdown
@@ -38,7 +39,7 @@ use crate::proxy::{Gateway, Peer, RequestBody};
 
 mod fast;
 #[doc(hidden)]
-pub use fast::{Parsed as ParsedHead, parse_head};
+pub use fast::{MAX_BODY, Parsed as ParsedHead, parse_head};
 
 /// Per-connection state, shared by the IO wrapper, the service, the
 /// response bodies, the connection future and its watchdog.

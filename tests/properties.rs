@@ -206,6 +206,9 @@ fn request_head() -> impl Strategy<Value = Vec<u8>> {
     let field = prop_oneof![
         Just("content-length: 0"),
         Just("Content-Length: 1"),
+        Just("content-length: 07"),
+        Just("content-length: 16385"),
+        Just("content-length: 1x"),
         Just("connection: Keep-Alive"),
         Just("connection: close"),
         Just("transfer-encoding: chunked"),

@@ -407,17 +407,59 @@ pub fn h1_head(input: &[u8], head_request: bool) {
 pub fn fast_h1_head(input: &[u8]) {
     use scopegate::server::{ParsedHead, parse_head};
     let mut buf = bytes::BytesMut::from(input);
-    let ParsedHead::Request(req) = parse_head(&mut buf, 8192) else {
-        assert_eq!(&buf[..], input, "a head not taken leaves every byte");
-        return;
-    };
+    let parsed = parse_head(&mut buf, 8192);
     let mut hs = [httparse::EMPTY_HEADER; 100];
     let mut r = httparse::Request::new(&mut hs);
-    let Ok(httparse::Status::Complete(n)) = r.parse(input) else {
+    let whole = r.parse(input);
+    // The body's length as its one `Content-Length` field says, digits
+    // only, when httparse takes the head whole.
+    let length = |r: &httparse::Request<'_, '_>| -> usize {
+        let mut values = r
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .map(|h| {
+                std::str::from_utf8(h.value)
+                    .expect("digits")
+                    .parse::<usize>()
+                    .expect("digits")
+            });
+        let n = values.next().unwrap_or(0);
+        assert!(values.next().is_none(), "one length at most");
+        n
+    };
+    let req = match parsed {
+        ParsedHead::Request(req) => req,
+        ParsedHead::Body(need) => {
+            assert_eq!(&buf[..], input, "a short body leaves every byte");
+            let Ok(httparse::Status::Complete(n)) = whole else {
+                panic!("asked for a body after a head httparse does not take: {input:?}");
+            };
+            let l = length(&r);
+            assert!(l > 0 && l <= scopegate::server::MAX_BODY);
+            assert_eq!(need, n + l);
+            assert!(need > input.len(), "asked for bytes it had");
+            return;
+        }
+        _ => {
+            assert_eq!(&buf[..], input, "a head not taken leaves every byte");
+            return;
+        }
+    };
+    let Ok(httparse::Status::Complete(n)) = whole else {
         panic!("served what httparse does not take whole: {input:?}");
     };
     assert!(n <= 8192);
-    assert_eq!(&buf[..], &input[n..], "the bytes after the head stay");
+    // The body is exactly the bytes its length says, and the bytes after
+    // it stay.
+    let l = length(&r);
+    let body = match req.body() {
+        scopegate::proxy::RequestBody::Empty => &[][..],
+        scopegate::proxy::RequestBody::Arrived(Some(b)) => &b[..],
+        _ => panic!("a body of another kind"),
+    };
+    assert_eq!(body, &input[n..n + l], "the body");
+    assert_eq!(&buf[..], &input[n + l..], "the bytes after the body stay");
     assert_eq!(r.version, Some(1));
     assert_eq!(Some(req.method().as_str()), r.method);
     assert_ne!(req.method(), Method::HEAD);
