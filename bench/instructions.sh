@@ -53,7 +53,7 @@ import socket, sys
 port, n, path, token, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 auth = f"Authorization: Bearer {token}\r\n" if token else ""
 if method == "POST":
-    body = ('{"marker": "' + "m" * 240 + '"}').encode()
+    body = ('{"marker": "' + "m" * 242 + '"}').encode()
     assert len(body) == 256
     req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
 else:
@@ -106,7 +106,7 @@ count() {
   esac
   local method=GET
   case $name in *post*) method=POST ;; esac
-  python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method"
+  python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" || { kill $pid; return 1; }
   case $name in nginx*) kill -QUIT $pid ;; *) kill -TERM $pid ;; esac
   wait $pid || true
   local total sha
@@ -118,8 +118,12 @@ count() {
 declare -A PER NOSHA
 TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv"}
 for t in $TARGETS; do
-  read -r a1 s1 <<<"$(count $t "$N1")"
-  read -r a2 s2 <<<"$(count $t "$N2")"
+  # An assignment keeps the status of its substitution: a failed client
+  # stops the script instead of printing nonsense.
+  r1=$(count $t "$N1")
+  r2=$(count $t "$N2")
+  read -r a1 s1 <<<"$r1"
+  read -r a2 s2 <<<"$r2"
   PER[$t]=$(( (a2 - a1) / (N2 - N1) ))
   NOSHA[$t]=$(( (a2 - s2 - a1 + s1) / (N2 - N1) ))
 done

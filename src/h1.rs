@@ -11,8 +11,11 @@
 //! is ambiguous:
 //!
 //! - Only requests without a body come here (GET, HEAD, DELETE, ... with no
-//!   content); a request with a body keeps hyper's client, which streams it
-//!   while the answer may already be arriving.
+//!   content), and those whose body came whole with the head to the
+//!   listener's own loop (at most 16 KiB, framed by its one
+//!   `Content-Length`, written after the head in the same write); a body
+//!   still streaming keeps hyper's client, which streams it while the
+//!   answer may already be arriving.
 //! - A response is framed by RFC 9112 §6.3: no body after HEAD, 1xx, 204 and
 //!   304; `Transfer-Encoding: chunked` (decoded here); `Content-Length`;
 //!   otherwise until the upstream closes.
@@ -416,7 +419,7 @@ fn trim_start(b: &[u8]) -> &[u8] {
     &b[start..]
 }
 
-/// Write a bodiless request head, as hyper's client would: the origin-form
+/// Write a request head, as hyper's client would: the origin-form
 /// target, `extra` (the gateway's own headers, `Host` first), then the
 /// headers of the map (names lower-case; the caller makes sure no name in
 /// `extra` is also in the map), no added framing.
@@ -450,9 +453,25 @@ pub fn encode_head<'a>(
     out.extend_from_slice(b"\r\n");
 }
 
-/// Whether a request may use this client: no body, and not a tunnel.
-pub fn eligible(method: &Method, body_ended: bool) -> bool {
-    body_ended && method != Method::CONNECT
+/// The write buffer's room a pooled connection keeps between requests:
+/// enough for any usual head.
+const KEEP_WBUF: usize = 8 * 1024;
+
+/// Whether a request may use this client: not a tunnel, and no body, or
+/// one whole in hand that its one `Content-Length` field frames exactly
+/// (anything else would let the upstream read the bytes differently).
+pub fn eligible(method: &Method, headers: &http::HeaderMap, body: Option<&[u8]>) -> bool {
+    if method == Method::CONNECT {
+        return false;
+    }
+    let Some(body) = body else {
+        return true;
+    };
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let one = lengths.next().and_then(|v| parse_decimal(v.as_bytes()));
+    lengths.next().is_none()
+        && one == Some(body.len() as u64)
+        && !headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
 /// One upstream connection and its buffers.
@@ -479,15 +498,34 @@ impl Conn {
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Write the head of a bodiless request. An error means the upstream
-    /// did not receive a whole head, so it cannot have acted on it.
-    pub async fn write_head<'a>(
+    /// Write a request's head and then `body`, whole, which the head's
+    /// own `Content-Length` frames (the caller checks it does). `Err`
+    /// carries whether the upstream can have received the whole head: when
+    /// not, it cannot have acted on the request.
+    pub async fn write_request<'a>(
         &mut self,
         parts: &request::Parts,
         extra: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
-    ) -> io::Result<()> {
+        body: &[u8],
+    ) -> Result<(), bool> {
         encode_head(&mut self.wbuf, parts, extra);
-        self.io.write_all(&self.wbuf).await
+        let head = self.wbuf.len();
+        // One write for both, as for a head alone: a body here is at most
+        // what the listener's loop takes (16 KiB), and a copy of it costs
+        // less than a second system call.
+        self.wbuf.extend_from_slice(body);
+        let mut at = 0;
+        while at < self.wbuf.len() {
+            match self.io.write(&self.wbuf[at..]).await {
+                Ok(0) | Err(_) => return Err(at >= head),
+                Ok(n) => at += n,
+            }
+        }
+        if self.wbuf.capacity() > KEEP_WBUF {
+            // An idle pooled connection does not keep a body's room.
+            self.wbuf = Vec::new();
+        }
+        Ok(())
     }
 
     /// Read up to the final response head.
@@ -702,18 +740,19 @@ impl Body for RawBody {
     }
 }
 
-/// Send a bodiless request on `conn`, with the `extra` headers before the
-/// map's, and read the answer's head. `Err`
-/// carries whether the request may be retried on another connection
-/// (`true` only when the head was not wholly written).
+/// Send a request on `conn`, with the `extra` headers before the map's,
+/// and `body` after the head (see [`eligible`]), and read the answer's
+/// head. `Err` carries whether the request may be retried on another
+/// connection (`true` only when the head was not wholly written).
 pub async fn exchange<'a>(
     mut conn: Conn,
     parts: &request::Parts,
     extra: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    body: &[u8],
     pool: Arc<dyn Return>,
 ) -> Result<Response<RawBody>, (H1Error, bool)> {
-    if conn.write_head(parts, extra).await.is_err() {
-        return Err((H1Error::Closed, true));
+    if let Err(head_whole) = conn.write_request(parts, extra, body).await {
+        return Err((H1Error::Closed, !head_whole));
     }
     let head = conn
         .read_head(parts.method == Method::HEAD)
@@ -1017,7 +1056,7 @@ mod tests {
         let want: [(u16, &[u8]); 4] = [(200, b"hello"), (201, b"ok"), (200, b"abc"), (204, b"")];
         let within = std::time::Duration::from_secs(5);
         for (status, body) in want {
-            let resp = tokio::time::timeout(within, exchange(conn, &parts, [], keep.clone()))
+            let resp = tokio::time::timeout(within, exchange(conn, &parts, [], &[], keep.clone()))
                 .await
                 .expect("an answer in time")
                 .map_err(|(e, _)| e)
@@ -1061,8 +1100,47 @@ mod tests {
             out,
             b"DELETE /v1/a?b=c HTTP/1.1\r\nx-airbrx-plan: pro\r\nhost: up:8080\r\nx-airbrx-tenant: acme\r\naccept: a\r\naccept: b\r\n\r\n"
         );
-        assert!(eligible(&Method::GET, true));
-        assert!(!eligible(&Method::POST, false));
-        assert!(!eligible(&Method::CONNECT, true));
+    }
+
+    #[test]
+    fn a_body_goes_only_when_its_one_length_frames_it() {
+        let map = |fields: &[(&str, &str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in fields {
+                m.append(
+                    HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                    HeaderValue::from_str(v).expect("value"),
+                );
+            }
+            m
+        };
+        let none = map(&[]);
+        assert!(eligible(&Method::GET, &none, None));
+        assert!(!eligible(&Method::CONNECT, &none, None));
+        let five = map(&[("content-length", "5")]);
+        assert!(eligible(&Method::POST, &five, Some(b"hello")));
+        assert!(eligible(
+            &Method::POST,
+            &map(&[("content-length", "05")]),
+            Some(b"hello")
+        ));
+        assert!(!eligible(&Method::POST, &five, Some(b"hell")));
+        assert!(!eligible(&Method::POST, &none, Some(b"hello")));
+        assert!(!eligible(
+            &Method::POST,
+            &map(&[("content-length", "5"), ("content-length", "5")]),
+            Some(b"hello")
+        ));
+        assert!(!eligible(
+            &Method::POST,
+            &map(&[("content-length", "5, 5")]),
+            Some(b"hello")
+        ));
+        assert!(!eligible(
+            &Method::POST,
+            &map(&[("content-length", "5"), ("transfer-encoding", "chunked")]),
+            Some(b"hello")
+        ));
+        assert!(!eligible(&Method::CONNECT, &five, Some(b"hello")));
     }
 }

@@ -174,10 +174,24 @@ impl UpstreamClient {
     ) -> Result<(Response<UpBody>, Option<Checkin>), SendError> {
         match self {
             UpstreamClient::Http1(pool) => {
-                if pool.raw && h1::eligible(req.method(), req.body().is_end_stream()) {
-                    let (parts, _) = req.into_parts();
-                    let resp = pool.send_raw(&parts, added).await?;
-                    return Ok((resp.map(UpBody::Raw), None));
+                if pool.raw {
+                    // No body, or one that came whole with its head.
+                    let body = match req.body() {
+                        b if b.is_end_stream() => Some(Bytes::new()),
+                        RequestBody::Arrived(Some(b)) => Some(b.clone()),
+                        _ => None,
+                    };
+                    if let Some(body) = body
+                        && h1::eligible(
+                            req.method(),
+                            req.headers(),
+                            (!body.is_empty()).then_some(&body[..]),
+                        )
+                    {
+                        let (parts, _) = req.into_parts();
+                        let resp = pool.send_raw(&parts, added, &body).await?;
+                        return Ok((resp.map(UpBody::Raw), None));
+                    }
                 }
                 added.insert_into(req.headers_mut());
                 req.headers_mut()
@@ -219,7 +233,8 @@ pub struct Http1Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    /// Whether bodiless requests take the in-future client ([`h1`]).
+    /// Whether bodiless requests, and bodies that came whole with their
+    /// heads, take the in-future client ([`h1`]).
     raw: bool,
     /// Idle connections, most recently used at the back: hyper's, and the
     /// in-future client's.
@@ -408,17 +423,21 @@ impl Http1Pool {
         }
     }
 
-    /// A bodiless request through the in-future client. Retried on another
+    /// A request through the in-future client, with no body or with one
+    /// whole in hand (`body`, written after the head). Retried on another
     /// connection when a reused one failed before the whole head was
     /// written (the upstream cannot have acted on it); and once, on a new
-    /// connection, when a reused one was closed without a byte of answer
-    /// and the method is idempotent (RFC 9110 §9.2.2, RFC 9112 §9.3.1):
-    /// the keep-alive race with an upstream whose idle timeout is shorter
-    /// than the pool's, which nginx also retries.
+    /// connection, when a reused one was closed without a byte of answer,
+    /// the request has no body and the method is idempotent (RFC 9110
+    /// §9.2.2, RFC 9112 §9.3.1): the keep-alive race with an upstream whose
+    /// idle timeout is shorter than the pool's, which nginx also retries.
+    /// A request with a body is never sent twice once its head is whole,
+    /// as with hyper's client.
     async fn send_raw(
         self: &Arc<Self>,
         parts: &http::request::Parts,
         added: &Added,
+        body: &[u8],
     ) -> Result<Response<h1::RawBody>, SendError> {
         let mut fresh_only = false;
         loop {
@@ -429,10 +448,12 @@ impl Http1Pool {
             };
             let back: Arc<dyn h1::Return> = self.clone();
             let head = std::iter::once((&header::HOST, &self.host_header)).chain(added.headers());
-            match h1::exchange(conn, parts, head, back).await {
+            match h1::exchange(conn, parts, head, body, back).await {
                 Ok(resp) => return Ok(resp),
                 Err((_, true)) if reused => continue,
-                Err((h1::H1Error::NoAnswer, false)) if reused && idempotent(&parts.method) => {
+                Err((h1::H1Error::NoAnswer, false))
+                    if reused && body.is_empty() && idempotent(&parts.method) =>
+                {
                     tracing::debug!("reused upstream connection closed unanswered; retrying once");
                     fresh_only = true;
                 }

@@ -104,7 +104,7 @@ async fn via_raw(answer: Vec<u8>, method: &Method) -> (Outcome, usize) {
     let run = async {
         let conn = h1::Conn::new(TcpStream::connect(addr).await.expect("connect"));
         let (parts, _) = request(method).into_parts();
-        match h1::exchange(conn, &parts, [], back).await {
+        match h1::exchange(conn, &parts, [], &[], back).await {
             Err(_) => Outcome::HeadError,
             Ok(resp) => {
                 let (p, body) = resp.into_parts();
