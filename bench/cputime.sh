@@ -8,12 +8,16 @@
 # A second view beside bench/load.sh's PIN=1 pass:
 # it does not need the proxy's core to be saturated.
 #
+# METHOD=POST sends a 256-byte JSON body with every request (in the same
+# write as the head: wrk writes each request whole).
+#
 # Needs: apt-get install wrk nginx-light; python3
-# Usage: [PAIRS=10] [DUR=5] bench/cputime.sh
+# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-10}
 DUR=${DUR:-5}
+METHOD=${METHOD:-GET}
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
@@ -31,6 +35,16 @@ SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --con
 SCOPEGATE_HTTP1_SERVER=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
 for p in $NG $SG $SGH; do wait_port $p; done
 NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
+SCRIPT=()
+if [ "$METHOD" = POST ]; then
+  # The same body as bench/instructions.sh's POST targets.
+  cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '{"marker": "$(printf 'm%.0s' $(seq 1 242))"}'
+wrk.headers["Content-Type"] = "application/json"
+LUA
+  SCRIPT=(-s "$WORK/post.lua")
+fi
 TCK=$(getconf CLK_TCK)
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 ucpu() { awk '{ print $14 }' "/proc/$1/stat"; }
@@ -39,7 +53,7 @@ declare -A ALL USR
 one() { # name port pid
   local c0 c1 u0 u1 n
   c0=$(cpu "$3"); u0=$(ucpu "$3")
-  taskset -c 0 wrk -t1 -c32 -d"${DUR}s" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
+  taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
   c1=$(cpu "$3"); u1=$(ucpu "$3")
   if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
   n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
@@ -51,7 +65,7 @@ for _ in $(seq 1 "$PAIRS"); do
   one sg-pat $SG $SG1
   one sg-pat-hyper-srv $SGH $SG2
 done
-echo "CPU µs per request, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, wrk -c32"
+echo "CPU µs per $METHOD request, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, wrk -c32"
 for t in nginx sg-pat sg-pat-hyper-srv; do
   printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
 done

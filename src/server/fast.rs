@@ -26,10 +26,10 @@
 //!   the buffer's own bytes, shared, not copied;
 //! - every name and value is one `http` accepts, and the target is a `Uri`.
 //!
-//! Anything else (a streamed body, HTTP/1.0, HTTP/2's preface, a malformed head, a
-//! head over the limit, a client that closed mid-head) is hyper's to
-//! answer, exactly as before, because hyper then reads exactly the bytes
-//! it would have read from the socket. `tests/fast_h1.rs` checks the two
+//! Anything else (a streamed body, HTTP/1.0, HTTP/2's preface, a malformed
+//! head, a head over the limit, a client that closed mid-head) is hyper's
+//! to answer, exactly as before, because hyper then reads exactly the
+//! bytes it would have read from the socket. `tests/fast_h1.rs` checks the two
 //! paths answer alike, byte for byte but for `date` and the request id.
 //!
 //! What it keeps of hyper's behaviour, by reading hyper 1.x's
