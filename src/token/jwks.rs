@@ -399,8 +399,18 @@ impl Jwks {
                 let ok = if first && me.current().is_some() {
                     true
                 } else {
+                    let seen = me.version();
                     let _flight = me.flight.lock().await;
-                    me.fetch_locked(&metrics).await
+                    if me.version() != seen {
+                        // A fetch on demand (a token with a new `kid`
+                        // that came before this task first ran) loaded a
+                        // set while this one waited: as fresh as a second
+                        // fetch would be, which the key server need not
+                        // pay for.
+                        true
+                    } else {
+                        me.fetch_locked(&metrics).await
+                    }
                 };
                 first = false;
                 // After a failure, try again sooner than the full interval.
