@@ -644,8 +644,11 @@ pub async fn send_body(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Resp {
-    let mut req =
-        format!("{method} {target} HTTP/1.1\r\nhost: gateway.test\r\nconnection: close\r\n");
+    // Kept alive, as real clients send it, so the listener's own HTTP/1
+    // loop (src/server/fast.rs) reads what it serves in production; with
+    // `connection: close` every request went to hyper's server. The
+    // answer is read by its framing, then the connection dropped.
+    let mut req = format!("{method} {target} HTTP/1.1\r\nhost: gateway.test\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -655,10 +658,84 @@ pub async fn send_body(
     req.push_str("\r\n");
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body);
-    match raw(addr, &bytes).await {
+    match one_answer(addr, &bytes, method == "HEAD").await {
         Some(r) => r,
         None => panic!("no parsable response to {method} {target}"),
     }
+}
+
+/// Send one request on a new connection and read its answer by the
+/// answer's own framing (RFC 9112 §6.3), without waiting for a close.
+pub async fn one_answer(addr: SocketAddr, request: &[u8], head_request: bool) -> Option<Resp> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if answer_complete(&buf, head_request) {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    parse_response(&buf)
+}
+
+/// Whether `buf` holds a whole final answer. An answer framed by the
+/// close only is complete when the server closes.
+fn answer_complete(buf: &[u8], head_request: bool) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status: u16 = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        return true;
+    }
+    let body = &buf[end + 4..];
+    let field = |name: &str| {
+        head.split("\r\n")
+            .skip(1)
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    if field("transfer-encoding:").is_some_and(|v| v.contains("chunked")) {
+        // Walk the chunks to the last one and the end of the trailers.
+        let mut at = 0;
+        loop {
+            let Some(nl) = body[at..].windows(2).position(|w| w == b"\r\n") else {
+                return false;
+            };
+            let line = String::from_utf8_lossy(&body[at..at + nl]).into_owned();
+            let size = line
+                .split(';')
+                .next()
+                .and_then(|x| usize::from_str_radix(x.trim(), 16).ok());
+            let Some(size) = size else {
+                return true; // malformed: nothing more will make it whole
+            };
+            at += nl + 2;
+            if size == 0 {
+                // No trailers, or trailers up to an empty line.
+                return body[at..].starts_with(b"\r\n")
+                    || body[at..].windows(4).any(|w| w == b"\r\n\r\n");
+            }
+            if body.len() < at + size + 2 {
+                return false;
+            }
+            at += size + 2;
+        }
+    }
+    if let Some(n) = field("content-length:").and_then(|v| v.parse::<usize>().ok()) {
+        return body.len() >= n;
+    }
+    false
 }
 
 /// GET with a bearer token.
