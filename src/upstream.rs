@@ -176,20 +176,18 @@ impl UpstreamClient {
             UpstreamClient::Http1(pool) => {
                 if pool.raw {
                     // No body, or one that came whole with its head.
-                    let body = match req.body() {
-                        b if b.is_end_stream() => Some(Bytes::new()),
-                        RequestBody::Arrived(Some(b)) => Some(b.clone()),
-                        _ => None,
+                    let (method, headers) = (req.method(), req.headers());
+                    let (eligible, whole) = match req.body() {
+                        b if b.is_end_stream() => (h1::eligible(method, headers, None), None),
+                        RequestBody::Arrived(Some(b)) => {
+                            (h1::eligible(method, headers, Some(b)), Some(b.clone()))
+                        }
+                        _ => (false, None),
                     };
-                    if let Some(body) = body
-                        && h1::eligible(
-                            req.method(),
-                            req.headers(),
-                            (!body.is_empty()).then_some(&body[..]),
-                        )
-                    {
+                    if eligible {
                         let (parts, _) = req.into_parts();
-                        let resp = pool.send_raw(&parts, added, &body).await?;
+                        let body = whole.as_deref().unwrap_or_default();
+                        let resp = pool.send_raw(&parts, added, body).await?;
                         return Ok((resp.map(UpBody::Raw), None));
                     }
                 }

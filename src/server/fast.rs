@@ -361,11 +361,10 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
         };
         scratch.fields.push((name, at, at + h.value.len()));
     }
-    let body_len = match length {
-        None | Some(0) => 0,
-        Some(n) if n > MAX_BODY as u64 => return Parsed::NotMine,
-        #[allow(clippy::cast_possible_truncation)] // at most MAX_BODY
-        Some(n) => n as usize,
+    let body_len = match length.map(usize::try_from) {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_BODY => n,
+        _ => return Parsed::NotMine,
     };
     if buf.len() - len < body_len {
         return Parsed::Body(len + body_len);
