@@ -454,10 +454,11 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
     }
     tracing::info!(
         addr = %listener.local_addr()?,
-        // Which client carries bodiless requests to a plaintext HTTP/1.1
-        // upstream (SCOPEGATE_UPSTREAM_CLIENT=hyper switches to hyper's).
+        // Which client carries bodiless requests and small whole bodies to
+        // a plaintext HTTP/1.1 upstream (SCOPEGATE_UPSTREAM_CLIENT=hyper
+        // switches to hyper's).
         upstream_client = if scopegate::upstream::raw_client_enabled() { "in-future" } else { "hyper" },
-        // Which server reads bodiless HTTP/1.1 requests
+        // Which server reads plain HTTP/1.1 requests
         // (SCOPEGATE_HTTP1_SERVER=hyper switches to hyper's alone).
         http1_server = if options.h1_fast_path { "own" } else { "hyper" },
         "gateway listening"

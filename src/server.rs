@@ -346,7 +346,8 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Futur
 /// How the listener serves HTTP/1.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeOptions {
-    /// Serve bodiless HTTP/1.1 requests with the listener's own loop
+    /// Serve plain HTTP/1.1 requests (bodiless, or with a small body that
+    /// came with the head) with the listener's own loop
     /// (`src/server/fast.rs`), and hand everything else to hyper. Off, hyper
     /// serves every request.
     pub h1_fast_path: bool,
