@@ -29,8 +29,8 @@
 //! Anything else (a streamed body, HTTP/1.0, HTTP/2's preface, a malformed
 //! head, a head over the limit, a client that closed mid-head) is hyper's
 //! to answer, exactly as before, because hyper then reads exactly the
-//! bytes it would have read from the socket. `tests/fast_h1.rs` checks the two
-//! paths answer alike, byte for byte but for `date` and the request id.
+//! bytes it would have read from the socket. `tests/fast_h1.rs` checks the
+//! two paths answer alike, byte for byte but for `date` and the request id.
 //!
 //! What it keeps of hyper's behaviour, by reading hyper 1.x's
 //! `proto/h1/role.rs` (`Server::encode`):
@@ -123,17 +123,14 @@ pub enum Parsed {
 /// of `buf`.
 #[doc(hidden)]
 pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Parsed {
-    let mut scratch = Scratch {
-        fields: Vec::new(),
-        spare: HeaderMap::new(),
-        out: Vec::new(),
-        date: DateCache::default(),
-    };
+    let mut scratch = Scratch::default();
     parse(buf, max_head, &mut scratch)
 }
 
 /// Per-connection state kept between requests, so a request allocates
-/// nothing here once the connection is warm.
+/// nothing here once the connection is warm (and nothing before its first
+/// request: every part starts empty).
+#[derive(Default)]
 struct Scratch {
     /// Names and value ranges of the head being built.
     fields: Vec<(HeaderName, usize, usize)>,
@@ -162,12 +159,7 @@ where
     let mut buf = BytesMut::new();
     // Nothing but the read buffer is allocated before the first request:
     // an idle connection costs what it costs hyper.
-    let mut scratch = Scratch {
-        fields: Vec::new(),
-        spare: HeaderMap::new(),
-        out: Vec::new(),
-        date: DateCache::default(),
-    };
+    let mut scratch = Scratch::default();
     loop {
         // The next head, from what is buffered and then from the socket.
         let req = loop {
