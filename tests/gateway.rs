@@ -1292,8 +1292,7 @@ async fn the_suites_requests_are_read_by_the_server_in_use() {
     .await;
     assert_eq!(r.status, 200);
     assert_eq!(get(gw.addr, "/v1/nowhere", &tok).await.status, 404);
-    let hyper_alone = std::env::var("SCOPEGATE_HTTP1_SERVER").as_deref() == Ok("hyper");
-    let want = if hyper_alone { 0 } else { 3 };
+    let want = if hyper_server_alone() { 0 } else { 3 };
     let served = || {
         gw.gw
             .own_h1_served

@@ -369,35 +369,19 @@ async fn an_unanswered_post_is_never_sent_twice() {
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
 
-/// One request on a new keep-alive connection to the gateway, written in
-/// one write (so the listener's own loop takes a body with its head), and
-/// its answer's status.
-async fn kept_alive(addr: std::net::SocketAddr, request: &[u8]) -> u16 {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request).await.expect("write");
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(r) = parse_response(&buf) {
-            return r.status;
-        }
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
-            .await
-            .expect("an answer")
-            .expect("read");
-        assert!(n > 0, "closed without an answer");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn with_body(method: &str, target: &str, tok: &str, body: &[u8]) -> Vec<u8> {
-    let mut r = format!(
-        "{method} {target} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    r.extend_from_slice(body);
-    r
+/// One request with `body` (written with its head, so the listener's own
+/// loop takes it), and its answer's status.
+async fn status(
+    addr: std::net::SocketAddr,
+    method: &str,
+    target: &str,
+    tok: &str,
+    body: &[u8],
+) -> u16 {
+    let auth = format!("Bearer {tok}");
+    send_body(addr, method, target, &[("authorization", &auth)], body)
+        .await
+        .status
 }
 
 #[tokio::test]
@@ -411,16 +395,20 @@ async fn a_body_that_came_with_its_head_shares_the_pooled_connection() {
         json!({"methods": ["GET", "POST"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
     let body = vec![b'j'; 3000];
-    for (i, req) in [
-        with_body("GET", MARKERS, &tok, b""),
-        with_body("POST", MARKERS, &tok, &body),
-        with_body("GET", MARKERS, &tok, b""),
-        with_body("POST", MARKERS, &tok, b"{}"),
+    for (i, (method, body)) in [
+        ("GET", &b""[..]),
+        ("POST", &body),
+        ("GET", b""),
+        ("POST", b"{}"),
     ]
-    .iter()
+    .into_iter()
     .enumerate()
     {
-        assert_eq!(kept_alive(gw.addr, req).await, 200, "request {i}");
+        assert_eq!(
+            status(gw.addr, method, MARKERS, &tok, body).await,
+            200,
+            "request {i}"
+        );
     }
     let seen: Vec<(String, usize)> = up
         .seen
@@ -435,10 +423,9 @@ async fn a_body_that_came_with_its_head_shares_the_pooled_connection() {
     );
     // With hyper's server alone (CI's second pass), bodies stream through
     // hyper's client, on a connection of its own.
-    let hyper_alone = std::env::var("SCOPEGATE_HTTP1_SERVER").as_deref() == Ok("hyper");
     assert_eq!(
         up.connections.load(Ordering::SeqCst),
-        if hyper_alone { 2 } else { 1 }
+        if hyper_server_alone() { 2 } else { 1 }
     );
 }
 
@@ -451,16 +438,11 @@ async fn an_unanswered_request_with_a_body_is_never_sent_twice() {
     let tok = es256(
         json!({"methods": ["GET", "DELETE"], "tags": ["markers", "rules"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
+    assert_eq!(status(gw.addr, "GET", MARKERS, &tok, b"").await, 200);
+    let rule = "/v1/tenants/acme-prod/rules/r1";
     assert_eq!(
-        kept_alive(gw.addr, &with_body("GET", MARKERS, &tok, b"")).await,
-        200
+        status(gw.addr, "DELETE", rule, &tok, b"{\"why\": 1}").await,
+        502
     );
-    let del = with_body(
-        "DELETE",
-        "/v1/tenants/acme-prod/rules/r1",
-        &tok,
-        b"{\"why\": 1}",
-    );
-    assert_eq!(kept_alive(gw.addr, &del).await, 502);
     assert_eq!(up.requests.load(Ordering::SeqCst), 2);
 }

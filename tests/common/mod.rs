@@ -664,6 +664,12 @@ pub async fn send_body(
     }
 }
 
+/// Whether this run serves HTTP/1 with hyper's server alone
+/// (`SCOPEGATE_HTTP1_SERVER=hyper`, CI's second pass), not the own loop.
+pub fn hyper_server_alone() -> bool {
+    std::env::var("SCOPEGATE_HTTP1_SERVER").as_deref() == Ok("hyper")
+}
+
 /// Send one request on a new connection and read its answer by the
 /// answer's own framing (RFC 9112 §6.3), without waiting for a close.
 pub async fn one_answer(addr: SocketAddr, request: &[u8], head_request: bool) -> Option<Resp> {
