@@ -658,54 +658,7 @@ async fn request_smuggling_and_malformed_heads() {
 
 // ---------------------------------------------------------------------------
 // HTTP/2: hand-built frames, so that requests a well-behaved client library
-// refuses to produce still reach the gateway.
-
-mod h2raw {
-    /// One frame: 24-bit length, type, flags, stream id.
-    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len() as u32;
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
-
-    /// HPACK integer with an `n`-bit prefix.
-    fn int(out: &mut Vec<u8>, first: u8, n: u8, mut v: usize) {
-        let max = (1usize << n) - 1;
-        if v < max {
-            out.push(first | v as u8);
-            return;
-        }
-        out.push(first | max as u8);
-        v -= max;
-        while v >= 128 {
-            out.push((v % 128 + 128) as u8);
-            v /= 128;
-        }
-        out.push(v as u8);
-    }
-
-    /// A header block of literal fields without indexing, no Huffman: the
-    /// bytes arrive exactly as written, uppercase and all.
-    pub fn block(fields: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (name, value) in fields {
-            out.push(0x00);
-            int(&mut out, 0, 7, name.len());
-            out.extend_from_slice(name);
-            int(&mut out, 0, 7, value.len());
-            out.extend_from_slice(value);
-        }
-        out
-    }
-
-    pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    pub const HEADERS: u8 = 0x1;
-    pub const RST_STREAM: u8 = 0x3;
-    pub const SETTINGS: u8 = 0x4;
-    pub const GOAWAY: u8 = 0x7;
-}
+// refuses to produce still reach the gateway (`common::h2raw`).
 
 /// One header field: name and value, as raw bytes.
 type Field<'a> = (&'a [u8], &'a [u8]);
@@ -724,7 +677,7 @@ enum H2Answer {
 /// Send one request on stream 1 of a fresh h2c connection and report how
 /// the gateway answered it.
 async fn h2_request(addr: SocketAddr, fields: &[(&[u8], &[u8])]) -> H2Answer {
-    use h2raw::*;
+    use common::h2raw::*;
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let mut out = PREFACE.to_vec();
     out.extend(frame(SETTINGS, 0, 0, &[]));
@@ -734,39 +687,20 @@ async fn h2_request(addr: SocketAddr, fields: &[(&[u8], &[u8])]) -> H2Answer {
         return H2Answer::Closed;
     }
     let mut buf = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        // Parse whole frames in the buffer.
-        let mut at = 0;
-        while buf.len() >= at + 9 {
-            let len = (buf[at] as usize) << 16 | (buf[at + 1] as usize) << 8 | buf[at + 2] as usize;
-            if buf.len() < at + 9 + len {
-                break;
+    while let Some(f) = next_frame(&mut s, &mut buf).await {
+        match f.kind {
+            // hyper encodes `:status: 200` as static index 8 (0x88).
+            HEADERS if f.stream == 1 => {
+                return H2Answer::Headers {
+                    ok: f.payload.first() == Some(&0x88),
+                };
             }
-            let kind = buf[at + 3];
-            let stream = u32::from_be_bytes([buf[at + 5], buf[at + 6], buf[at + 7], buf[at + 8]])
-                & 0x7fff_ffff;
-            let payload = &buf[at + 9..at + 9 + len];
-            match kind {
-                // hyper encodes `:status: 200` as static index 8 (0x88).
-                HEADERS if stream == 1 => {
-                    return H2Answer::Headers {
-                        ok: payload.first() == Some(&0x88),
-                    };
-                }
-                RST_STREAM if stream == 1 => return H2Answer::Reset,
-                GOAWAY => return H2Answer::GoAway,
-                _ => {}
-            }
-            at += 9 + len;
+            RST_STREAM if f.stream == 1 => return H2Answer::Reset,
+            GOAWAY => return H2Answer::GoAway,
+            _ => {}
         }
-        let mut chunk = [0u8; 4096];
-        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return H2Answer::Closed,
-        };
-        buf.extend_from_slice(&chunk[..n]);
     }
+    H2Answer::Closed
 }
 
 #[tokio::test]

@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use scopegate::Gateway;
+
+pub mod h2raw;
 pub use scopegate::token::pat;
 
 pub const HS_SECRET: &str = "integration-test-hs256-secret-0123456789";
