@@ -12,6 +12,9 @@
 #             baseline for the own HTTP/1 server loop (src/server/fast.rs)
 #   nginx-post, sg-post, sg-post-hyper-srv  the same with POST and a
 #             256-byte JSON body in the same write as the head
+#   nginx-h2, sg-h2  GET over HTTP/2 without TLS (h2c, prior knowledge),
+#             sent by h2load one at a time on one connection; the upstream
+#             side stays HTTP/1.1 for both
 #
 # Each target runs twice under valgrind, serving N1 and then N2 requests
 # one after another on one keep-alive connection; (I(N2) - I(N1)) / (N2 - N1)
@@ -23,26 +26,28 @@
 # portable path under it (about ten times the instructions of SHA-NI). The
 # column "w/o sha256" leaves those functions out.
 #
-# Needs: apt-get install valgrind nginx-light
+# Needs: apt-get install valgrind nginx-light nghttp2-client
 # Usage: [TARGETS="..."] bench/instructions.sh [N1] [N2]   (default 200 2200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-200}
 N2=${2:-2200}
-for tool in valgrind cg_annotate nginx python3; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nginx-light" >&2; exit 1; }
+for tool in valgrind cg_annotate nginx python3 h2load; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install valgrind nginx-light nghttp2-client" >&2; exit 1; }
 done
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt
 . bench/common.sh
 start_work
 
-UP=18181 NG=18182 SG=18184
+UP=18181 NG=18182 SG=18184 NG2=18183
 
 "$BIN/examples/fast_upstream" "127.0.0.1:$UP" 1 2>/dev/null & PIDS+=($!)
 wait_port $UP
 
 # nginx must stay in the foreground process for valgrind to count it.
 nginx_conf "$WORK/nginx" $NG $UP "master_process off;"
+nginx_conf "$WORK/nginx-h2" $NG2 $UP "master_process off;"
+sed -i "s/listen 127.0.0.1:$NG2;/listen 127.0.0.1:$NG2 http2;/" "$WORK/nginx-h2/nginx.conf"
 PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/gateway.yaml" $SG $UP
 JWT=$(mint_jwt)
@@ -87,9 +92,11 @@ count() {
   local name=$1 n=$2 port pid out="$WORK/cg.$1.$2"
   case $name in
     nginx*)
+      local conf=nginx
       port=$NG
+      [ "$name" = nginx-h2 ] && { conf=nginx-h2; port=$NG2; }
       valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
-        nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" 2>"$WORK/vg.err" & pid=$! ;;
+        nginx -p "$WORK/$conf" -c "$WORK/$conf/nginx.conf" 2>"$WORK/vg.err" & pid=$! ;;
     sg-*)
       port=$SG
       local client=inline server=own
@@ -101,12 +108,20 @@ count() {
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv) token=$PAT ;;
+    sg-pat | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2) token=$PAT ;;
     sg-jwt) token=$JWT ;;
   esac
   local method=GET
   case $name in *post*) method=POST ;; esac
-  python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" || { kill $pid; return 1; }
+  case $name in
+    *-h2)
+      # One connection, one request at a time, like the HTTP/1 client;
+      # every answer must be 2xx.
+      h2load -n "$n" -c 1 -m 1 ${token:+-H "Authorization: Bearer $token"} \
+        "http://127.0.0.1:$port$PATH_OK" > "$WORK/h2load" 2>&1 || { kill $pid; return 1; }
+      grep -q "^status codes: $n 2xx" "$WORK/h2load" || { sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; kill $pid; return 1; } ;;
+    *) python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" || { kill $pid; return 1; } ;;
+  esac
   case $name in nginx*) kill -QUIT $pid ;; *) kill -TERM $pid ;; esac
   wait $pid || true
   local total sha
@@ -116,7 +131,7 @@ count() {
 }
 
 declare -A PER NOSHA
-TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv"}
+TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2"}
 for t in $TARGETS; do
   # An assignment keeps the status of its substitution: a failed client
   # stops the script instead of printing nonsense.
@@ -132,9 +147,9 @@ echo
 echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection)"
 printf '%-17s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
 for t in $TARGETS; do
-  # POST targets against nginx with POST.
+  # POST targets against nginx with POST, h2 against nginx over h2.
   base=nginx
-  case $t in *post*) base=nginx-post ;; esac
+  case $t in *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; esac
   [ -n "${NOSHA[$base]:-}" ] || continue
   printf '%-17s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { print a / b }')"
 done
