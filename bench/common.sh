@@ -23,6 +23,8 @@ wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 
 # nginx_conf DIR PORT UPSTREAM_PORT [MAIN_DIRECTIVE...]: a plain reverse
 # proxy, one worker, with a keep-alive upstream pool, in DIR/nginx.conf.
+# NGINX_LISTEN=http2 makes it listen for HTTP/2 without TLS (h2c, prior
+# knowledge) instead of HTTP/1.
 nginx_conf() {
   local dir=$1 port=$2 up=$3
   shift 3
@@ -39,7 +41,7 @@ http {
   access_log off;
   upstream up { server 127.0.0.1:$up; keepalive 64; }
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port${NGINX_LISTEN:+ $NGINX_LISTEN};
     keepalive_requests 1000000;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }

@@ -11,22 +11,37 @@
 # METHOD=POST sends a 256-byte JSON body with every request (in the same
 # write as the head: wrk writes each request whole).
 #
-# Needs: apt-get install wrk nginx-light; python3
-# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] bench/cputime.sh
+# PROTO=h2 sends GETs over HTTP/2 without TLS (h2c, prior knowledge) with
+# h2load, 32 connections, one request at a time on each; nginx listens with
+# http2. The upstream side stays HTTP/1.1. The own HTTP/1 loop hands an h2
+# connection to hyper at its preface, so there the third target is the
+# same code as the second: a control for the spread between rounds.
+#
+# Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client
+# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h2] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-10}
 DUR=${DUR:-5}
 METHOD=${METHOD:-GET}
+PROTO=${PROTO:-h1}
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
 done
+case $PROTO in
+  h1) ;;
+  h2)
+    command -v h2load >/dev/null || { echo "missing h2load: apt-get install nghttp2-client" >&2; exit 1; }
+    [ "$METHOD" = GET ] || { echo "PROTO=h2 sends GETs only" >&2; exit 1; } ;;
+  *) echo "PROTO is h1 or h2" >&2; exit 1 ;;
+esac
 cargo build --release --quiet --bin scopegate --example fast_upstream
 . bench/common.sh
 start_work
 
 UP=18481 NG=18482 SG=18484 SGH=18486
+[ "$PROTO" = h2 ] && export NGINX_LISTEN=http2
 pinned_upstream_and_nginx $UP $NG
 PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/g1.yaml" $SG $UP
@@ -53,10 +68,21 @@ declare -A ALL USR
 one() { # name port pid
   local c0 c1 u0 u1 n
   c0=$(cpu "$3"); u0=$(ucpu "$3")
-  taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
-  c1=$(cpu "$3"); u1=$(ucpu "$3")
-  if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
-  n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
+  if [ "$PROTO" = h2 ]; then
+    taskset -c 0 h2load -c32 -m1 -D"$DUR" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/h2load"
+    c1=$(cpu "$3"); u1=$(ucpu "$3")
+    # Requests that got a 2xx, the only ones counted.
+    n=$(awk '/^status codes:/ { print $3 }' "$WORK/h2load")
+    if [ "${n:-0}" -eq 0 ] || ! grep -q "^requests: .* $n done," "$WORK/h2load" \
+      || ! grep -q "^status codes: $n 2xx, 0 3xx, 0 4xx, 0 5xx" "$WORK/h2load"; then
+      echo "$1: failed or non-2xx responses" >&2; sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; exit 1
+    fi
+  else
+    taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
+    c1=$(cpu "$3"); u1=$(ucpu "$3")
+    if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
+    n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
+  fi
   ALL[$1]+=" $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
   USR[$1]+=" $(awk -v a="$u0" -v b="$u1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
 }
@@ -65,7 +91,7 @@ for _ in $(seq 1 "$PAIRS"); do
   one sg-pat $SG $SG1
   one sg-pat-hyper-srv $SGH $SG2
 done
-echo "CPU µs per $METHOD request, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, wrk -c32"
+echo "CPU µs per $METHOD request over $PROTO, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, 32 connections"
 for t in nginx sg-pat sg-pat-hyper-srv; do
   printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
 done
@@ -91,5 +117,9 @@ print("  per round:", " ".join(f"{x:.2f}" for x in r), f"; median {m:.2f}, 90% i
 PY
 }
 paired "${ALL[nginx]}" "${ALL[sg-pat]}"
-echo "sg-pat / sg-pat-hyper-srv (own HTTP/1 loop's cost vs hyper's server): $(ratio sg-pat sg-pat-hyper-srv)x"
+if [ "$PROTO" = h2 ]; then
+  echo "sg-pat / sg-pat-hyper-srv (a control over h2: the same code both ways): $(ratio sg-pat sg-pat-hyper-srv)x"
+else
+  echo "sg-pat / sg-pat-hyper-srv (own HTTP/1 loop's cost vs hyper's server): $(ratio sg-pat sg-pat-hyper-srv)x"
+fi
 paired "${ALL[sg-pat]}" "${ALL[sg-pat-hyper-srv]}"

@@ -46,8 +46,7 @@ wait_port $UP
 
 # nginx must stay in the foreground process for valgrind to count it.
 nginx_conf "$WORK/nginx" $NG $UP "master_process off;"
-nginx_conf "$WORK/nginx-h2" $NG2 $UP "master_process off;"
-sed -i "s/listen 127.0.0.1:$NG2;/listen 127.0.0.1:$NG2 http2;/" "$WORK/nginx-h2/nginx.conf"
+NGINX_LISTEN=http2 nginx_conf "$WORK/nginx-h2" $NG2 $UP "master_process off;"
 PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/gateway.yaml" $SG $UP
 JWT=$(mint_jwt)
