@@ -536,13 +536,19 @@ impl Conn<'_> {
             let gw = gw.clone();
             let peer = peer.clone();
             let guard = ActiveGuard::new(&svc_activity);
-            async move {
+            // Boxed: hyper's HTTP/2 server moves each request's future into
+            // a task of its own, and unboxed that is several copies of a
+            // 3.9 KB future (`Gateway::handle`'s) a request. Over h2c boxing
+            // saves 4.5% of the instructions; on hyper's HTTP/1 server,
+            // which keeps the future in one place, it costs 2.2% (an
+            // allocation). The own HTTP/1 loop does not come here.
+            Box::pin(async move {
                 let resp = gw.handle(req.map(RequestBody::Incoming), &peer).await;
                 Ok::<_, Infallible>(resp.map(|inner| Guarded {
                     inner,
                     _guard: guard,
                 }))
-            }
+            })
         });
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         drive(conn, &activity).await;
