@@ -810,6 +810,97 @@ async fn http2_pseudo_header_tricks() {
     );
 }
 
+/// Read frames until the connection ends: the error code of the GOAWAY
+/// seen, if any.
+async fn goaway_code(s: &mut TcpStream) -> Option<u32> {
+    use common::h2raw::*;
+    let mut buf = Vec::new();
+    let mut code = None;
+    while let Some(f) = next_frame(s, &mut buf).await {
+        if f.kind == GOAWAY && f.payload.len() >= 8 {
+            code = Some(u32::from_be_bytes([
+                f.payload[4],
+                f.payload[5],
+                f.payload[6],
+                f.payload[7],
+            ]));
+        }
+    }
+    code
+}
+
+/// HTTP/2's two denial-of-service floods, stopped by the h2 crate: they are
+/// tested here so that an upgrade or a setting cannot lose that quietly.
+/// Rapid reset (CVE-2023-44487): streams opened and reset at once, each
+/// costing the server a request and the client nothing. CONTINUATION
+/// flood (CVE-2024-27316 and kin): a header block that never ends, held
+/// in memory until it does.
+#[tokio::test]
+async fn http2_rapid_reset_and_continuation_floods_are_cut_off() {
+    use common::h2raw::*;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = format!("Bearer {}", acme_markers());
+    let ok: Vec<Field<'_>> = vec![
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":authority", b"gw"),
+        (b":path", b"/v1/tenants/acme-prod/markers"),
+        (b"authorization", tok.as_bytes()),
+    ];
+    let head = block(&ok);
+
+    // 5,000 streams, each opened and reset in the same write.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    for i in 0..5000u32 {
+        let id = 1 + 2 * i;
+        out.extend(frame(HEADERS, 0x1 | 0x4, id, &head));
+        // CANCEL
+        out.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    let _ = s.write_all(&out).await;
+    assert_eq!(goaway_code(&mut s).await, Some(ENHANCE_YOUR_CALM));
+    let forwarded = up.count();
+    assert!(
+        forwarded <= 100,
+        "{forwarded} of 5,000 reset streams forwarded"
+    );
+
+    // A header block continued 1 KB at a time, up to 10 MB.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(SETTINGS, 0, 0, &[]));
+    // END_STREAM without END_HEADERS: CONTINUATION frames must follow.
+    out.extend(frame(HEADERS, 0x1, 1, &head));
+    s.write_all(&out).await.expect("write");
+    let filler = frame(0x9, 0, 1, &block(&[(b"x-filler", &[b'a'; 1000][..])]));
+    let mut sent = 0;
+    while sent < 10_000 {
+        match tokio::time::timeout(Duration::from_secs(5), s.write_all(&filler)).await {
+            Ok(Ok(())) => sent += 1,
+            Ok(Err(_)) => break,
+            Err(_) => panic!("the gateway stopped reading without closing, after {sent} frames"),
+        }
+    }
+    assert!(sent < 10_000, "10 MB of CONTINUATION frames were read");
+    let code = goaway_code(&mut s).await;
+    assert_eq!(code, Some(ENHANCE_YOUR_CALM), "after {sent} frames");
+    assert_eq!(
+        up.count(),
+        forwarded,
+        "the endless header block was forwarded"
+    );
+
+    // The gateway still serves HTTP/2.
+    assert_eq!(
+        h2_request(gw.addr, &ok).await,
+        H2Answer::Headers { ok: true }
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Resource exhaustion against the real binary
 
