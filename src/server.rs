@@ -540,7 +540,7 @@ impl Conn<'_> {
             // a task of its own, and unboxed that is several copies of a
             // 3.9 KB future (`Gateway::handle`'s) a request. Over h2c boxing
             // saves 4.5% of the instructions; on hyper's HTTP/1 server,
-            // which keeps the future in one place, it costs 2.2% (an
+            // which keeps the future in one place, it costs 2.6% (an
             // allocation). The own HTTP/1 loop does not come here.
             Box::pin(async move {
                 let resp = gw.handle(req.map(RequestBody::Incoming), &peer).await;
