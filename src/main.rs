@@ -367,6 +367,9 @@ fn init_tracing(format: LogFormat) -> Result<scopegate::logging::Guard> {
         scopegate::logging::stdout(lines).context("starting the log writer thread")?;
     let filter =
         EnvFilter::try_from_env("SCOPEGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if let LogFormat::Json = format {
+        scopegate::logging::access_json_to(writer.clone());
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

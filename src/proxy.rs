@@ -849,13 +849,9 @@ fn access_log(
         .as_ref()
         .map(|p| (p.token_id(), p.kind().as_str()))
         .unwrap_or(("", ""));
-    let time = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    tracing::info!(
-        target: "scopegate::access",
-        time,
-        request_id = request_id.to_str().unwrap_or(""),
+    crate::logging::access(&crate::logging::AccessLine {
+        time: SystemTime::now(),
+        request_id: request_id.to_str().unwrap_or(""),
         method,
         route,
         tag,
@@ -863,12 +859,12 @@ fn access_log(
         account,
         token_id,
         token_kind,
-        decision = decision.as_str(),
-        reason = reason.map(Reason::as_str).unwrap_or(""),
-        status = status.as_u16(),
-        duration_us = total.as_micros() as u64,
-        upstream_us = upstream.map(|d| d.as_micros() as u64).unwrap_or(0),
-    );
+        decision: decision.as_str(),
+        reason: reason.map(Reason::as_str).unwrap_or(""),
+        status: status.as_u16(),
+        duration_us: total.as_micros() as u64,
+        upstream_us: upstream.map(|d| d.as_micros() as u64).unwrap_or(0),
+    });
 }
 
 /// The upstream's response body, cut off when the whole-response deadline
