@@ -261,6 +261,22 @@ pub(crate) fn parse_decimal(b: &[u8]) -> Option<u64> {
     Some(b.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
+/// `n` in decimal, with leading zeros to at least `width` digits, without
+/// allocating: content lengths, and the access log's numbers and times.
+pub(crate) fn push_decimal(out: &mut Vec<u8>, mut n: u64, width: usize) {
+    let mut tmp = [b'0'; 20];
+    let mut at = tmp.len();
+    loop {
+        at -= 1;
+        tmp[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&tmp[at.min(tmp.len().saturating_sub(width))..]);
+}
+
 /// Whether a comma-separated header value holds `token` (case-insensitive).
 pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
     value

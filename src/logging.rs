@@ -21,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prometheus::IntCounter;
 
+use crate::h1::push_decimal;
+
 /// Lines dropped because the queue to stdout was full. One counter for the
 /// process; every metrics registry carries it.
 pub static DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -228,7 +230,7 @@ fn access_json(l: &AccessLine<'_>, now: SystemTime) -> Vec<u8> {
         b.extend_from_slice(b",\"");
         b.extend_from_slice(key.as_bytes());
         b.extend_from_slice(b"\":");
-        push_digits(&mut b, value, 1);
+        push_decimal(&mut b, value, 1);
     }
     b.extend_from_slice(b",\"target\":\"scopegate::access\"}\n");
     b
@@ -268,7 +270,7 @@ fn push_rfc3339(b: &mut Vec<u8>, t: SystemTime, digits: Option<usize>) {
     let s = secs % 86_400;
     // By hand: core::fmt cost about 4,400 instructions for the two
     // timestamps of a line, more than the rest of it.
-    push_digits(b, y.max(0) as u64, 4);
+    push_decimal(b, y.max(0) as u64, 4);
     for (sep, v) in [
         (b'-', u64::from(m)),
         (b'-', u64::from(day)),
@@ -277,14 +279,14 @@ fn push_rfc3339(b: &mut Vec<u8>, t: SystemTime, digits: Option<usize>) {
         (b':', s % 60),
     ] {
         b.push(sep);
-        push_digits(b, v, 2);
+        push_decimal(b, v, 2);
     }
     let nanos = u64::from(d.subsec_nanos());
     match digits {
         Some(n) => {
             let n = n.clamp(1, 9);
             b.push(b'.');
-            push_digits(b, nanos / 10u64.pow(9 - n as u32), n);
+            push_decimal(b, nanos / 10u64.pow(9 - n as u32), n);
         }
         None if nanos > 0 => {
             let mut nanos = nanos;
@@ -294,26 +296,11 @@ fn push_rfc3339(b: &mut Vec<u8>, t: SystemTime, digits: Option<usize>) {
                 n -= 1;
             }
             b.push(b'.');
-            push_digits(b, nanos, n);
+            push_decimal(b, nanos, n);
         }
         None => {}
     }
     b.push(b'Z');
-}
-
-/// `v` in decimal, with leading zeros to at least `width` digits.
-fn push_digits(b: &mut Vec<u8>, mut v: u64, width: usize) {
-    let mut tmp = [b'0'; 20];
-    let mut i = tmp.len();
-    loop {
-        i -= 1;
-        tmp[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    b.extend_from_slice(&tmp[i.min(tmp.len().saturating_sub(width))..]);
 }
 
 /// The civil date of a day counted from 1970-01-01 (Howard Hinnant's

@@ -509,7 +509,7 @@ fn encode_head(
             Some(Some(n)) => {
                 if can_body {
                     out.extend_from_slice(b"content-length: ");
-                    push_decimal(out, n);
+                    crate::h1::push_decimal(out, n, 1);
                     out.extend_from_slice(b"\r\n");
                     framing = Framing::Length(n);
                 }
@@ -673,22 +673,6 @@ fn push_hex(out: &mut Vec<u8>, n: u64) {
     }
 }
 
-/// `n` in decimal (a content length), without allocating.
-fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut tmp = [0u8; 20];
-    let mut at = tmp.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        tmp[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&tmp[at..]);
-}
-
 /// The `date` field's value, formatted at most once a second.
 #[derive(Default)]
 struct DateCache {
@@ -819,7 +803,7 @@ mod tests {
             push_hex(&mut v, n);
             assert_eq!(v, hex.as_bytes());
             v.clear();
-            push_decimal(&mut v, n);
+            crate::h1::push_decimal(&mut v, n, 1);
             assert_eq!(v, dec.as_bytes());
         }
     }
