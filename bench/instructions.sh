@@ -12,6 +12,9 @@
 #             baseline for the own HTTP/1 server loop (src/server/fast.rs)
 #   nginx-post, sg-post, sg-post-hyper-srv  the same with POST and a
 #             256-byte JSON body in the same write as the head
+#   sg-pat-log, sg-jwt-log  sg-pat and sg-jwt with the access log on, as
+#             it is by default (SCOPEGATE_LOG=info; the others run with
+#             warn); the lines go to /dev/null
 #   nginx-h2, sg-h2  GET over HTTP/2 without TLS (h2c, prior knowledge),
 #             sent by h2load one at a time on one connection; the upstream
 #             side stays HTTP/1.1 for both
@@ -27,7 +30,9 @@
 # column "w/o sha256" leaves those functions out.
 #
 # Needs: apt-get install valgrind nginx-light nghttp2-client
-# Usage: [TARGETS="..."] bench/instructions.sh [N1] [N2]   (default 200 2200)
+# Usage: [TARGETS="..."] [SG_BIN=path] bench/instructions.sh [N1] [N2]
+#        (default 200 2200; SG_BIN: another scopegate binary to count, as
+#        an A/B baseline, instead of this tree's release build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N1=${1:-200}
@@ -38,6 +43,7 @@ done
 cargo build --release --quiet --bin scopegate --example fast_upstream --example mint_jwt
 . bench/common.sh
 start_work
+SG_BIN=${SG_BIN:-$BIN/scopegate}
 
 UP=18181 NG=18182 SG=18184 NG2=18183
 
@@ -99,16 +105,19 @@ count() {
     sg-*)
       port=$SG
       local client=inline server=own
+      local log=warn
       [ "$name" = sg-pat-hyper ] && client=hyper
       case $name in *-hyper-srv) server=hyper ;; esac
-      SCOPEGATE_UPSTREAM_CLIENT=$client SCOPEGATE_HTTP1_SERVER=$server SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
-        "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null 2>"$WORK/vg.err" & pid=$! ;;
+      case $name in *-log) log=info ;; esac
+      SCOPEGATE_UPSTREAM_CLIENT=$client SCOPEGATE_HTTP1_SERVER=$server SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=$log valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$out" \
+        "$SG_BIN" serve --config "$WORK/gateway.yaml" >/dev/null 2>"$WORK/vg.err" & pid=$! ;;
   esac
   wait_port "$port"
   local token=""
   case $name in
     sg-pat | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2) token=$PAT ;;
-    sg-jwt) token=$JWT ;;
+    sg-pat-log) token=$PAT ;;
+    sg-jwt | sg-jwt-log) token=$JWT ;;
   esac
   local method=GET
   case $name in *post*) method=POST ;; esac
@@ -130,7 +139,7 @@ count() {
 }
 
 declare -A PER NOSHA
-TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2"}
+TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2"}
 for t in $TARGETS; do
   # An assignment keeps the status of its substitution: a failed client
   # stops the script instead of printing nonsense.
@@ -149,8 +158,10 @@ for t in $TARGETS; do
   # POST targets against nginx with POST, h2 against nginx over h2.
   base=nginx
   case $t in *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; esac
-  [ -n "${NOSHA[$base]:-}" ] || continue
-  printf '%-17s %12d %12d %15.2fx\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { print a / b }')"
+  # Without its nginx target in TARGETS, the last column is left empty.
+  vs=""
+  [ -n "${NOSHA[$base]:-}" ] && vs=$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { printf "%.2fx", a / b }')
+  printf '%-17s %12d %12d %16s\n' "$t" "${PER[$t]}" "${NOSHA[$t]}" "$vs"
 done
 ratio() {
   [ -n "${NOSHA[$2]:-}" ] && [ -n "${NOSHA[$3]:-}" ] || return 0
@@ -159,3 +170,5 @@ ratio() {
 ratio "in-future client vs hyper client" sg-pat sg-pat-hyper
 ratio "own HTTP/1 loop vs hyper server" sg-pat sg-pat-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, POST" sg-post sg-post-hyper-srv
+ratio "access log on vs off, PAT" sg-pat-log sg-pat
+ratio "access log on vs off, ES256" sg-jwt-log sg-jwt
