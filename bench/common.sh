@@ -24,7 +24,9 @@ wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 # nginx_conf DIR PORT UPSTREAM_PORT [MAIN_DIRECTIVE...]: a plain reverse
 # proxy, one worker, with a keep-alive upstream pool, in DIR/nginx.conf.
 # NGINX_LISTEN=http2 makes it listen for HTTP/2 without TLS (h2c, prior
-# knowledge) instead of HTTP/1.
+# knowledge) instead of HTTP/1. NGINX_CERT and NGINX_KEY (PEM files) make it
+# terminate TLS (then NGINX_LISTEN="http2" is HTTP/2 by ALPN), TLS 1.3 only
+# as scopegate would negotiate: nginx 1.22's default stops at TLS 1.2.
 nginx_conf() {
   local dir=$1 port=$2 up=$3
   shift 3
@@ -41,7 +43,8 @@ http {
   access_log off;
   upstream up { server 127.0.0.1:$up; keepalive 64; }
   server {
-    listen 127.0.0.1:$port${NGINX_LISTEN:+ $NGINX_LISTEN};
+    listen 127.0.0.1:$port${NGINX_CERT:+ ssl}${NGINX_LISTEN:+ $NGINX_LISTEN};
+${NGINX_CERT:+    ssl_certificate $NGINX_CERT; ssl_certificate_key $NGINX_KEY; ssl_protocols TLSv1.3;}
     keepalive_requests 1000000;
     location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
@@ -75,11 +78,21 @@ mint_jwt() {
     "{\"iss\":\"https://auth.bench.example\",\"aud\":\"airbrx-api\",\"sub\":\"bench\",\"jti\":\"bench-1\",\"exp\":$(( $(date +%s) + 86400 )),\"cube\":{\"methods\":[\"GET\"],\"tags\":[\"markers\"],\"tenants\":[\"acme-prod\"],\"accounts\":[\"acme\"]}}"
 }
 
+# tls_cert DIR: a self-signed P-256 certificate for 127.0.0.1, valid for a
+# day, in DIR/cert.pem and DIR/key.pem.
+tls_cert() {
+  command -v openssl >/dev/null || { echo "missing openssl: apt-get install openssl" >&2; exit 1; }
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 \
+    -keyout "$1/key.pem" -out "$1/cert.pem" 2>/dev/null
+}
+
 # gateway_conf FILE PORT UPSTREAM_PORT: scopegate with the same key, the
-# PAT file beside FILE, and the same route.
+# PAT file beside FILE, and the same route. SG_CERT and SG_KEY (PEM files)
+# make it terminate TLS.
 gateway_conf() {
   cat > "$1" <<CONF
-listen: { addr: "127.0.0.1:$2" }
+listen: { addr: "127.0.0.1:$2"${SG_CERT:+, tls: { cert: $SG_CERT, key: $SG_KEY \}} }
 upstream: { url: "http://127.0.0.1:$3" }
 tokens:
   pat_file: tokens.yaml

@@ -17,14 +17,21 @@
 # connection to hyper at its preface, so there the third target is the
 # same code as the second: a control for the spread between rounds.
 #
-# Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client
-# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h2] bench/cputime.sh
+# TLS=1 has nginx and both scopegates terminate TLS 1.3 with the same
+# self-signed P-256 certificate; wrk speaks HTTP/1.1 over it, h2load
+# (PROTO=h2) HTTP/2 by ALPN. Connections are kept alive, so this is the
+# cost of the records, not of handshakes. The upstream side stays plain.
+#
+# Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client;
+#        for TLS=1 openssl
+# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h2] [TLS=0|1] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-10}
 DUR=${DUR:-5}
 METHOD=${METHOD:-GET}
 PROTO=${PROTO:-h1}
+TLS=${TLS:-0}
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
@@ -42,6 +49,12 @@ start_work
 
 UP=18481 NG=18482 SG=18484 SGH=18486
 [ "$PROTO" = h2 ] && export NGINX_LISTEN=http2
+SCHEME=http
+if [ "$TLS" = 1 ]; then
+  tls_cert "$WORK"
+  export NGINX_CERT=$WORK/cert.pem NGINX_KEY=$WORK/key.pem SG_CERT=$WORK/cert.pem SG_KEY=$WORK/key.pem
+  SCHEME=https
+fi
 pinned_upstream_and_nginx $UP $NG
 PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/g1.yaml" $SG $UP
@@ -69,7 +82,7 @@ one() { # name port pid
   local c0 c1 u0 u1 n
   c0=$(cpu "$3"); u0=$(ucpu "$3")
   if [ "$PROTO" = h2 ]; then
-    taskset -c 0 h2load -c32 -m1 -D"$DUR" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/h2load"
+    taskset -c 0 h2load -c32 -m1 -D"$DUR" -H "Authorization: Bearer $PAT" "$SCHEME://127.0.0.1:$2$PATH_OK" > "$WORK/h2load"
     c1=$(cpu "$3"); u1=$(ucpu "$3")
     # Requests done; none may have failed or had an answer other than 2xx.
     # (When the time is up, a status may be counted for a request that is
@@ -81,7 +94,7 @@ one() { # name port pid
       echo "$1: failed or non-2xx responses" >&2; sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; exit 1
     fi
   else
-    taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" -H "Authorization: Bearer $PAT" "http://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
+    taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" -H "Authorization: Bearer $PAT" "$SCHEME://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
     c1=$(cpu "$3"); u1=$(ucpu "$3")
     if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
     n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
@@ -89,12 +102,22 @@ one() { # name port pid
   ALL[$1]+=" $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
   USR[$1]+=" $(awk -v a="$u0" -v b="$u1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
 }
+if [ "$TLS" = 1 ]; then
+  # What each negotiates with this client library: the same, or the
+  # comparison is off.
+  for p in $NG $SG $SGH; do
+    printf 'port %s: ' "$p"
+    openssl s_client -connect "127.0.0.1:$p" </dev/null 2>/dev/null | awk '/^New,/ { print $2, $NF; exit }'
+  done
+fi
 for _ in $(seq 1 "$PAIRS"); do
   one nginx $NG "$NGW"
   one sg-pat $SG $SG1
   one sg-pat-hyper-srv $SGH $SG2
 done
-echo "CPU µs per $METHOD request over $PROTO, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, 32 connections"
+OVER=$PROTO
+[ "$TLS" = 1 ] && OVER="$PROTO with TLS"
+echo "CPU µs per $METHOD request over $OVER, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, 32 connections"
 for t in nginx sg-pat sg-pat-hyper-srv; do
   printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
 done
