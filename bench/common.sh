@@ -107,3 +107,24 @@ routes:
   - { path: "/v1/tenants/{tenant}/markers", tag: markers, methods: [GET, POST] }
 CONF
 }
+
+# CPU time of a process so far, in clock ticks (TCK a second): user and
+# system (cpu), user alone (ucpu).
+TCK=$(getconf CLK_TCK)
+cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+ucpu() { awk '{ print $14 }' "/proc/$1/stat"; }
+
+# median: the median of the numbers on stdin (spaces or lines).
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+# paired "A1 A2 ..." "B1 B2 ...": A/B round by round, and a 90% bootstrap
+# interval for the median of those ratios (bench/stats.py).
+paired() {
+PYTHONPATH=bench python3 - "$1" "$2" <<'PY'
+import random, sys
+from stats import median_interval
+r = [float(a) / float(b) for a, b in zip(sys.argv[1].split(), sys.argv[2].split())]
+m, lo, hi = median_interval(r, random.Random(1))
+print("  per round:", " ".join(f"{x:.2f}" for x in r), f"; median {m:.2f}, 90% interval [{lo:.2f}, {hi:.2f}]")
+PY
+}

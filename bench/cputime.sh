@@ -73,10 +73,6 @@ wrk.headers["Content-Type"] = "application/json"
 LUA
   SCRIPT=(-s "$WORK/post.lua")
 fi
-TCK=$(getconf CLK_TCK)
-cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-ucpu() { awk '{ print $14 }' "/proc/$1/stat"; }
-median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 declare -A ALL USR
 one() { # name port pid
   local c0 c1 u0 u1 n
@@ -129,19 +125,10 @@ for t in nginx sg-pat sg-pat-hyper-srv; do
 done
 ratio() { awk -v a="$(median <<<"${ALL[$1]}")" -v b="$(median <<<"${ALL[$2]}")" 'BEGIN { printf "%.2f", a / b }'; }
 echo "nginx / sg-pat (scopegate's efficiency as a share of nginx's): $(ratio nginx sg-pat)x"
-# The same share round by round (each round's nginx over its scopegate), and
-# a 90% bootstrap interval for their median: rounds on this VM move by 20-30%,
-# so the median alone does not say whether issue 5's "within 15% of nginx"
-# (0.85x or better) is settled.
-paired() { # A B: A/B round by round, with a 90% bootstrap interval of the median
-PYTHONPATH=bench python3 - "$1" "$2" <<'PY'
-import random, sys
-from stats import median_interval
-r = [float(a) / float(b) for a, b in zip(sys.argv[1].split(), sys.argv[2].split())]
-m, lo, hi = median_interval(r, random.Random(1))
-print("  per round:", " ".join(f"{x:.2f}" for x in r), f"; median {m:.2f}, 90% interval [{lo:.2f}, {hi:.2f}]")
-PY
-}
+# The same share round by round (each round's nginx over its scopegate),
+# with a 90% interval: rounds on this VM move by 20-30%, so the median
+# alone does not say whether issue 5's "within 15% of nginx" (0.85x or
+# better) is settled.
 paired "${ALL[nginx]}" "${ALL[sg-pat]}"
 if [ "$PROTO" = h2 ]; then
   echo "sg-pat / sg-pat-hyper-srv (a control over h2: the same code both ways): $(ratio sg-pat sg-pat-hyper-srv)x"

@@ -1,4 +1,4 @@
-"""Shared by bench/floor.sh and bench/cputime.sh: the median of a sample
+"""Shared by bench/floor.sh and bench/common.sh's `paired`: the median of a sample
 and a 90% bootstrap interval for it, for benchmark rounds on a noisy VM."""
 
 import random
