@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{Empty, Full};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::HandshakeKind;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::json;
@@ -137,6 +138,75 @@ async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
             .is_err(),
         "old certificate still served"
     );
+}
+
+/// One TLS connection from `cfg` with one request read to its end (so the
+/// session tickets that follow the handshake are taken in): how its
+/// handshake went.
+async fn visit(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> HandshakeKind {
+    let tls = tls_connect(addr, cfg).await.expect("tls");
+    let kind = tls.get_ref().1.handshake_kind().expect("handshake done");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/health")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("req");
+    let resp = h1.send_request(req).await.expect("resp");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+    kind
+}
+
+/// Clients that come back resume their sessions, more of them than
+/// rustls's default cache keeps (256 sessions, two a client); and none
+/// does after a reload changed the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returning_clients_resume_their_tls_sessions_until_a_reload() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca1, cert1, key1) = pki(&["localhost"]);
+    let (ca2, cert2, key2) = pki(&["localhost"]);
+    std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
+    std::fs::write(dir.path().join("server.key"), &key1).expect("write");
+    let path = write_files(dir.path(), up.addr, &[], &tls_opts());
+    let gw = TestGateway::serve_from(path, dir).await;
+    let _watch = gw.watch();
+
+    // Each client its own session store, trusting both certificates.
+    let both = format!("{ca1}{ca2}");
+    let clients: Vec<_> = (0..200)
+        .map(|_| client_config(&both, &[b"http/1.1"]))
+        .collect();
+    for c in &clients {
+        assert_eq!(visit(gw.addr, c.clone()).await, HandshakeKind::Full);
+    }
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(
+            visit(gw.addr, c.clone()).await,
+            HandshakeKind::Resumed,
+            "client {i} of {} was not resumed",
+            clients.len()
+        );
+    }
+
+    write_atomic(&gw.dir.path().join("server.key"), &key2);
+    write_atomic(&gw.dir.path().join("server.crt"), &cert2);
+    eventually(
+        Duration::from_secs(3),
+        "new certificate served",
+        async || {
+            tls_connect(gw.addr, client_config(&ca2, &[b"http/1.1"]))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+    for c in clients.iter().take(20) {
+        assert_eq!(visit(gw.addr, c.clone()).await, HandshakeKind::Full);
+    }
 }
 
 #[tokio::test]
