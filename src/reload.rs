@@ -42,6 +42,35 @@ pub enum Reloaded {
     Unchanged,
 }
 
+/// Carry the TLS sessions clients can resume from `old` into `new` when
+/// `new` serves the same certificate and key, byte for byte: a reload that
+/// edits PATs or routes should not send every returning client through a
+/// full handshake. A changed certificate or key keeps `new`'s empty cache,
+/// so no session made under the old one is resumed.
+fn carry_tls_sessions(old: &Snapshot, new: &mut Snapshot) {
+    let hash = |s: &Snapshot, p: &Path| {
+        s.files
+            .iter()
+            .find(|f| f.path == p)
+            .map(|f| f.sha256.clone())
+    };
+    let Some(config) = old.tls.as_ref().zip(new.tls.as_ref()).and_then(|(o, n)| {
+        let same = [(&o.files.cert, &n.files.cert), (&o.files.key, &n.files.key)]
+            .into_iter()
+            .all(|(a, b)| hash(old, a).is_some_and(|h| Some(h) == hash(new, b)));
+        same.then(|| {
+            let mut c = (*n.config).clone();
+            c.session_storage = o.config.session_storage.clone();
+            Arc::new(c)
+        })
+    }) else {
+        return;
+    };
+    if let Some(t) = new.tls.as_mut() {
+        t.config = config;
+    }
+}
+
 /// Reloads the gateway's configuration from `path`.
 pub struct Reloader {
     gw: Arc<Gateway>,
@@ -91,7 +120,7 @@ impl Reloader {
                     message: format!("reload task failed: {e}"),
                 }]))
             });
-        let snapshot = match built {
+        let mut snapshot = match built {
             Ok(s) => s,
             Err(e) => {
                 self.gw.record_failure(&e.to_string());
@@ -113,6 +142,7 @@ impl Reloader {
         for w in &snapshot.warnings {
             tracing::warn!(warning = %w, "configuration warning");
         }
+        carry_tls_sessions(&current.snapshot, &mut snapshot);
         match self.gw.publish(snapshot) {
             Ok(n) => {
                 tracing::info!(generation = n, "configuration reloaded");

@@ -17,9 +17,10 @@ use crate::config::TlsFiles;
 /// full handshake stores two (two TLS 1.3 tickets), so only about 128
 /// returning clients would resume; past that each reconnect pays the
 /// certificate's signature again. These keep about 8,192 clients, for
-/// about 5 MB when full (BENCHMARKS.md, session 16). The cache is the
-/// generation's: after a reload no session made under the old certificate
-/// is resumed.
+/// about 5 MB when full (BENCHMARKS.md, session 16). A reload keeps the
+/// cache only when the certificate and key are unchanged
+/// (`reload::carry_tls_sessions`): no session made under an old
+/// certificate is resumed.
 pub const RESUMABLE_SESSIONS: usize = 16_384;
 
 /// Build the server configuration from PEM bytes. Errors name the file.
