@@ -22,9 +22,14 @@
 # (PROTO=h2) HTTP/2 by ALPN. Connections are kept alive, so this is the
 # cost of the records, not of handshakes. The upstream side stays plain.
 #
+# CONN=close sends `Connection: close` with every HTTP/1 request, so each
+# request comes on a new connection: the cost of a client that does not
+# keep its connection (with TLS=1 that adds a full handshake each).
+#
 # Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client;
 #        for TLS=1 openssl
-# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h2] [TLS=0|1] bench/cputime.sh
+# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h2] [TLS=0|1]
+#        [CONN=keep|close] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-10}
@@ -32,6 +37,8 @@ DUR=${DUR:-5}
 METHOD=${METHOD:-GET}
 PROTO=${PROTO:-h1}
 TLS=${TLS:-0}
+CLOSE=()
+[ "${CONN:-keep}" = close ] && CLOSE=(-H "Connection: close")
 [ "$(nproc)" -ge 2 ] || { echo "needs two CPUs" >&2; exit 1; }
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install wrk nginx-light" >&2; exit 1; }
@@ -90,7 +97,7 @@ one() { # name port pid
       echo "$1: failed or non-2xx responses" >&2; sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; exit 1
     fi
   else
-    taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" -H "Authorization: Bearer $PAT" "$SCHEME://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
+    taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" "${CLOSE[@]}" -H "Authorization: Bearer $PAT" "$SCHEME://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
     c1=$(cpu "$3"); u1=$(ucpu "$3")
     if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
     n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
