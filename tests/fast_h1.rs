@@ -519,6 +519,36 @@ async fn fixed_requests_and_answers_are_alike() {
     // What the loop serves itself, at its edges.
     one("content-length 0", get(M, &t, "content-length: 0\r\n"));
     one("keep-alive", get(M, &t, "connection: keep-alive\r\n"));
+    // A client that closes after its request: answered with
+    // `connection: close`, then the connection ends, as hyper does it.
+    one("connection close", get(M, &t, "connection: close\r\n"));
+    one("connection Close", get(M, &t, "Connection:  Close \r\n"));
+    one(
+        "connection close, denied",
+        get(M, "nope", "connection: close\r\n"),
+    );
+    one(
+        "connection close, upstream closes too",
+        get(
+            &format!("{M}?case=connection-close"),
+            &t,
+            "connection: close\r\n",
+        ),
+    );
+    one(
+        "connection close, chunked answer",
+        get(&format!("{M}?case=chunked"), &t, "connection: close\r\n"),
+    );
+    one("connection close with a body", {
+        let mut r = get(M, &t, "connection: close\r\ncontent-length: 4\r\n");
+        r.extend_from_slice(b"abcd");
+        r
+    });
+    // The request after a close is never answered, by either.
+    one(
+        "connection close, then pipelined",
+        [get(M, &t, "connection: close\r\n"), get(M, &t, "")].concat(),
+    );
     one(
         "leading empty lines",
         [b"\r\n\r\n".to_vec(), get(M, &t, "")].concat(),
@@ -623,7 +653,18 @@ async fn fixed_requests_and_answers_are_alike() {
             .into_bytes(),
     );
     one("POST chunked", format!("POST {M} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").into_bytes());
-    one("connection close", get(M, &t, "connection: close\r\n"));
+    one(
+        "connection close, listed",
+        get(M, &t, "connection: close, x-a\r\n"),
+    );
+    one(
+        "connection close, twice",
+        get(M, &t, "connection: close\r\nconnection: close\r\n"),
+    );
+    one(
+        "connection close and keep-alive",
+        get(M, &t, "connection: keep-alive\r\nconnection: close\r\n"),
+    );
     one(
         "connection upgrade",
         get(M, &t, "connection: upgrade\r\nupgrade: websocket\r\n"),
@@ -763,7 +804,7 @@ async fn fixed_requests_and_answers_are_alike() {
             get(M, &t, "connection: close\r\n"),
             get(M, &t, ""),
         ],
-        (1, 1),
+        (2, 2),
     ));
     cases.push((
         "split head".into(),

@@ -1362,8 +1362,9 @@ async fn a_token_in_the_query_string_does_not_authenticate() {
 /// are kept alive, as real clients send them, so the listener's own
 /// HTTP/1 loop, the production path, reads them; with
 /// `SCOPEGATE_HTTP1_SERVER=hyper` (CI's second pass) hyper's server does.
-/// Until session 14 they said `connection: close`, which the loop hands to
-/// hyper: every suite but tests/fast_h1.rs ran on hyper's server alone.
+/// Until session 14 they said `connection: close`, which the loop then
+/// handed to hyper: every suite but tests/fast_h1.rs ran on hyper's server
+/// alone.
 #[tokio::test]
 async fn the_suites_requests_are_read_by_the_server_in_use() {
     let up = Upstream::start(Default::default()).await;

@@ -17,8 +17,9 @@
 //! - the method is neither `HEAD` nor `CONNECT`, and the target is
 //!   origin-form (starts with `/`) and no longer than hyper allows;
 //! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field,
-//!   and no `Connection` other than one `keep-alive`: nothing that streams
-//!   a body, changes the connection, or lets a client ask for trailers;
+//!   and no `Connection` other than one `keep-alive` or one `close`:
+//!   nothing that streams a body, changes the connection, or lets a client
+//!   ask for trailers;
 //! - there is at most one `Content-Length`, all digits, of at most
 //!   [`MAX_BODY`] bytes, and the whole body is in the read buffer once the
 //!   socket's ready bytes are read (it is never waited for: a body still
@@ -42,7 +43,10 @@
 //!   trusted and written once; a body of unknown size is chunked; 204 and
 //!   304 never carry a body;
 //! - a `date` field when the response has none (cached per second);
-//! - a response with `Connection: close` ends the connection;
+//! - a request or a response with `Connection: close` ends the connection
+//!   after the response, and a response that ends it (for the request, or
+//!   because the gateway is draining) says `connection: close`, as hyper's
+//!   `enforce_version` adds it;
 //! - a body that fails, or ends short of its length, ends the connection
 //!   without the chunked terminator, so the client sees an incomplete
 //!   answer and never a complete wrong one;
@@ -206,6 +210,12 @@ where
             }
         };
 
+        // `Connection: close` (the one field `parse` lets through, trimmed
+        // as it checked it): answer, then end the connection.
+        let client_closes = req
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"close"));
         let guard = ActiveGuard::new(activity);
         let resp = {
             // Kept in the connection's task, not boxed: a box cost a 4.6 KB
@@ -219,8 +229,11 @@ where
             }
         };
 
-        let keep_alive = activity.verdict.load(Ordering::Acquire) == KEEP;
+        let keep_alive = !client_closes && activity.verdict.load(Ordering::Acquire) == KEEP;
         let (mut parts, body) = resp.into_parts();
+        if !keep_alive {
+            say_close(&mut parts.headers);
+        }
         scratch.out.clear();
         let Ok(head) = encode_head(&mut parts, &body, keep_alive, &mut scratch) else {
             return Next::Close;
@@ -337,7 +350,12 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
                 _ => return Parsed::NotMine,
             }
         } else if name == header::CONNECTION {
-            if saw_connection || !h.value.trim_ascii().eq_ignore_ascii_case(b"keep-alive") {
+            // One `keep-alive` or one `close`; a list, or anything that
+            // names other fields to drop, is hyper's.
+            let v = h.value.trim_ascii();
+            if saw_connection
+                || !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close"))
+            {
                 return Parsed::NotMine;
             }
             saw_connection = true;
@@ -422,6 +440,26 @@ fn body_length(body: &ResponseBody) -> Option<Option<u64>> {
         None
     } else {
         Some(body.size_hint().exact())
+    }
+}
+
+/// What hyper's `enforce_version` does to the response on a connection it
+/// will not keep: add `close` to its `Connection` field unless a value
+/// there says so already.
+fn say_close(headers: &mut HeaderMap) {
+    const CLOSE: HeaderValue = HeaderValue::from_static("close");
+    match headers.entry(header::CONNECTION) {
+        header::Entry::Occupied(mut e) => {
+            if !e
+                .iter()
+                .any(|v| crate::h1::has_token(v.as_bytes(), b"close"))
+            {
+                e.append(CLOSE);
+            }
+        }
+        header::Entry::Vacant(e) => {
+            e.insert(CLOSE);
+        }
     }
 }
 
@@ -759,6 +797,7 @@ mod tests {
         assert!(served("GET / HTTP/1.1\r\nhost: a\r\n\r\n"));
         assert!(served("DELETE /x HTTP/1.1\r\ncontent-length: 0\r\n\r\n"));
         assert!(served("GET / HTTP/1.1\r\nConnection:  keep-alive \r\n\r\n"));
+        assert!(served("GET / HTTP/1.1\r\nconnection: Close\r\n\r\n"));
         for h in [
             "HEAD / HTTP/1.1\r\n\r\n",
             "CONNECT h:1 HTTP/1.1\r\n\r\n",
@@ -771,8 +810,10 @@ mod tests {
             "GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n",
             "GET / HTTP/1.1\r\nupgrade: h2c\r\n\r\n",
             "GET / HTTP/1.1\r\nte: trailers\r\n\r\n",
-            "GET / HTTP/1.1\r\nconnection: close\r\n\r\n",
             "GET / HTTP/1.1\r\nconnection: keep-alive\r\nconnection: keep-alive\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: close\r\nconnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: close, x-a\r\n\r\n",
+            "GET / HTTP/1.1\r\nconnection: x-a\r\n\r\n",
             "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         ] {
             assert!(!served(h), "{h:?}");
