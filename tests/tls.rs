@@ -56,6 +56,23 @@ fn tls_opts() -> Options {
     }
 }
 
+/// Write a new certificate and key where the gateway's are (key first),
+/// and wait until new connections get it (`ca` trusts it).
+async fn replace_certificate(gw: &TestGateway, ca: &str, cert: &str, key: &str) {
+    write_atomic(&gw.dir.path().join("server.key"), key);
+    write_atomic(&gw.dir.path().join("server.crt"), cert);
+    eventually(
+        Duration::from_secs(3),
+        "new certificate served",
+        async || {
+            tls_connect(gw.addr, client_config(ca, &[b"http/1.1"]))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
     let up = Upstream::start(Default::default()).await;
@@ -120,18 +137,7 @@ async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
 
     // Certificate and key replaced on disk: new connections get the new one.
     let (ca2, cert2, key2) = pki(&["localhost"]);
-    write_atomic(&gw.dir.path().join("server.key"), &key2);
-    write_atomic(&gw.dir.path().join("server.crt"), &cert2);
-    eventually(
-        Duration::from_secs(3),
-        "new certificate served",
-        async || {
-            tls_connect(gw.addr, client_config(&ca2, &[b"http/1.1"]))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
+    replace_certificate(&gw, &ca2, &cert2, &key2).await;
     assert!(
         tls_connect(gw.addr, client_config(&ca1, &[b"http/1.1"]))
             .await
@@ -205,18 +211,7 @@ async fn returning_clients_resume_their_tls_sessions_until_a_reload() {
         assert_eq!(visit(gw.addr, c.clone()).await, HandshakeKind::Resumed);
     }
 
-    write_atomic(&gw.dir.path().join("server.key"), &key2);
-    write_atomic(&gw.dir.path().join("server.crt"), &cert2);
-    eventually(
-        Duration::from_secs(3),
-        "new certificate served",
-        async || {
-            tls_connect(gw.addr, client_config(&ca2, &[b"http/1.1"]))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
+    replace_certificate(&gw, &ca2, &cert2, &key2).await;
     for c in clients.iter().take(20) {
         assert_eq!(visit(gw.addr, c.clone()).await, HandshakeKind::Full);
     }
