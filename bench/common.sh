@@ -114,6 +114,18 @@ TCK=$(getconf CLK_TCK)
 cpu() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 ucpu() { awk '{ print $14 }' "/proc/$1/stat"; }
 
+# per_each T0 T1 N: the µs of CPU from tick count T0 to T1, per one of N.
+per_each() { awk -v a="$1" -v b="$2" -v n="$3" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }'; }
+
+# tls_negotiated PORT...: the TLS version and cipher suite OpenSSL's client
+# gets from each port; a comparison is fair only when the lines agree.
+tls_negotiated() {
+  for p; do
+    printf 'port %s: ' "$p"
+    openssl s_client -connect "127.0.0.1:$p" </dev/null 2>/dev/null | awk '/^New,/ { print $2, $NF; exit }'
+  done
+}
+
 # median: the median of the numbers on stdin (spaces or lines).
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 

@@ -102,17 +102,10 @@ one() { # name port pid
     if grep -q "Non-2xx" "$WORK/wrk"; then echo "$1: non-2xx responses" >&2; exit 1; fi
     n=$(awk '/requests in/ { print $1 }' "$WORK/wrk")
   fi
-  ALL[$1]+=" $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
-  USR[$1]+=" $(awk -v a="$u0" -v b="$u1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.2f", (b - a) / t * 1e6 / n }')"
+  ALL[$1]+=" $(per_each "$c0" "$c1" "$n")"
+  USR[$1]+=" $(per_each "$u0" "$u1" "$n")"
 }
-if [ "$TLS" = 1 ]; then
-  # What each negotiates with this client library: the same, or the
-  # comparison is off.
-  for p in $NG $SG $SGH; do
-    printf 'port %s: ' "$p"
-    openssl s_client -connect "127.0.0.1:$p" </dev/null 2>/dev/null | awk '/^New,/ { print $2, $NF; exit }'
-  done
-fi
+[ "$TLS" = 1 ] && tls_negotiated $NG $SG $SGH
 for _ in $(seq 1 "$PAIRS"); do
   one nginx $NG "$NGW"
   one sg-pat $SG $SG1

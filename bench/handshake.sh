@@ -40,10 +40,7 @@ echo '  - { path: /v1/health, public: true }' >> "$WORK/gateway.yaml"
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/gateway.yaml" >/dev/null & SGP=$!; PIDS+=($SGP)
 for p in $NG $SG; do wait_port $p; done
 NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
-for p in $NG $SG; do
-  printf 'port %s: ' "$p"
-  openssl s_client -connect "127.0.0.1:$p" </dev/null 2>/dev/null | awk '/^New,/ { print $2, $NF; exit }'
-done
+tls_negotiated $NG $SG
 
 declare -A ALL
 one() { # name port pid mode
@@ -61,7 +58,7 @@ one() { # name port pid mode
   local s
   s=$(openssl s_client -connect "127.0.0.1:$2" -quiet -ign_eof <<<$'GET /v1/health HTTP/1.0\r\n\r' 2>/dev/null | head -1)
   case $s in "HTTP/1."?" 200"*) ;; *) echo "$1: answered $s" >&2; exit 1 ;; esac
-  ALL[$1-$4]+=" $(awk -v a="$c0" -v b="$c1" -v n="$n" -v t="$TCK" 'BEGIN { printf "%.1f", (b - a) / t * 1e6 / n }')"
+  ALL[$1-$4]+=" $(per_each "$c0" "$c1" "$n")"
 }
 for _ in $(seq 1 "$ROUNDS"); do
   for mode in new reuse; do

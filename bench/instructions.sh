@@ -115,8 +115,7 @@ count() {
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2) token=$PAT ;;
-    sg-pat-log) token=$PAT ;;
+    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2) token=$PAT ;;
     sg-jwt | sg-jwt-log) token=$JWT ;;
   esac
   local method=GET
