@@ -15,12 +15,17 @@
 #   sg-pat-log, sg-jwt-log  sg-pat and sg-jwt with the access log on, as
 #             it is by default (SCOPEGATE_LOG=info; the others run with
 #             warn); the lines go to /dev/null
+#   nginx-close, sg-close, sg-close-hyper-srv  GET with `Connection: close`,
+#             each request on a connection of its own: the cost of a
+#             client that does not keep its connection (accepting, the
+#             connection's task and state, closing)
 #   nginx-h2, sg-h2  GET over HTTP/2 without TLS (h2c, prior knowledge),
 #             sent by h2load one at a time on one connection; the upstream
 #             side stays HTTP/1.1 for both
 #
 # Each target runs twice under valgrind, serving N1 and then N2 requests
-# one after another on one keep-alive connection; (I(N2) - I(N1)) / (N2 - N1)
+# one after another on one keep-alive connection (the -close targets: on
+# a new connection each); (I(N2) - I(N1)) / (N2 - N1)
 # is the cost of one request with start-up and shutdown cancelled out.
 # Kernel time is not counted: `strace -c` shows the same four socket calls
 # per request for both proxies (2 recvfrom, 2 writev).
@@ -57,21 +62,23 @@ PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/gateway.yaml" $SG $UP
 JWT=$(mint_jwt)
 
-# N requests in sequence on one keep-alive connection; every answer must be 200.
+# N requests in sequence on one keep-alive connection, or with "close" each
+# on a connection of its own with `Connection: close`; every answer must be
+# 200.
 cat > "$WORK/client.py" <<'PY'
 import socket, sys
-port, n, path, token, method = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+port, n, path, token, method, conn = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 auth = f"Authorization: Bearer {token}\r\n" if token else ""
+close = "Connection: close\r\n" if conn == "close" else ""
 if method == "POST":
     body = ('{"marker": "' + "m" * 242 + '"}').encode()
     assert len(body) == 256
-    req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
+    req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
 else:
-    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n".encode()
-s = socket.create_connection(("127.0.0.1", port))
-buf = b""
-for _ in range(n):
-    s.sendall(req)
+    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}\r\n".encode()
+
+def answer(s, buf):
+    """Read one answer from s (after buf); return what follows it."""
     while True:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
@@ -84,12 +91,27 @@ for _ in range(n):
             if len(buf) >= end + 4 + length:
                 if not head.startswith("HTTP/1.1 200"):
                     sys.exit(f"answered: {head.splitlines()[0]}")
-                buf = buf[end + 4 + length:]
-                break
+                return buf[end + 4 + length:]
         data = s.recv(65536)
         if not data:
             sys.exit("connection closed")
         buf += data
+
+if close:
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(req)
+        answer(s, b"")
+        # The proxy closes: nothing may follow the answer.
+        if s.recv(65536):
+            sys.exit("bytes after the answer")
+        s.close()
+else:
+    s = socket.create_connection(("127.0.0.1", port))
+    buf = b""
+    for _ in range(n):
+        s.sendall(req)
+        buf = answer(s, buf)
 PY
 
 # count NAME N -> "total sha256" instructions of one run serving N requests.
@@ -115,11 +137,12 @@ count() {
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2) token=$PAT ;;
+    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2 | sg-close | sg-close-hyper-srv) token=$PAT ;;
     sg-jwt | sg-jwt-log) token=$JWT ;;
   esac
-  local method=GET
+  local method=GET conn=keep
   case $name in *post*) method=POST ;; esac
+  case $name in *-close*) conn=close ;; esac
   case $name in
     *-h2)
       # One connection, one request at a time, like the HTTP/1 client;
@@ -127,7 +150,7 @@ count() {
       h2load -n "$n" -c 1 -m 1 ${token:+-H "Authorization: Bearer $token"} \
         "http://127.0.0.1:$port$PATH_OK" > "$WORK/h2load" 2>&1 || { kill $pid; return 1; }
       grep -q "^status codes: $n 2xx" "$WORK/h2load" || { sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; kill $pid; return 1; } ;;
-    *) python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" || { kill $pid; return 1; } ;;
+    *) python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" "$conn" || { kill $pid; return 1; } ;;
   esac
   case $name in nginx*) kill -QUIT $pid ;; *) kill -TERM $pid ;; esac
   wait $pid || true
@@ -138,7 +161,7 @@ count() {
 }
 
 declare -A PER NOSHA
-TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2"}
+TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2 nginx-close sg-close sg-close-hyper-srv"}
 for t in $TARGETS; do
   # An assignment keeps the status of its substitution: a failed client
   # stops the script instead of printing nonsense.
@@ -151,12 +174,12 @@ for t in $TARGETS; do
 done
 
 echo
-echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection)"
+echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection, -close targets a connection each)"
 printf '%-17s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
 for t in $TARGETS; do
   # POST targets against nginx with POST, h2 against nginx over h2.
   base=nginx
-  case $t in *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; esac
+  case $t in *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; *close*) base=nginx-close ;; esac
   # Without its nginx target in TARGETS, the last column is left empty.
   vs=""
   [ -n "${NOSHA[$base]:-}" ] && vs=$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { printf "%.2fx", a / b }')
@@ -169,5 +192,6 @@ ratio() {
 ratio "in-future client vs hyper client" sg-pat sg-pat-hyper
 ratio "own HTTP/1 loop vs hyper server" sg-pat sg-pat-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, POST" sg-post sg-post-hyper-srv
+ratio "own HTTP/1 loop vs hyper server, a connection each" sg-close sg-close-hyper-srv
 ratio "access log on vs off, PAT" sg-pat-log sg-pat
 ratio "access log on vs off, ES256" sg-jwt-log sg-jwt
