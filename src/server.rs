@@ -13,10 +13,10 @@
 //! keep-alive connection; the connection is closed at once),
 //! and `idle_timeout`: a connection with no request in progress and no
 //! byte moved for that long is closed gracefully. Both are kept by one
-//! watchdog task per connection, not by timers per request. On shutdown
-//! the listener stops accepting, every connection is told to finish its
-//! requests and close, and `serve` returns when all have, or when
-//! `drain_timeout` passes.
+//! clock task for all connections, not by timers per request or per
+//! connection (see [`clock`]). On shutdown the listener stops accepting,
+//! every connection is told to finish its requests and close, and `serve`
+//! returns when all have, or when `drain_timeout` passes.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -42,14 +42,14 @@ mod fast;
 pub use fast::{MAX_BODY, Parsed as ParsedHead, parse_head};
 
 /// Per-connection state, shared by the IO wrapper, the service, the
-/// response bodies, the connection future and its watchdog.
+/// response bodies, the connection future and the [`clock`].
 ///
 /// Timekeeping stays off the per-request path: no timer is armed for a
-/// request head or an idle period. The watchdog task sleeps until the
-/// earliest deadline these fields allow, looks again, and only then tells
-/// the connection to close (hyper's own `header_read_timeout` armed, polled
-/// and dropped a timer for every request: about 1.9k instructions, 5.7%
-/// of a proxied request, measured with `bench/instructions.sh`).
+/// request head or an idle period. The clock looks at these fields on its
+/// tick and only then tells the connection to close (hyper's own
+/// `header_read_timeout` armed, polled and dropped a timer for every
+/// request: about 1.9k instructions, 5.7% of a proxied request, measured
+/// with `bench/instructions.sh`).
 struct Activity {
     started: Instant,
     /// Milliseconds since `started` of the last byte read or written.
@@ -63,7 +63,7 @@ struct Activity {
     /// The client opened with the HTTP/2 preface: no head timeout (hyper
     /// never had one for HTTP/2 either); the idle timeout still applies.
     h2: AtomicBool,
-    /// What the watchdog asks of the connection: [`KEEP`], [`GRACEFUL`] or
+    /// What the clock asks of the connection: [`KEEP`], [`GRACEFUL`] or
     /// [`CLOSE`].
     verdict: AtomicU8,
     /// The connection task, woken when `verdict` changes.
@@ -111,37 +111,29 @@ impl Activity {
         self.waker.wake();
     }
 
-    /// The watchdog's look at the connection: a verdict that is due, or how
-    /// long until one could be. `graceful_sent` switches the idle rule off
-    /// (the connection is already finishing); the head rule stays, so a
-    /// client cannot hold a draining connection open with a trickled head.
-    fn check(&self, idle: Duration, header: Duration, graceful_sent: bool) -> Result<Duration, u8> {
+    /// The clock's look at the connection at `now`: the verdict that is
+    /// due, if any. Once the connection was told to finish (drain, idle)
+    /// the idle rule is off; the head rule stays, so a client cannot hold a
+    /// draining connection open with a trickled head.
+    fn due(&self, now: Instant, idle: Duration, header: Duration) -> Option<u8> {
+        let told = self.verdict.load(Ordering::Relaxed);
         // Acquire pairs with `response_done`: a zero count sees the
         // `head_since` stored before it.
-        if self.active.load(Ordering::Acquire) > 0 {
-            // Busy: no deadline runs while a response is in progress.
-            return Ok(idle.min(header));
+        if told == CLOSE || self.active.load(Ordering::Acquire) > 0 {
+            // Closing already, or busy: no deadline runs while a response
+            // is in progress.
+            return None;
         }
-        let now = Duration::from_millis(self.now_ms());
-        let mut wait = idle;
-        if !self.h2.load(Ordering::Relaxed) {
-            let waiting = now.saturating_sub(Duration::from_millis(
-                self.head_since.load(Ordering::Relaxed),
-            ));
-            if waiting >= header {
-                return Err(CLOSE);
-            }
-            wait = header - waiting;
+        let now = now.saturating_duration_since(self.started);
+        let since =
+            |at: &AtomicU64| now.saturating_sub(Duration::from_millis(at.load(Ordering::Relaxed)));
+        if !self.h2.load(Ordering::Relaxed) && since(&self.head_since) >= header {
+            return Some(CLOSE);
         }
-        if !graceful_sent {
-            let quiet =
-                now.saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)));
-            if quiet >= idle {
-                return Err(GRACEFUL);
-            }
-            wait = wait.min(idle - quiet);
+        if told == KEEP && since(&self.last) >= idle {
+            return Some(GRACEFUL);
         }
-        Ok(wait)
+        None
     }
 }
 
@@ -394,7 +386,7 @@ pub async fn serve_with(
     let permits = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The head timeout is the watchdog's (see `Activity`), not hyper's.
+    // The head timeout is the clock's (see `Activity`), not hyper's.
     builder
         .http1()
         .header_read_timeout(None::<Duration>)
@@ -404,6 +396,15 @@ pub async fn serve_with(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    // Shared, not cloned for each connection: a connection borrows it.
+    let builder = Arc::new(builder);
+    let open = Arc::new(Open::default());
+    tokio::spawn(clock(
+        open.clone(),
+        stop_rx,
+        limits.idle_timeout,
+        limits.header_read_timeout,
+    ));
     tokio::pin!(shutdown);
 
     loop {
@@ -428,47 +429,30 @@ pub async fn serve_with(
         };
         let _ = stream.set_nodelay(true);
         let tls = gw.current().snapshot.tls.as_ref().map(|t| t.config.clone());
-        let gw = gw.clone();
-        let builder = builder.clone();
-        let stop = stop_rx.clone();
-        let limits = limits.clone();
-        let fut = async move {
-            let activity = Activity::new();
-            let peer = Arc::new(Peer::new(peer, tls.is_some()));
-            let conn = Conn {
-                gw,
-                peer,
-                activity,
-                builder,
-                stop,
-                limits: &limits,
-                fast: options.h1_fast_path,
-            };
-            match tls {
-                None => conn.run(stream).await,
-                Some(config) => {
-                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-                    if let Ok(Ok(stream)) =
-                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream))
-                            .await
-                    {
-                        // The handshake had its own timeout; the first
-                        // head's starts now.
-                        let now = conn.activity.now_ms();
-                        conn.activity.head_since.store(now, Ordering::Relaxed);
-                        conn.activity.last.store(now, Ordering::Relaxed);
-                        conn.run(stream).await;
-                    }
-                }
-            }
-            drop(permit);
+        // Registered here, before the next accept, so a drain (which
+        // starts when this loop ends) reaches every connection.
+        let activity = Activity::new();
+        let conn = Conn {
+            gw: gw.clone(),
+            peer,
+            _place: open.register(&activity),
+            activity,
+            builder: builder.clone(),
+            max_head: limits.max_header_bytes.max(8192),
+            fast: options.h1_fast_path,
+            _permit: permit,
         };
-        // Boxed: the connection's future is about 10.6 KB (both servers'
-        // state, for plaintext and TLS), and a task holding it inline
-        // copied all of it when the task was made and twice more when it
-        // ended. With a connection for each request (`Connection: close`)
-        // that was a tenth of the CPU; boxed, it is copied once.
-        tokio::spawn(Box::pin(fut));
+        // Boxed: a connection's future is several KB (both servers'
+        // state), and a task holding it inline copied all of it when the
+        // task was made and twice more when it ended. With a connection
+        // for each request (`Connection: close`) that was a tenth of the
+        // CPU; boxed, it is copied once. Plaintext and TLS are two futures
+        // so that a plaintext connection does not copy the TLS one's
+        // larger state (5.4 against 10.6 KB).
+        match tls {
+            None => tokio::spawn(Box::pin(conn.run(stream, false))),
+            Some(config) => tokio::spawn(Box::pin(conn.tls(stream, config))),
+        };
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -483,23 +467,46 @@ pub async fn serve_with(
     }
 }
 
-/// One accepted connection (after its TLS handshake, if any), and what
-/// serving it needs.
-struct Conn<'l> {
+/// One accepted connection, and what serving it needs.
+struct Conn {
     gw: Arc<Gateway>,
-    peer: Arc<Peer>,
+    peer: std::net::SocketAddr,
     activity: Arc<Activity>,
-    builder: auto::Builder<TokioExecutor>,
-    stop: watch::Receiver<bool>,
-    limits: &'l crate::config::LimitsSpec,
+    /// Its place among the connections the [`clock`] looks at.
+    _place: Place,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    max_head: usize,
     fast: bool,
+    /// Held until the connection ends: `max_connections`, and the drain.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Conn<'_> {
+impl Conn {
+    /// The TLS handshake, then [`Conn::run`]. The handshake counts against
+    /// `header_read_timeout` as a head would; the first head's wait starts
+    /// when it is done.
+    async fn tls(self, stream: tokio::net::TcpStream, config: Arc<rustls::ServerConfig>) {
+        let mut handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+        let shaken = std::future::poll_fn(|cx| {
+            self.activity.waker.register(cx.waker());
+            if self.activity.verdict.load(Ordering::Acquire) == CLOSE {
+                return Poll::Ready(None);
+            }
+            Pin::new(&mut handshake).poll(cx).map(Result::ok)
+        })
+        .await;
+        if let Some(stream) = shaken {
+            let now = self.activity.now_ms();
+            self.activity.head_since.store(now, Ordering::Relaxed);
+            self.activity.last.store(now, Ordering::Relaxed);
+            self.run(stream, true).await;
+        }
+    }
+
     /// Serve the connection until it ends: first with the own HTTP/1 loop
     /// (when on), then, from the first request that loop does not serve,
-    /// with hyper. One watchdog keeps both.
-    async fn run<S>(self, stream: S)
+    /// with hyper. The clock's verdicts reach both.
+    async fn run<S>(self, stream: S, tls: bool)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -507,20 +514,15 @@ impl Conn<'_> {
             gw,
             peer,
             activity,
+            _place,
             builder,
-            stop,
-            limits,
+            max_head,
             fast,
+            _permit,
         } = self;
-        let _watchdog = AbortOnDrop(tokio::spawn(watchdog(
-            activity.clone(),
-            stop,
-            limits.idle_timeout,
-            limits.header_read_timeout,
-        )));
+        let peer = Arc::new(Peer::new(peer, tls));
         let mut io = Tracked::new(stream, activity.clone());
         if fast {
-            let max_head = limits.max_header_bytes.max(8192);
             let next = {
                 let mut run = std::pin::pin!(fast::serve(&mut io, &gw, &peer, &activity, max_head));
                 std::future::poll_fn(|cx| {
@@ -561,16 +563,7 @@ impl Conn<'_> {
     }
 }
 
-/// Aborts a task when dropped: the watchdog ends with its connection.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Run one hyper connection until it ends, or until its watchdog says to
+/// Run one hyper connection until it ends, or until the clock says to
 /// close: gracefully (requests in progress finish first) or at once. No
 /// timer and no channel is polled here, so a request's wake-ups cost the
 /// connection only two atomic loads.
@@ -595,38 +588,87 @@ where
     .await;
 }
 
-/// One connection's timekeeper: sleeps until the earliest deadline the
-/// activity allows, and tells the connection to close when one has passed
-/// (`idle` without a byte and without a request: gracefully;
-/// `header` waiting for a complete request head on HTTP/1: at once), or to
-/// finish on drain. It is aborted when the connection ends.
-async fn watchdog(
-    activity: Arc<Activity>,
-    mut stop: watch::Receiver<bool>,
-    idle: Duration,
-    header: Duration,
-) {
-    let mut graceful_sent = false;
+/// Every open connection's [`Activity`], for the [`clock`].
+#[derive(Default)]
+struct Open {
+    slots: std::sync::Mutex<slab::Slab<Arc<Activity>>>,
+}
+
+impl Open {
+    fn lock(&self) -> std::sync::MutexGuard<'_, slab::Slab<Arc<Activity>>> {
+        // Nothing panics while holding it; if something ever did, the
+        // list is still whole (each change is one slab call).
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn register(self: &Arc<Open>, activity: &Arc<Activity>) -> Place {
+        let key = self.lock().insert(activity.clone());
+        Place {
+            open: self.clone(),
+            key,
+        }
+    }
+}
+
+/// A connection's place in [`Open`], given up when the connection ends
+/// (however its future ends: finished, or dropped with the runtime).
+struct Place {
+    open: Arc<Open>,
+    key: usize,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.open.lock().try_remove(self.key);
+    }
+}
+
+/// The tick of the [`clock`]: a tenth of the shorter timeout, between
+/// 10 ms and a second. A timeout is acted on within one tick of passing
+/// (with the defaults, 10 s and 60 s: within a second), never before.
+fn tick_for(idle: Duration, header: Duration) -> Duration {
+    (idle.min(header) / 10).clamp(Duration::from_millis(10), Duration::from_secs(1))
+}
+
+/// All connections' timekeeper: on every tick it looks at each open
+/// connection and tells those whose deadline has passed to close
+/// (`idle` without a byte and without a request: gracefully; `header`
+/// waiting for a complete request head on HTTP/1, or for the TLS
+/// handshake: at once); on drain it tells every connection to finish. It
+/// ends once draining and no connection is left.
+///
+/// One task and one timer for the listener, instead of a task with its
+/// own timer for each connection: that cost a connection about 2.9k
+/// instructions (spawn, timer, abort) and, as often as not, a write to
+/// the runtime's eventfd to wake its driver for the new timer
+/// (`bench/instructions.sh`'s `sg-close`; strace).
+async fn clock(open: Arc<Open>, mut stop: watch::Receiver<bool>, idle: Duration, header: Duration) {
+    let mut ticks = tokio::time::interval(tick_for(idle, header));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
     loop {
-        let wait = match activity.check(idle, header, graceful_sent) {
-            Ok(wait) => wait,
-            Err(verdict) => {
-                activity.tell(verdict);
-                if verdict == CLOSE {
-                    return;
-                }
-                graceful_sent = true;
-                continue;
-            }
-        };
         tokio::select! {
-            changed = stop.changed(), if !graceful_sent => {
+            changed = stop.changed(), if !draining => {
                 if changed.is_err() || *stop.borrow() {
-                    activity.tell(GRACEFUL);
-                    graceful_sent = true;
+                    draining = true;
+                    for (_, activity) in open.lock().iter() {
+                        activity.tell(GRACEFUL);
+                    }
                 }
             }
-            () = tokio::time::sleep(wait) => {}
+            _ = ticks.tick() => {}
+        }
+        let now = Instant::now();
+        let slots = open.lock();
+        if draining && slots.is_empty() {
+            return;
+        }
+        for (_, activity) in slots.iter() {
+            if let Some(verdict) = activity.due(now, idle, header) {
+                activity.tell(verdict);
+            }
         }
     }
 }
@@ -665,6 +707,77 @@ mod tests {
             t.activity.h2.load(Ordering::Relaxed),
             t.preface == usize::MAX,
         )
+    }
+
+    const IDLE: Duration = Duration::from_secs(60);
+    const HEAD: Duration = Duration::from_secs(10);
+
+    fn at(a: &Activity, ms: u64) -> Option<u8> {
+        a.due(a.started + Duration::from_millis(ms), IDLE, HEAD)
+    }
+
+    #[test]
+    fn a_head_not_complete_in_time_closes_the_connection_at_once() {
+        let a = Activity::new();
+        assert_eq!(at(&a, 0), None);
+        assert_eq!(at(&a, 9_999), None);
+        assert_eq!(at(&a, 10_000), Some(CLOSE));
+        // The wait starts again when a response ends.
+        a.head_since.store(30_000, Ordering::Relaxed);
+        a.last.store(30_000, Ordering::Relaxed);
+        assert_eq!(at(&a, 39_999), None);
+        assert_eq!(at(&a, 40_000), Some(CLOSE));
+        // Also when the connection is finishing already: a trickled head
+        // cannot hold a draining connection open.
+        a.tell(GRACEFUL);
+        assert_eq!(at(&a, 40_000), Some(CLOSE));
+    }
+
+    #[test]
+    fn a_quiet_connection_finishes_gracefully_and_a_busy_one_is_left_alone() {
+        let a = Activity::new();
+        a.h2.store(true, Ordering::Relaxed);
+        // HTTP/2 has no head rule; quiet for `idle`, it is told to finish.
+        assert_eq!(at(&a, 59_999), None);
+        assert_eq!(at(&a, 60_000), Some(GRACEFUL));
+        a.last.store(50_000, Ordering::Relaxed);
+        assert_eq!(at(&a, 60_000), None);
+        assert_eq!(at(&a, 110_000), Some(GRACEFUL));
+        // A response in progress stops both rules.
+        a.active.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(at(&a, 1_000_000), None);
+        a.response_done();
+        // Told once, it is not told again; told to close, nothing more.
+        a.tell(GRACEFUL);
+        assert_eq!(at(&a, 1_000_000), None);
+        let b = Activity::new();
+        b.tell(CLOSE);
+        assert_eq!(at(&b, 1_000_000), None);
+    }
+
+    #[test]
+    fn a_connection_leaves_the_clocks_list_when_it_ends() {
+        let open = Arc::new(Open::default());
+        let (a, b) = (Activity::new(), Activity::new());
+        let first = open.register(&a);
+        let second = open.register(&b);
+        assert_eq!(open.lock().len(), 2);
+        drop(first);
+        assert_eq!(open.lock().len(), 1);
+        assert!(Arc::ptr_eq(open.lock().iter().next().expect("one").1, &b));
+        drop(second);
+        assert!(open.lock().is_empty());
+        assert_eq!(Arc::strong_count(&a), 1);
+    }
+
+    #[test]
+    fn the_clock_ticks_at_a_tenth_of_the_shorter_timeout_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(tick_for(ms(60_000), ms(10_000)), ms(1_000));
+        assert_eq!(tick_for(ms(300), ms(30_000)), ms(30));
+        assert_eq!(tick_for(ms(30_000), ms(300)), ms(30));
+        assert_eq!(tick_for(ms(50), ms(50)), ms(10));
+        assert_eq!(tick_for(ms(3_600_000), ms(600_000)), ms(1_000));
     }
 
     #[test]

@@ -217,6 +217,75 @@ async fn returning_clients_resume_their_tls_sessions_until_a_reload() {
     }
 }
 
+/// A TLS handshake counts against `header_read_timeout` as a request head
+/// does: a client that connects and never finishes it is cut off (not
+/// before the timeout, and soon after it). A client that does finish it
+/// has the whole timeout again for its first head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_not_finished_in_header_read_timeout_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, cert, key) = pki(&["localhost"]);
+    std::fs::write(dir.path().join("server.crt"), &cert).expect("write");
+    std::fs::write(dir.path().join("server.key"), &key).expect("write");
+    let tls = tls_opts();
+    let opts = Options {
+        patch: Box::new(move |s| {
+            format!(
+                "{}limits: {{ header_read_timeout: 300ms, idle_timeout: 30s }}\n",
+                (tls.patch)(s)
+            )
+        }),
+        ..Default::default()
+    };
+    let path = write_files(dir.path(), up.addr, &[], &opts);
+    let gw = TestGateway::serve_from(path, dir).await;
+
+    // Silent after connecting, and stalled inside the ClientHello (a
+    // record header promising 512 bytes, then nothing).
+    for sent in [&b""[..], &b"\x16\x03\x01\x02\x00\x01"[..]] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        s.write_all(sent).await.expect("write");
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a handshake stalled after {} bytes was not cut off: {read:?}",
+            sent.len()
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "cut off too early: {:?}",
+            started.elapsed()
+        );
+    }
+
+    // Connected, 200 ms before the handshake, 200 ms after it before the
+    // head: 400 ms from the connection's start, served.
+    let tcp = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let tls = tokio_rustls::TlsConnector::from(client_config(&ca, &[b"http/1.1"]))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("a handshake begun within the timeout");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/health")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("req");
+    assert_eq!(h1.send_request(req).await.expect("resp").status(), 200);
+}
+
 #[tokio::test]
 async fn a_mismatched_certificate_and_key_is_a_config_error() {
     let up = Upstream::start(Default::default()).await;

@@ -52,7 +52,7 @@
 //!   answer and never a complete wrong one;
 //! - reading goes on while a request is in progress: a client that closes
 //!   its end cancels the request, as with hyper (no half-close);
-//! - the watchdog's verdicts (`Activity`): a head that does not arrive in
+//! - the clock's verdicts (`Activity`): a head that does not arrive in
 //!   time closes at once; idle or drain finishes the response in progress
 //!   and closes.
 //!
@@ -190,7 +190,7 @@ where
             }
             make_room(&mut buf);
             let mut read = pin!(io.read_buf(&mut buf));
-            // The watchdog's verdict is looked at on every wake-up: the
+            // The clock's verdict is looked at on every wake-up: the
             // connection task is woken when it changes.
             let got = poll_fn(|cx| {
                 if activity.verdict.load(Ordering::Acquire) != KEEP {
