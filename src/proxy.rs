@@ -90,8 +90,23 @@ pub struct Peer {
 
 impl Peer {
     pub fn new(addr: SocketAddr, tls: bool) -> Peer {
+        let text = match addr.ip() {
+            // By hand: `to_string` went through `core::fmt`, about 600
+            // instructions, 1.5% of a request on a connection of its own.
+            std::net::IpAddr::V4(v4) => {
+                let mut out = Vec::with_capacity(15);
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b'.');
+                    }
+                    crate::h1::push_decimal(&mut out, u64::from(octet), 1);
+                }
+                out
+            }
+            ip => ip.to_string().into_bytes(),
+        };
         // An IP address in text is always a valid header value.
-        let forwarded_for = HeaderValue::try_from(addr.ip().to_string())
+        let forwarded_for = HeaderValue::from_maybe_shared(Bytes::from(text))
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Peer { tls, forwarded_for }
     }
@@ -938,6 +953,33 @@ impl Body for UpstreamBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forwarded_for_value_is_the_address_as_std_writes_it() {
+        let mut addrs: Vec<std::net::IpAddr> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "127.0.0.1",
+            "10.0.9.99",
+            "100.20.3.4",
+            "::1",
+            "::ffff:192.0.2.10",
+            "2001:db8::8a2e:370:7334",
+        ]
+        .iter()
+        .map(|a| a.parse().expect("address"))
+        .collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        addrs.extend((0..2_000).map(|_| std::net::IpAddr::from(rng.u32(..).to_be_bytes())));
+        for ip in addrs {
+            let peer = Peer::new(SocketAddr::new(ip, 443), false);
+            assert_eq!(
+                peer.forwarded_for.as_bytes(),
+                ip.to_string().as_bytes(),
+                "{ip}"
+            );
+        }
+    }
 
     /// `forward` looks for these only when some header name starts with
     /// `x-`: a name outside that prefix would never be stripped.
