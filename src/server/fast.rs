@@ -87,6 +87,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 /// The size of a connection's first read (see [`make_room`]).
 const FIRST_READ: usize = 1024;
+/// The response buffer's first size: a usual head and a small body.
+const FIRST_OUT: usize = 1024;
 /// The largest request body the loop takes (see [`Parsed::Body`]).
 pub const MAX_BODY: usize = 16 * 1024;
 /// Response bytes gathered before a write even while the body has more
@@ -337,6 +339,9 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
     };
     let path_range = (path_at, path_at + path.len());
     scratch.fields.clear();
+    // Room for the head's fields at once (it grew from 4, twice, on each
+    // connection's first request).
+    scratch.fields.reserve(r.headers.len());
     scratch.closes = false;
     let mut length = None;
     let mut saw_connection = false;
@@ -480,6 +485,12 @@ fn encode_head(
         return Err(());
     }
     let out = &mut scratch.out;
+    // A connection's first answer: room for a usual head (and a small
+    // body after it) at once, where growing from empty took five
+    // reallocations.
+    if out.capacity() == 0 {
+        out.reserve(FIRST_OUT);
+    }
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
     if status == StatusCode::OK && reason.is_none() {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
