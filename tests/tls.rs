@@ -56,6 +56,33 @@ fn tls_opts() -> Options {
     }
 }
 
+/// A gateway terminating TLS with `cert` and `key` (PEM) under `opts`, in
+/// front of a fresh upstream (returned: it lives as long as the test).
+async fn tls_gateway(cert: &str, key: &str, opts: &Options) -> (Upstream, TestGateway) {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("server.crt"), cert).expect("write");
+    std::fs::write(dir.path().join("server.key"), key).expect("write");
+    let path = write_files(dir.path(), up.addr, &[], opts);
+    (up, TestGateway::serve_from(path, dir).await)
+}
+
+/// `GET /v1/health` over HTTP/1.1 on an established TLS connection,
+/// answered 200 and read to its end.
+async fn health_over(tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>) {
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = http::Request::get("/v1/health")
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())
+        .expect("req");
+    let resp = h1.send_request(req).await.expect("resp");
+    assert_eq!(resp.status(), 200);
+    resp.into_body().collect().await.expect("body");
+}
+
 /// Write a new certificate and key where the gateway's are (key first),
 /// and wait until new connections get it (`ca` trusts it).
 async fn replace_certificate(gw: &TestGateway, ca: &str, cert: &str, key: &str) {
@@ -75,13 +102,8 @@ async fn replace_certificate(gw: &TestGateway, ca: &str, cert: &str, key: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
-    let up = Upstream::start(Default::default()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let (ca1, cert1, key1) = pki(&["localhost"]);
-    std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
-    std::fs::write(dir.path().join("server.key"), &key1).expect("write");
-    let path = write_files(dir.path(), up.addr, &[], &tls_opts());
-    let gw = TestGateway::serve_from(path, dir).await;
+    let (up, gw) = tls_gateway(&cert1, &key1, &tls_opts()).await;
     let _watch = gw.watch();
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
@@ -152,17 +174,7 @@ async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
 async fn visit(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> HandshakeKind {
     let tls = tls_connect(addr, cfg).await.expect("tls");
     let kind = tls.get_ref().1.handshake_kind().expect("handshake done");
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("h1");
-    tokio::spawn(conn);
-    let req = http::Request::get("/v1/health")
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .expect("req");
-    let resp = h1.send_request(req).await.expect("resp");
-    assert_eq!(resp.status(), 200);
-    resp.into_body().collect().await.expect("body");
+    health_over(tls).await;
     kind
 }
 
@@ -172,14 +184,9 @@ async fn visit(addr: std::net::SocketAddr, cfg: Arc<rustls::ClientConfig>) -> Ha
 /// changed the certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn returning_clients_resume_their_tls_sessions_until_a_reload() {
-    let up = Upstream::start(Default::default()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let (ca1, cert1, key1) = pki(&["localhost"]);
     let (ca2, cert2, key2) = pki(&["localhost"]);
-    std::fs::write(dir.path().join("server.crt"), &cert1).expect("write");
-    std::fs::write(dir.path().join("server.key"), &key1).expect("write");
-    let path = write_files(dir.path(), up.addr, &[], &tls_opts());
-    let gw = TestGateway::serve_from(path, dir).await;
+    let (_up, gw) = tls_gateway(&cert1, &key1, &tls_opts()).await;
     let hup = gw.watch();
 
     // Each client its own session store, trusting both certificates.
@@ -224,11 +231,7 @@ async fn returning_clients_resume_their_tls_sessions_until_a_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_handshake_not_finished_in_header_read_timeout_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let up = Upstream::start(Default::default()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let (ca, cert, key) = pki(&["localhost"]);
-    std::fs::write(dir.path().join("server.crt"), &cert).expect("write");
-    std::fs::write(dir.path().join("server.key"), &key).expect("write");
     let tls = tls_opts();
     let opts = Options {
         patch: Box::new(move |s| {
@@ -239,8 +242,7 @@ async fn a_tls_handshake_not_finished_in_header_read_timeout_is_cut_off() {
         }),
         ..Default::default()
     };
-    let path = write_files(dir.path(), up.addr, &[], &opts);
-    let gw = TestGateway::serve_from(path, dir).await;
+    let (_up, gw) = tls_gateway(&cert, &key, &opts).await;
 
     // Silent after connecting, and stalled inside the ClientHello (a
     // record header promising 512 bytes, then nothing).
@@ -275,15 +277,7 @@ async fn a_tls_handshake_not_finished_in_header_read_timeout_is_cut_off() {
         .await
         .expect("a handshake begun within the timeout");
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .expect("h1");
-    tokio::spawn(conn);
-    let req = http::Request::get("/v1/health")
-        .header("host", "localhost")
-        .body(Empty::<Bytes>::new())
-        .expect("req");
-    assert_eq!(h1.send_request(req).await.expect("resp").status(), 200);
+    health_over(tls).await;
 }
 
 #[tokio::test]
