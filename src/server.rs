@@ -514,16 +514,8 @@ impl Conn {
     /// `header_read_timeout` as a head would; the first head's wait starts
     /// when it is done.
     async fn tls(self, stream: tokio::net::TcpStream, config: Arc<rustls::ServerConfig>) {
-        let mut handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-        let shaken = std::future::poll_fn(|cx| {
-            self.activity.waker.register(cx.waker());
-            if self.activity.verdict.load(Ordering::Acquire) == CLOSE {
-                return Poll::Ready(None);
-            }
-            Pin::new(&mut handshake).poll(cx).map(Result::ok)
-        })
-        .await;
-        if let Some(stream) = shaken {
+        let handshake = std::pin::pin!(tokio_rustls::TlsAcceptor::from(config).accept(stream));
+        if let Some(Ok(stream)) = unless_closed(&self.activity, handshake).await {
             let now = self.activity.now_ms();
             self.activity.head_since.store(now, Ordering::Relaxed);
             self.activity.last.store(now, Ordering::Relaxed);
@@ -552,19 +544,12 @@ impl Conn {
         let mut io = Tracked::new(stream, activity.clone());
         if fast {
             let next = {
-                let mut run = std::pin::pin!(fast::serve(&mut io, &gw, &peer, &activity, max_head));
-                std::future::poll_fn(|cx| {
-                    activity.waker.register(cx.waker());
-                    if activity.verdict.load(Ordering::Acquire) == CLOSE {
-                        return Poll::Ready(fast::Next::Close);
-                    }
-                    run.as_mut().poll(cx)
-                })
-                .await
+                let served = std::pin::pin!(fast::serve(&mut io, &gw, &peer, &activity, max_head));
+                unless_closed(&activity, served).await
             };
             match next {
-                fast::Next::Close => return,
-                fast::Next::Handoff(rest) => io.rewind(rest),
+                None | Some(fast::Next::Close) => return,
+                Some(fast::Next::Handoff(rest)) => io.rewind(rest),
             }
         }
         let svc_activity = activity.clone();
@@ -589,6 +574,22 @@ impl Conn {
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         drive(conn, &activity).await;
     }
+}
+
+/// Run `fut` until it ends (`Some` of its output), or until the clock
+/// says to close at once (`None`). The clock wakes the connection's task
+/// when its verdict changes. `fut` is pinned where the caller made it:
+/// taken by value, a 4.7 KB `fast::serve` future was copied into this
+/// one's state (sg-close 35,075 -> 45,267 instructions).
+async fn unless_closed<F: Future>(activity: &Activity, mut fut: Pin<&mut F>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        activity.waker.register(cx.waker());
+        if activity.verdict.load(Ordering::Acquire) == CLOSE {
+            return Poll::Ready(None);
+        }
+        fut.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 /// Run one hyper connection until it ends, or until the clock says to
