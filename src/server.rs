@@ -385,12 +385,15 @@ pub async fn serve_with(
     let max = limits.max_connections;
     let permits = Arc::new(Semaphore::new(max));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The largest head either server reads (hyper's `max_buf_size` takes
+    // at least 8 KB).
+    let max_head = limits.max_header_bytes.max(8192);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // The head timeout is the clock's (see `Activity`), not hyper's.
     builder
         .http1()
         .header_read_timeout(None::<Duration>)
-        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_buf_size(max_head)
         .keep_alive(true);
     builder
         .http2()
@@ -466,7 +469,7 @@ pub async fn serve_with(
             _place: open.register(&activity),
             activity,
             builder: builder.clone(),
-            max_head: limits.max_header_bytes.max(8192),
+            max_head,
             fast: options.h1_fast_path,
             _permit: permit,
         };
