@@ -712,33 +712,73 @@ async fn forward(
 /// header names. Done before the identity headers are set, so a client
 /// cannot use `Connection` to strip them.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names instead of a hash
-    // lookup per hop-by-hop name.
-    if !h.keys().any(is_hop_by_hop) {
+    // Most messages carry none: one pass over the names, noting which are
+    // there, instead of a hash lookup for each.
+    let present = h.keys().fold(0, |all, k| all | hop_by_hop(k));
+    if present == 0 {
         return;
     }
-    let mut remove: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    remove.extend(h.keys().filter(|k| is_hop_by_hop(k)).cloned());
-    for n in remove {
-        h.remove(n);
+    if present & HOP_CONNECTION != 0 {
+        // The fields its options name, other than the hop-by-hop ones
+        // removed below. Only names present are taken (and allocated), so
+        // the usual `close` and `keep-alive` cost no allocation.
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && !is_hop_by_hop_text(n) && h.contains_key(*n))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for (bit, name) in HOP_BY_HOP {
+        if present & bit != 0 {
+            h.remove(name);
+        }
+    }
+    if present & HOP_PROXY != 0 {
+        remove_prefixed(h, "proxy-");
     }
 }
 
-/// The hop-by-hop names (RFC 9110 §7.6.1, and `proxy-*`).
-fn is_hop_by_hop(n: &HeaderName) -> bool {
-    n == header::CONNECTION
-        || n == header::TE
-        || n == header::TRAILER
-        || n == header::TRANSFER_ENCODING
-        || n == header::UPGRADE
-        || n.as_str() == "keep-alive"
-        || n.as_str().starts_with("proxy-")
+const HOP_CONNECTION: u8 = 1;
+const HOP_PROXY: u8 = 1 << 6;
+/// The hop-by-hop names (RFC 9110 §7.6.1), each with its bit in what
+/// [`hop_by_hop`] returns; `proxy-*` has [`HOP_PROXY`].
+const HOP_BY_HOP: [(u8, HeaderName); 6] = [
+    (HOP_CONNECTION, header::CONNECTION),
+    (1 << 1, header::TE),
+    (1 << 2, header::TRAILER),
+    (1 << 3, header::TRANSFER_ENCODING),
+    (1 << 4, header::UPGRADE),
+    (1 << 5, HeaderName::from_static("keep-alive")),
+];
+
+/// The bit of a hop-by-hop name, or 0.
+fn hop_by_hop(n: &HeaderName) -> u8 {
+    for (bit, name) in &HOP_BY_HOP {
+        if n == name {
+            return *bit;
+        }
+    }
+    if n.as_str().starts_with("proxy-") {
+        HOP_PROXY
+    } else {
+        0
+    }
+}
+
+/// Whether a name as a `Connection` option spells it (any case) is
+/// hop-by-hop.
+fn is_hop_by_hop_text(n: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|(_, name)| n.eq_ignore_ascii_case(name.as_str()))
+        || n.get(..6).is_some_and(|p| p.eq_ignore_ascii_case("proxy-"))
 }
 
 /// Remove every header whose (lower-case) name starts with `prefix`. The
@@ -979,6 +1019,66 @@ mod tests {
                 ip.to_string().as_bytes(),
                 "{ip}"
             );
+        }
+    }
+
+    /// What `strip_hop_by_hop` did before it skipped the names that are not
+    /// there: every name the `Connection` options spell, and every
+    /// hop-by-hop name, removed.
+    fn strip_model(h: &mut HeaderMap) {
+        let mut remove: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        remove.extend(
+            h.keys()
+                .filter(|k| {
+                    let n = k.as_str();
+                    [
+                        "connection",
+                        "te",
+                        "trailer",
+                        "transfer-encoding",
+                        "upgrade",
+                        "keep-alive",
+                    ]
+                    .contains(&n)
+                        || n.starts_with("proxy-")
+                })
+                .cloned(),
+        );
+        for n in remove {
+            h.remove(n);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hop_by_hop_stripping_removes_what_the_model_removes(
+            fields in proptest::collection::vec((0usize..14, 0usize..9), 0..10),
+        ) {
+            const NAMES: [&str; 14] = [
+                "connection", "connection", "te", "trailer", "transfer-encoding", "upgrade",
+                "keep-alive", "proxy-authorization", "proxy-x", "x-drop", "x-keep", "close",
+                "host", "x-airbrx-tenant",
+            ];
+            // Connection values: options in any case, lists, hop-by-hop
+            // names, names that are not there, and ones no field may have.
+            const VALUES: [&str; 9] = [
+                "close", "keep-alive", "X-Drop", "x-drop, Keep-Alive", "Proxy-X, te",
+                "Close, x-airbrx-tenant", "a b, ,", "TRAILER,upgrade", "x-absent",
+            ];
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(NAMES[n], HeaderValue::from_static(VALUES[v]));
+            }
+            let mut want = h.clone();
+            strip_model(&mut want);
+            strip_hop_by_hop(&mut h);
+            proptest::prop_assert_eq!(h, want);
         }
     }
 
