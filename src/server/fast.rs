@@ -234,7 +234,9 @@ where
 
         let keep_alive = !client_closes && activity.verdict.load(Ordering::Acquire) == KEEP;
         let (mut parts, body) = resp.into_parts();
-        if !keep_alive {
+        // Where the map has no `Connection` field (always, after the
+        // proxy's stripping), `encode_head` writes the line itself.
+        if !keep_alive && parts.headers.contains_key(header::CONNECTION) {
             say_close(&mut parts.headers);
         }
         scratch.out.clear();
@@ -367,6 +369,10 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
             }
             saw_connection = true;
             scratch.closes = v.eq_ignore_ascii_case(b"close");
+            // Taken in here, and hop-by-hop: not passed on, so the proxy
+            // has nothing to strip (with `close`, that cost an allocation
+            // and three lookups a request).
+            continue;
         } else if name == header::TRANSFER_ENCODING
             || name == header::EXPECT
             || name == header::UPGRADE
@@ -474,6 +480,9 @@ fn say_close(headers: &mut HeaderMap) {
 /// Write the status line and header fields into `scratch.out` as hyper's
 /// `Server::encode` does for a response to a request that is neither HEAD
 /// nor CONNECT. `Err` where hyper errors too (see the module's notes).
+/// A connection not kept (`keep_alive` false) gets `Connection: close`,
+/// as [`say_close`] gives it, which the caller has applied where the map
+/// has that field already.
 fn encode_head(
     parts: &mut http::response::Parts,
     body: &ResponseBody,
@@ -510,6 +519,7 @@ fn encode_head(
     let mut wrote_len = false;
     let mut wrote_date = false;
     let mut last = !keep_alive;
+    let mut had_connection = false;
     for (name, value) in parts.headers.iter() {
         if name == header::CONTENT_LENGTH {
             match length {
@@ -537,6 +547,7 @@ fn encode_head(
         } else if name == header::TRANSFER_ENCODING || name == header::TRAILER {
             return Err(());
         } else if name == header::CONNECTION {
+            had_connection = true;
             last |= crate::h1::has_token(value.as_bytes(), b"close");
         } else if name == header::DATE {
             wrote_date = true;
@@ -545,6 +556,11 @@ fn encode_head(
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive && !had_connection {
+        // Where `say_close` would have put it: last in the map. Inserting
+        // it grew the map, a full one, on every such answer.
+        out.extend_from_slice(b"connection: close\r\n");
     }
     if !wrote_len {
         match length {
