@@ -543,7 +543,7 @@ impl Conn {
             fast,
             _permit,
         } = self;
-        let peer = Arc::new(Peer::new(peer, tls));
+        let peer = Peer::new(peer, tls);
         let mut io = Tracked::new(stream, activity.clone());
         if fast {
             let next = {
@@ -555,6 +555,8 @@ impl Conn {
                 Some(fast::Next::Handoff(rest)) => io.rewind(rest),
             }
         }
+        // Shared with hyper's service from here; the own loop borrowed it.
+        let peer = Arc::new(peer);
         let svc_activity = activity.clone();
         let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let gw = gw.clone();
