@@ -402,12 +402,14 @@ pub async fn serve_with(
     // Shared, not cloned for each connection: a connection borrows it.
     let builder = Arc::new(builder);
     let open = Arc::new(Open::default());
-    tokio::spawn(clock(
+    let (clock_open, idle, header) = (
         open.clone(),
-        stop_rx,
         limits.idle_timeout,
         limits.header_read_timeout,
-    ));
+    );
+    tokio::spawn(supervise(move || {
+        clock(clock_open.clone(), stop_rx.clone(), idle, header)
+    }));
     tokio::pin!(shutdown);
 
     // Connections accepted since `shutdown` was last looked at.
@@ -722,6 +724,32 @@ async fn clock(open: Arc<Open>, mut stop: watch::Receiver<bool>, idle: Duration,
     }
 }
 
+/// Run the task `start` makes until it returns, and start it again each
+/// time it panics. For the [`clock`]: every connection's timeouts hang on
+/// it, so a panic there would quietly take the slowloris guard away from
+/// all of them, where a connection's own panic ends only that connection.
+/// None is known; this is the net under one. A pause before each restart
+/// keeps a task that panics at once from spinning.
+async fn supervise<F, Fut>(mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match tokio::spawn(start()).await {
+            Ok(()) => return,
+            Err(e) if e.is_panic() => {
+                tracing::error!("the connection clock panicked; starting it again");
+                tokio::time::sleep(RESTART_PAUSE).await;
+            }
+            // Cancelled: the runtime is shutting down.
+            Err(_) => return,
+        }
+    }
+}
+
+const RESTART_PAUSE: Duration = Duration::from_millis(100);
+
 /// The graceful-shutdown hook of hyper-util's connection types.
 trait GracefulConnection {
     fn shut_down(self: Pin<&mut Self>);
@@ -744,6 +772,56 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_supervised_task_that_panics_is_started_again_until_it_returns() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = runs.clone();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            supervise(move || {
+                let n = counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    assert!(n >= 2, "planted panic {n}");
+                }
+            }),
+        )
+        .await
+        .expect("supervise returned once the task did");
+        assert_eq!(runs.load(Ordering::SeqCst), 3);
+    }
+
+    /// The clock a listener runs is supervised: a panic in it leaves
+    /// connections with their timeouts.
+    #[tokio::test]
+    async fn the_clock_keeps_connections_timed_after_a_panic() {
+        let open = Arc::new(Open::default());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let activity = Activity::new();
+        let _place = open.register(&activity);
+        let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = started.clone();
+        let (o, header) = (open.clone(), Duration::from_millis(50));
+        tokio::spawn(supervise(move || {
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            let (o, stop) = (o.clone(), stop_rx.clone());
+            async move {
+                // The first run dies at once, as a clock with a bug would.
+                assert!(!first, "planted panic");
+                clock(o, stop, Duration::from_secs(60), header).await;
+            }
+        }));
+        // The connection never sends a head: only a running clock closes it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while activity.verdict.load(Ordering::Acquire) != CLOSE {
+            assert!(
+                Instant::now() < deadline,
+                "no clock closed the silent connection"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+    }
 
     fn sniffed(parts: &[&[u8]]) -> (bool, bool) {
         let mut t = Tracked::new((), Activity::new());
