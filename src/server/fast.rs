@@ -19,7 +19,8 @@
 //! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field,
 //!   and no `Connection` other than one `keep-alive` or one `close`:
 //!   nothing that streams a body, changes the connection, or lets a client
-//!   ask for trailers;
+//!   ask for trailers (that one `Connection` field is the loop's: being
+//!   hop-by-hop, it is not passed on in the request);
 //! - there is at most one `Content-Length`, all digits, of at most
 //!   [`MAX_BODY`] bytes, and the whole body is in the read buffer once the
 //!   socket's ready bytes are read (it is never waited for: a body still
