@@ -736,6 +736,12 @@ async fn forward(
             Ok(Ok(r)) => r,
         };
     let (mut parts, body) = resp.into_parts();
+    // The gateway answers in its own version, whatever the upstream's
+    // (RFC 9110 §6.2): hyper's server writes the status line with the
+    // response's version, so an HTTP/1.0 upstream made it say HTTP/1.0 to
+    // an HTTP/1.1 client and end an unsized body by closing the client's
+    // connection. A client's own HTTP/1.0 is the servers' to answer.
+    parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     match parts.headers.get_mut(X_REQUEST_ID) {
         // The upstream's own, usually ours echoed: as unique, so flagged

@@ -82,6 +82,12 @@ fn canned(case: &str, head: &[u8]) -> (Vec<u8>, bool) {
             close = true;
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel".to_vec()
         }
+        // An HTTP/1.0 upstream: no length, the body ends at its close.
+        "http10" => {
+            close = true;
+            b"HTTP/1.0 200 OK\r\ncontent-type: text/plain\r\n\r\nread until the upstream closes".to_vec()
+        }
+        "http10-length" => b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
         "server-error" => b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-length: 4\r\n\r\nbusy".to_vec(),
         _ => {
             let mut v = format!(
@@ -468,6 +474,8 @@ async fn fixed_requests_and_answers_are_alike() {
         "connection-close",
         "big",
         "big-chunked",
+        "http10",
+        "http10-length",
         "short",
         "chunked-broken",
         "server-error",
