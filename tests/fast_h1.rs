@@ -427,6 +427,13 @@ fn token() -> String {
     )
 }
 
+fn http10(target: &str, token: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {target} HTTP/1.0\r\nhost: gw\r\nauthorization: Bearer {token}\r\nx-request-id: rid-1\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
 fn get(target: &str, token: &str, extra: &str) -> Vec<u8> {
     format!(
         "GET {target} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {token}\r\nx-request-id: rid-1\r\n{extra}\r\n"
@@ -480,8 +487,22 @@ async fn fixed_requests_and_answers_are_alike() {
         "chunked-broken",
         "server-error",
     ] {
-        own.set(u64::from(!matches!(case, "short" | "chunked-broken")));
+        let broken = matches!(case, "short" | "chunked-broken");
+        own.set(u64::from(!broken));
         one(case, get(&format!("{M}?case={case}"), &t, ""));
+        // The same answers to HTTP/1.0 (no chunks: a body of unknown size
+        // ends with the connection) and to HEAD (no body, whatever the
+        // length says; so an upstream's broken body is no matter).
+        one(
+            &format!("HTTP/1.0 {case}"),
+            http10(&format!("{M}?case={case}"), &t, ""),
+        );
+        own.set(1);
+        one(
+            &format!("HEAD {case}"),
+            format!("HEAD {M}?case={case} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\n\r\n")
+                .into_bytes(),
+        );
     }
     own.set(1);
     // Denials and gateway answers.
@@ -525,6 +546,37 @@ async fn fixed_requests_and_answers_are_alike() {
         format!("PURGE {M} HTTP/1.1\r\nhost: gw\r\n\r\n").into_bytes(),
     );
     // What the loop serves itself, at its edges.
+    one(
+        "HEAD",
+        format!("HEAD {M} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\n\r\n").into_bytes(),
+    );
+    one(
+        "HEAD denied",
+        format!("HEAD {M} HTTP/1.1\r\nhost: gw\r\n\r\n").into_bytes(),
+    );
+    one("HEAD, connection close", format!("HEAD {M} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\nconnection: close\r\n\r\n").into_bytes());
+    one(
+        "HTTP/1.0",
+        format!("GET {M} HTTP/1.0\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\n\r\n")
+            .into_bytes(),
+    );
+    one("HTTP/1.0 denied", http10(M, "nope", ""));
+    one("HTTP/1.0 public", http10("/v1/health", "", ""));
+    one(
+        "HTTP/1.0 connection close",
+        http10(M, &t, "connection: close\r\n"),
+    );
+    one(
+        "HTTP/1.0 HEAD",
+        format!("HEAD {M}?case=chunked HTTP/1.0\r\nauthorization: Bearer {t}\r\n\r\n").into_bytes(),
+    );
+    one("HTTP/1.0 POST", {
+        let mut r =
+            format!("POST {M} HTTP/1.0\r\nauthorization: Bearer {t}\r\ncontent-length: 5\r\n\r\n")
+                .into_bytes();
+        r.extend_from_slice(b"hello");
+        r
+    });
     one("content-length 0", get(M, &t, "content-length: 0\r\n"));
     one("keep-alive", get(M, &t, "connection: keep-alive\r\n"));
     // A client that closes after its request: answered with
@@ -651,15 +703,6 @@ async fn fixed_requests_and_answers_are_alike() {
         r.truncate(r.len() - 2);
         r
     });
-    one(
-        "HEAD",
-        format!("HEAD {M} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\n\r\n").into_bytes(),
-    );
-    one(
-        "HEAD chunked",
-        format!("HEAD {M}?case=chunked HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\n\r\n")
-            .into_bytes(),
-    );
     one("POST chunked", format!("POST {M} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").into_bytes());
     one(
         "connection close, listed",
@@ -687,11 +730,7 @@ async fn fixed_requests_and_answers_are_alike() {
         "length and chunked",
         get(M, &t, "content-length: 0\r\ntransfer-encoding: chunked\r\n"),
     );
-    one(
-        "HTTP/1.0",
-        format!("GET {M} HTTP/1.0\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\n\r\n")
-            .into_bytes(),
-    );
+    // After it, hyper answers a head it cannot parse in HTTP/1.0.
     one("HTTP/1.0 keep-alive", format!("GET {M} HTTP/1.0\r\nconnection: keep-alive\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\n\r\n").into_bytes());
     one(
         "HTTP/2 preface",
@@ -798,6 +837,20 @@ async fn fixed_requests_and_answers_are_alike() {
             format!("GET {M} HTTP/1.0\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\n\r\n")
                 .into_bytes(),
         ],
+        (2, 2),
+    ));
+    cases.push((
+        "then HTTP/1.0 keep-alive, then garbage".into(),
+        vec![
+            get(M, &t, ""),
+            http10(M, &t, "connection: keep-alive\r\n"),
+            b"NOT HTTP AT ALL\r\n\r\n".to_vec(),
+        ],
+        (1, 1),
+    ));
+    cases.push((
+        "HTTP/1.0, then more in the same write".into(),
+        vec![[http10(M, &t, ""), get(M, &t, "")].concat()],
         (1, 1),
     ));
     cases.push((

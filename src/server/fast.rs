@@ -1,4 +1,4 @@
-//! The listener's own HTTP/1.1 loop for the common request: a head with no
+//! The listener's own HTTP/1 loop for the common request: a head with no
 //! body, or a small one framed by `Content-Length` that arrived with it,
 //! answered with a response it can frame the way hyper's server would.
 //!
@@ -13,8 +13,11 @@
 //! gives the whole connection to hyper, with the bytes it has read and not
 //! used (see [`Next::Handoff`]), and never takes it back:
 //! - the head parses completely, within `max_header_bytes`, with at most
-//!   [`MAX_HEADERS`] fields, as HTTP/1.1;
-//! - the method is neither `HEAD` nor `CONNECT`, and the target is
+//!   [`MAX_HEADERS`] fields, as HTTP/1.1, or as HTTP/1.0 without
+//!   `Connection: keep-alive` (the connection ends with it: after an
+//!   HTTP/1.0 request hyper answers a head it cannot parse in HTTP/1.0,
+//!   which a connection handed to it afterwards would not);
+//! - the method is not `CONNECT`, and the target is
 //!   origin-form (starts with `/`) and no longer than hyper allows;
 //! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field,
 //!   and no `Connection` other than one `keep-alive` or one `close`:
@@ -28,21 +31,23 @@
 //!   the buffer's own bytes, shared, not copied;
 //! - every name and value is one `http` accepts, and the target is a `Uri`.
 //!
-//! Anything else (a streamed body, HTTP/1.0, HTTP/2's preface, a malformed
-//! head, a head over the limit, a client that closed mid-head) is hyper's
-//! to answer, exactly as before, because hyper then reads exactly the
+//! Anything else (a streamed body, HTTP/1.0 kept alive, HTTP/2's preface,
+//! a malformed head, a head over the limit, a client that closed mid-head)
+//! is hyper's to answer, exactly as before, because hyper then reads exactly the
 //! bytes it would have read from the socket. `tests/fast_h1.rs` checks the
 //! two paths answer alike, byte for byte but for `date` and the request id.
 //!
 //! What it keeps of hyper's behaviour, by reading hyper 1.x's
 //! `proto/h1/role.rs` (`Server::encode`):
 //! - the status line (`200 OK` for the usual case, a custom reason phrase
-//!   when the response carries one);
+//!   when the response carries one; `HTTP/1.0` to an HTTP/1.0 request);
 //! - the response framing: an ended body gets `content-length: 0` (none on
 //!   204 and 304), and any `Content-Length` header of such a response is
 //!   dropped; a body of known size gets it; a `Content-Length` header is
-//!   trusted and written once; a body of unknown size is chunked; 204 and
-//!   304 never carry a body;
+//!   trusted and written once; a body of unknown size is chunked, or to
+//!   HTTP/1.0 written as it comes and ended by closing; 204 and 304 never
+//!   carry a body; after HEAD no body is written, a `Content-Length` field
+//!   is kept even for an ended body, and none is made up for one;
 //! - a `date` field when the response has none (cached per second);
 //! - a request or a response with `Connection: close` ends the connection
 //!   after the response, and a response that ends it (for the request, or
@@ -220,6 +225,10 @@ where
         // The request said `Connection: close`: answer, then end the
         // connection.
         let client_closes = scratch.closes;
+        let asked = Asked {
+            head: req.method() == Method::HEAD,
+            http10: req.version() == Version::HTTP_10,
+        };
         let guard = ActiveGuard::new(activity);
         let resp = {
             // Kept in the connection's task, not boxed: a box cost a 4.6 KB
@@ -235,13 +244,9 @@ where
 
         let keep_alive = !client_closes && activity.verdict.load(Ordering::Acquire) == KEEP;
         let (mut parts, body) = resp.into_parts();
-        // Where the map has no `Connection` field (always, after the
-        // proxy's stripping), `encode_head` writes the line itself.
-        if !keep_alive && parts.headers.contains_key(header::CONNECTION) {
-            say_close(&mut parts.headers);
-        }
+        let say = connection_line(&mut parts, asked, keep_alive);
         scratch.out.clear();
-        let Ok(head) = encode_head(&mut parts, &body, keep_alive, &mut scratch) else {
+        let Ok(head) = encode_head(&mut parts, &body, keep_alive, asked, say, &mut scratch) else {
             return Next::Close;
         };
         scratch.spare = std::mem::take(&mut parts.headers);
@@ -317,7 +322,12 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::NotMine,
     };
-    if len > max_head || r.version != Some(1) {
+    let version = match r.version {
+        Some(1) => Version::HTTP_11,
+        Some(0) => Version::HTTP_10,
+        _ => return Parsed::NotMine,
+    };
+    if len > max_head {
         return Parsed::NotMine;
     }
     let (Some(method), Some(path)) = (r.method, r.path) else {
@@ -325,7 +335,8 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
     };
     let method = match method {
         "GET" => Method::GET,
-        "HEAD" | "CONNECT" => return Parsed::NotMine,
+        "HEAD" => Method::HEAD,
+        "CONNECT" => return Parsed::NotMine,
         other => match Method::from_bytes(other.as_bytes()) {
             Ok(m) => m,
             Err(_) => return Parsed::NotMine,
@@ -345,7 +356,8 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
     // Room for the head's fields at once (it grew from 4, twice, on each
     // connection's first request).
     scratch.fields.reserve(r.headers.len());
-    scratch.closes = false;
+    // HTTP/1.1 is kept alive unless it says `close`; HTTP/1.0 is not.
+    scratch.closes = version == Version::HTTP_10;
     let mut length = None;
     let mut saw_connection = false;
     for h in r.headers.iter() {
@@ -368,8 +380,14 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
             {
                 return Parsed::NotMine;
             }
+            // HTTP/1.0 that asks to be kept alive is hyper's: after it,
+            // hyper answers a head it cannot parse in HTTP/1.0, which a
+            // connection handed over fresh would not.
+            if version == Version::HTTP_10 && v.eq_ignore_ascii_case(b"keep-alive") {
+                return Parsed::NotMine;
+            }
             saw_connection = true;
-            scratch.closes = v.eq_ignore_ascii_case(b"close");
+            scratch.closes |= v.eq_ignore_ascii_case(b"close");
             // Taken in here, and hop-by-hop: not passed on, so the proxy
             // has nothing to strip (with `close`, that cost an allocation
             // and three lookups a request).
@@ -398,7 +416,7 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
     // From here the head is consumed: a failure must not hand the rest of
     // the connection to hyper without it, so it is answered as hyper
     // would have answered it, by hyper: put it back.
-    let Some(mut built) = build(&head, method, path_range, scratch) else {
+    let Some(mut built) = build(&head, method, version, path_range, scratch) else {
         let mut whole = BytesMut::with_capacity(head.len() + buf.len());
         whole.extend_from_slice(&head);
         whole.extend_from_slice(buf);
@@ -414,6 +432,7 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
 fn build(
     head: &Bytes,
     method: Method,
+    version: Version,
     path: (usize, usize),
     scratch: &mut Scratch,
 ) -> Option<Request<RequestBody>> {
@@ -429,7 +448,7 @@ fn build(
     let mut req = Request::new(RequestBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    *req.version_mut() = Version::HTTP_11;
+    *req.version_mut() = version;
     *req.headers_mut() = headers;
     Some(req)
 }
@@ -440,6 +459,9 @@ enum Framing {
     /// Exactly this many bytes (none for 204 and 304).
     Length(u64),
     Chunked,
+    /// As the bytes come, ended by closing the connection (HTTP/1.0, a
+    /// body of unknown size).
+    UntilClose,
 }
 
 struct Head {
@@ -456,6 +478,39 @@ fn body_length(body: &ResponseBody) -> Option<Option<u64>> {
     } else {
         Some(body.size_hint().exact())
     }
+}
+
+/// What the request asked of its answer.
+#[derive(Clone, Copy)]
+struct Asked {
+    /// `HEAD`: the answer has no body, whatever its length says.
+    head: bool,
+    /// HTTP/1.0 (served only when the connection ends with it): the answer
+    /// says `HTTP/1.0` and ends a body of unknown size by closing.
+    http10: bool,
+}
+
+/// What hyper's `enforce_version` (proto/h1/conn.rs) does to the answer's
+/// `Connection` field: the line `encode_head` is to write last among the
+/// fields, or the map changed where it has that field already (which the
+/// proxy's stripping leaves none of: inserting into a full map grew it on
+/// every such answer).
+fn connection_line(
+    parts: &mut http::response::Parts,
+    asked: Asked,
+    keep_alive: bool,
+) -> Option<&'static [u8]> {
+    // HTTP/1.0 is served here only on a connection that ends with it (see
+    // `parse`): then hyper's `fix_keep_alive` changes nothing, and nothing
+    // says `close`.
+    if keep_alive || asked.http10 {
+        return None;
+    }
+    if parts.headers.contains_key(header::CONNECTION) {
+        say_close(&mut parts.headers);
+        return None;
+    }
+    Some(b"connection: close\r\n")
 }
 
 /// What hyper's `enforce_version` does to the response on a connection it
@@ -481,13 +536,13 @@ fn say_close(headers: &mut HeaderMap) {
 /// Write the status line and header fields into `scratch.out` as hyper's
 /// `Server::encode` does for a response to a request that is neither HEAD
 /// nor CONNECT. `Err` where hyper errors too (see the module's notes).
-/// A connection not kept (`keep_alive` false) gets `Connection: close`,
-/// as [`say_close`] gives it, which the caller has applied where the map
-/// has that field already.
+/// `say` is the `Connection` line from [`connection_line`].
 fn encode_head(
     parts: &mut http::response::Parts,
     body: &ResponseBody,
     keep_alive: bool,
+    asked: Asked,
+    say: Option<&'static [u8]>,
     scratch: &mut Scratch,
 ) -> Result<Head, ()> {
     let status = parts.status;
@@ -502,10 +557,14 @@ fn encode_head(
         out.reserve(FIRST_OUT);
     }
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
-    if status == StatusCode::OK && reason.is_none() {
+    if status == StatusCode::OK && reason.is_none() && !asked.http10 {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
-        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(if asked.http10 {
+            b"HTTP/1.0 "
+        } else {
+            b"HTTP/1.1 "
+        });
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');
         match reason {
@@ -514,19 +573,27 @@ fn encode_head(
         }
         out.extend_from_slice(b"\r\n");
     }
-    let can_body = !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    // hyper's `can_have_content_length`; with neither HEAD nor HTTP/1.0,
+    // also `can_chunked` and `can_have_implicit_zero_content_length`.
+    let can_length = !matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED);
+    let can_body = can_length && !asked.head;
     let length = body_length(body);
     let mut framing = Framing::Length(0);
     let mut wrote_len = false;
     let mut wrote_date = false;
     let mut last = !keep_alive;
-    let mut had_connection = false;
     for (name, value) in parts.headers.iter() {
         if name == header::CONTENT_LENGTH {
             match length {
                 // An ended body: hyper drops the field (and adds its own
-                // `0` below where one is allowed).
-                None => continue,
+                // `0` below where one is allowed); after HEAD it keeps it,
+                // once.
+                None if !asked.head => continue,
+                None => {
+                    if wrote_len {
+                        return Err(());
+                    }
+                }
                 Some(Some(known)) => {
                     if wrote_len {
                         continue;
@@ -548,7 +615,6 @@ fn encode_head(
         } else if name == header::TRANSFER_ENCODING || name == header::TRAILER {
             return Err(());
         } else if name == header::CONNECTION {
-            had_connection = true;
             last |= crate::h1::has_token(value.as_bytes(), b"close");
         } else if name == header::DATE {
             wrote_date = true;
@@ -558,13 +624,18 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive && !had_connection {
-        // Where `say_close` would have put it: last in the map. Inserting
-        // it grew the map, a full one, on every such answer.
-        out.extend_from_slice(b"connection: close\r\n");
+    if let Some(line) = say {
+        // Where hyper's insert would have put it: last in the map.
+        out.extend_from_slice(line);
     }
     if !wrote_len {
         match length {
+            // HTTP/1.0 has no chunks: the end of the body is the end of
+            // the connection.
+            Some(None) if can_body && asked.http10 => {
+                framing = Framing::UntilClose;
+                last = true;
+            }
             Some(None) if can_body => {
                 out.extend_from_slice(b"transfer-encoding: chunked\r\n");
                 framing = Framing::Chunked;
@@ -576,7 +647,7 @@ fn encode_head(
                 }
             }
             Some(Some(n)) => {
-                if can_body {
+                if can_length {
                     out.extend_from_slice(b"content-length: ");
                     crate::h1::push_decimal(out, n, 1);
                     out.extend_from_slice(b"\r\n");
@@ -621,8 +692,9 @@ where
             return io.write_all(out).await.is_ok();
         }
         Framing::Length(n) => n,
-        Framing::Chunked => u64::MAX,
+        Framing::Chunked | Framing::UntilClose => u64::MAX,
     };
+    let until_close = framing == Framing::UntilClose;
     let chunked = framing == Framing::Chunked;
     let mut body = pin!(body);
     loop {
@@ -693,7 +765,7 @@ where
     }
     if chunked {
         out.extend_from_slice(b"0\r\n\r\n");
-    } else if left != 0 {
+    } else if left != 0 && !until_close {
         // Ended short of its length.
         return false;
     }
@@ -829,10 +901,13 @@ mod tests {
         assert!(served("DELETE /x HTTP/1.1\r\ncontent-length: 0\r\n\r\n"));
         assert!(served("GET / HTTP/1.1\r\nConnection:  keep-alive \r\n\r\n"));
         assert!(served("GET / HTTP/1.1\r\nconnection: Close\r\n\r\n"));
+        assert!(served("HEAD / HTTP/1.1\r\n\r\n"));
+        assert!(served("GET / HTTP/1.0\r\n\r\n"));
+        assert!(served("GET / HTTP/1.0\r\nconnection: close\r\n\r\n"));
         for h in [
-            "HEAD / HTTP/1.1\r\n\r\n",
             "CONNECT h:1 HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+            "GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
             "GET * HTTP/1.1\r\n\r\n",
             "GET http://h/ HTTP/1.1\r\n\r\n",
             "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
