@@ -19,6 +19,10 @@
 #             each request on a connection of its own: the cost of a
 #             client that does not keep its connection (accepting, the
 #             connection's task and state, closing)
+#   nginx-10, sg-10, sg-10-hyper-srv  GET in HTTP/1.0 without keep-alive,
+#             a connection each: what `ab` sends by default
+#   nginx-head, sg-head, sg-head-hyper-srv  HEAD on one keep-alive
+#             connection: what health checks send
 #   nginx-h2, sg-h2  GET over HTTP/2 without TLS (h2c, prior knowledge),
 #             sent by h2load one at a time on one connection; the upstream
 #             side stays HTTP/1.1 for both
@@ -67,15 +71,16 @@ JWT=$(mint_jwt)
 # 200.
 cat > "$WORK/client.py" <<'PY'
 import socket, sys
-port, n, path, token, method, conn = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
+port, n, path, token, method, conn, version = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6], sys.argv[7]
 auth = f"Authorization: Bearer {token}\r\n" if token else ""
-close = "Connection: close\r\n" if conn == "close" else ""
+# HTTP/1.0 closes without being asked.
+close = "Connection: close\r\n" if conn == "close" and version == "1.1" else ""
 if method == "POST":
     body = ('{"marker": "' + "m" * 242 + '"}').encode()
     assert len(body) == 256
     req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
 else:
-    req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}\r\n".encode()
+    req = f"{method} {path} HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}\r\n".encode()
 
 def answer(s, buf):
     """Read one answer from s (after buf); return what follows it."""
@@ -86,10 +91,12 @@ def answer(s, buf):
             length = 0
             for line in head.split("\r\n")[1:]:
                 k, v = line.split(":", 1)
-                if k.strip().lower() == "content-length":
+                # An answer to HEAD has no body, whatever its length says.
+                if k.strip().lower() == "content-length" and method != "HEAD":
                     length = int(v)
             if len(buf) >= end + 4 + length:
-                if not head.startswith("HTTP/1.1 200"):
+                # nginx answers HTTP/1.0 in HTTP/1.1, hyper in HTTP/1.0.
+                if not (head.startswith("HTTP/1.1 200") or head.startswith("HTTP/1.0 200")):
                     sys.exit(f"answered: {head.splitlines()[0]}")
                 return buf[end + 4 + length:]
         data = s.recv(65536)
@@ -97,7 +104,7 @@ def answer(s, buf):
             sys.exit("connection closed")
         buf += data
 
-if close:
+if conn == "close":
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
         s.sendall(req)
@@ -137,12 +144,13 @@ count() {
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2 | sg-close | sg-close-hyper-srv) token=$PAT ;;
+    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2 | sg-close | sg-close-hyper-srv | sg-10 | sg-10-hyper-srv | sg-head | sg-head-hyper-srv) token=$PAT ;;
     sg-jwt | sg-jwt-log) token=$JWT ;;
   esac
-  local method=GET conn=keep
-  case $name in *post*) method=POST ;; esac
-  case $name in *-close*) conn=close ;; esac
+  local method=GET conn=keep version=1.1
+  case $name in *post*) method=POST ;; *head*) method=HEAD ;; esac
+  case $name in *-close* | *-10*) conn=close ;; esac
+  case $name in *-10*) version=1.0 ;; esac
   case $name in
     *-h2)
       # One connection, one request at a time, like the HTTP/1 client;
@@ -150,7 +158,7 @@ count() {
       h2load -n "$n" -c 1 -m 1 ${token:+-H "Authorization: Bearer $token"} \
         "http://127.0.0.1:$port$PATH_OK" > "$WORK/h2load" 2>&1 || { kill $pid; return 1; }
       grep -q "^status codes: $n 2xx" "$WORK/h2load" || { sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; kill $pid; return 1; } ;;
-    *) python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" "$conn" || { kill $pid; return 1; } ;;
+    *) python3 "$WORK/client.py" "$port" "$n" "$PATH_OK" "$token" "$method" "$conn" "$version" || { kill $pid; return 1; } ;;
   esac
   case $name in nginx*) kill -QUIT $pid ;; *) kill -TERM $pid ;; esac
   wait $pid || true
@@ -161,7 +169,7 @@ count() {
 }
 
 declare -A PER NOSHA
-TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2 nginx-close sg-close sg-close-hyper-srv"}
+TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2 nginx-close sg-close sg-close-hyper-srv nginx-10 sg-10 sg-10-hyper-srv nginx-head sg-head sg-head-hyper-srv"}
 for t in $TARGETS; do
   # An assignment keeps the status of its substitution: a failed client
   # stops the script instead of printing nonsense.
@@ -174,12 +182,12 @@ for t in $TARGETS; do
 done
 
 echo
-echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection, -close targets a connection each)"
+echo "user-space instructions per request (cachegrind; $N1 and $N2 requests on one keep-alive connection, -close and -10 targets a connection each)"
 printf '%-17s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
 for t in $TARGETS; do
   # POST targets against nginx with POST, h2 against nginx over h2.
   base=nginx
-  case $t in *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; *close*) base=nginx-close ;; esac
+  case $t in *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; *close*) base=nginx-close ;; *-10*) base=nginx-10 ;; *head*) base=nginx-head ;; esac
   # Without its nginx target in TARGETS, the last column is left empty.
   vs=""
   [ -n "${NOSHA[$base]:-}" ] && vs=$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { printf "%.2fx", a / b }')
@@ -193,5 +201,7 @@ ratio "in-future client vs hyper client" sg-pat sg-pat-hyper
 ratio "own HTTP/1 loop vs hyper server" sg-pat sg-pat-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, POST" sg-post sg-post-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, a connection each" sg-close sg-close-hyper-srv
+ratio "own HTTP/1 loop vs hyper server, HTTP/1.0" sg-10 sg-10-hyper-srv
+ratio "own HTTP/1 loop vs hyper server, HEAD" sg-head sg-head-hyper-srv
 ratio "access log on vs off, PAT" sg-pat-log sg-pat
 ratio "access log on vs off, ES256" sg-jwt-log sg-jwt
