@@ -28,7 +28,7 @@
 #             side stays HTTP/1.1 for both
 #
 # Each target runs twice under valgrind, serving N1 and then N2 requests
-# one after another on one keep-alive connection (the -close targets: on
+# one after another on one keep-alive connection (the -close and -10 targets: on
 # a new connection each); (I(N2) - I(N1)) / (N2 - N1)
 # is the cost of one request with start-up and shutdown cancelled out.
 # Kernel time is not counted: `strace -c` shows the same four socket calls
