@@ -33,8 +33,8 @@
 //!
 //! Anything else (a streamed body, HTTP/1.0 kept alive, HTTP/2's preface,
 //! a malformed head, a head over the limit, a client that closed mid-head)
-//! is hyper's to answer, exactly as before, because hyper then reads exactly the
-//! bytes it would have read from the socket. `tests/fast_h1.rs` checks the
+//! is hyper's to answer, exactly as before, because hyper then reads
+//! exactly the bytes it would have read from the socket. `tests/fast_h1.rs` checks the
 //! two paths answer alike, byte for byte but for `date` and the request id.
 //!
 //! What it keeps of hyper's behaviour, by reading hyper 1.x's
@@ -222,8 +222,8 @@ where
             }
         };
 
-        // The request said `Connection: close`: answer, then end the
-        // connection.
+        // The request said `Connection: close`, or was HTTP/1.0: answer,
+        // then end the connection.
         let client_closes = scratch.closes;
         let asked = Asked {
             head: req.method() == Method::HEAD,
@@ -534,8 +534,7 @@ fn say_close(headers: &mut HeaderMap) {
 }
 
 /// Write the status line and header fields into `scratch.out` as hyper's
-/// `Server::encode` does for a response to a request that is neither HEAD
-/// nor CONNECT. `Err` where hyper errors too (see the module's notes).
+/// `Server::encode` does for a response to a request that is not CONNECT. `Err` where hyper errors too (see the module's notes).
 /// `say` is the `Connection` line from [`connection_line`].
 fn encode_head(
     parts: &mut http::response::Parts,
