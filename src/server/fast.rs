@@ -13,10 +13,7 @@
 //! gives the whole connection to hyper, with the bytes it has read and not
 //! used (see [`Next::Handoff`]), and never takes it back:
 //! - the head parses completely, within `max_header_bytes`, with at most
-//!   [`MAX_HEADERS`] fields, as HTTP/1.1, or as HTTP/1.0 without
-//!   `Connection: keep-alive` (the connection ends with it: after an
-//!   HTTP/1.0 request hyper answers a head it cannot parse in HTTP/1.0,
-//!   which a connection handed to it afterwards would not);
+//!   [`MAX_HEADERS`] fields, as HTTP/1.1 or HTTP/1.0;
 //! - the method is not `CONNECT`, and the target is
 //!   origin-form (starts with `/`) and no longer than hyper allows;
 //! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field,
@@ -31,16 +28,22 @@
 //!   the buffer's own bytes, shared, not copied;
 //! - every name and value is one `http` accepts, and the target is a `Uri`.
 //!
-//! Anything else (a streamed body, HTTP/1.0 kept alive, HTTP/2's preface,
-//! a malformed head, a head over the limit, a client that closed mid-head)
-//! is hyper's to answer, exactly as before, because hyper then reads
-//! exactly the bytes it would have read from the socket. `tests/fast_h1.rs` checks the
-//! two paths answer alike, byte for byte but for `date` and the request id.
+//! Anything else (a streamed body, HTTP/2's preface, a malformed head, a
+//! head over the limit, a client that closed mid-head) is hyper's to
+//! answer, exactly as before, because hyper then reads exactly the bytes it
+//! would have read from the socket. `tests/fast_h1.rs` checks the two paths
+//! answer alike, byte for byte but for `date` and the request id, and for
+//! one difference: after this loop served an HTTP/1.0 request, hyper, new
+//! to the connection, answers a head it cannot parse with `HTTP/1.1` and
+//! `connection: close`, where hyper that had served the HTTP/1.0 request
+//! answers `HTTP/1.0` (its `enforce_version` keeps the last request's
+//! version). Either way the client gets the same status and the close.
 //!
 //! What it keeps of hyper's behaviour, by reading hyper 1.x's
 //! `proto/h1/role.rs` (`Server::encode`):
 //! - the status line (`200 OK` for the usual case, a custom reason phrase
-//!   when the response carries one; `HTTP/1.0` to an HTTP/1.0 request);
+//!   when the response carries one; `HTTP/1.0` to an HTTP/1.0 request,
+//!   with `connection: keep-alive` when the connection is kept);
 //! - the response framing: an ended body gets `content-length: 0` (none on
 //!   204 and 304), and any `Content-Length` header of such a response is
 //!   dropped; a body of known size gets it; a `Content-Length` header is
@@ -242,9 +245,9 @@ where
             }
         };
 
-        let keep_alive = !client_closes && activity.verdict.load(Ordering::Acquire) == KEEP;
+        let mut keep_alive = !client_closes && activity.verdict.load(Ordering::Acquire) == KEEP;
         let (mut parts, body) = resp.into_parts();
-        let say = connection_line(&mut parts, asked, keep_alive);
+        let say = connection_line(&mut parts, asked, &mut keep_alive);
         scratch.out.clear();
         let Ok(head) = encode_head(&mut parts, &body, keep_alive, asked, say, &mut scratch) else {
             return Next::Close;
@@ -356,7 +359,8 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
     // Room for the head's fields at once (it grew from 4, twice, on each
     // connection's first request).
     scratch.fields.reserve(r.headers.len());
-    // HTTP/1.1 is kept alive unless it says `close`; HTTP/1.0 is not.
+    // HTTP/1.1 is kept alive unless it says `close`; HTTP/1.0 only when it
+    // says `keep-alive` (hyper's `Server::parse`).
     scratch.closes = version == Version::HTTP_10;
     let mut length = None;
     let mut saw_connection = false;
@@ -380,14 +384,8 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
             {
                 return Parsed::NotMine;
             }
-            // HTTP/1.0 that asks to be kept alive is hyper's: after it,
-            // hyper answers a head it cannot parse in HTTP/1.0, which a
-            // connection handed over fresh would not.
-            if version == Version::HTTP_10 && v.eq_ignore_ascii_case(b"keep-alive") {
-                return Parsed::NotMine;
-            }
             saw_connection = true;
-            scratch.closes |= v.eq_ignore_ascii_case(b"close");
+            scratch.closes = v.eq_ignore_ascii_case(b"close");
             // Taken in here, and hop-by-hop: not passed on, so the proxy
             // has nothing to strip (with `close`, that cost an allocation
             // and three lookups a request).
@@ -485,32 +483,60 @@ fn body_length(body: &ResponseBody) -> Option<Option<u64>> {
 struct Asked {
     /// `HEAD`: the answer has no body, whatever its length says.
     head: bool,
-    /// HTTP/1.0 (served only when the connection ends with it): the answer
-    /// says `HTTP/1.0` and ends a body of unknown size by closing.
+    /// HTTP/1.0: the answer says `HTTP/1.0`, is kept alive only when the
+    /// request asked so, and ends a body of unknown size by closing.
     http10: bool,
 }
 
 /// What hyper's `enforce_version` (proto/h1/conn.rs) does to the answer's
-/// `Connection` field: the line `encode_head` is to write last among the
-/// fields, or the map changed where it has that field already (which the
-/// proxy's stripping leaves none of: inserting into a full map grew it on
-/// every such answer).
+/// `Connection` field, and to whether the connection is kept: the line
+/// `encode_head` is to write last among the fields, or the map changed
+/// where it has that field already (which the proxy's stripping leaves
+/// none of: inserting into a full map grew it on every such answer).
 fn connection_line(
     parts: &mut http::response::Parts,
     asked: Asked,
-    keep_alive: bool,
+    keep_alive: &mut bool,
 ) -> Option<&'static [u8]> {
-    // HTTP/1.0 is served here only on a connection that ends with it (see
-    // `parse`): then hyper's `fix_keep_alive` changes nothing, and nothing
-    // says `close`.
-    if keep_alive || asked.http10 {
+    if !asked.http10 {
+        // HTTP/1.1 on a connection not kept says `close`.
+        if *keep_alive {
+            return None;
+        }
+        if parts.headers.contains_key(header::CONNECTION) {
+            say_close(&mut parts.headers);
+            return None;
+        }
+        return Some(b"connection: close\r\n");
+    }
+    // HTTP/1.0 (`fix_keep_alive`): an answer that says `keep-alive` is left
+    // alone; otherwise an HTTP/1.0 answer ends the connection, and an
+    // HTTP/1.1 one (every answer here: the proxy answers in HTTP/1.1) on a
+    // connection kept says `keep-alive`. Nothing says `close`: HTTP/1.0
+    // without `keep-alive` closes.
+    let has_field = parts.headers.contains_key(header::CONNECTION);
+    if has_field
+        && parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| crate::h1::has_token(v.as_bytes(), b"keep-alive"))
+    {
         return None;
     }
-    if parts.headers.contains_key(header::CONNECTION) {
-        say_close(&mut parts.headers);
+    if parts.version == Version::HTTP_10 {
+        *keep_alive = false;
+    }
+    if !*keep_alive {
         return None;
     }
-    Some(b"connection: close\r\n")
+    if has_field {
+        parts
+            .headers
+            .append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        return None;
+    }
+    Some(b"connection: keep-alive\r\n")
 }
 
 /// What hyper's `enforce_version` does to the response on a connection it
@@ -903,10 +929,9 @@ mod tests {
         assert!(served("HEAD / HTTP/1.1\r\n\r\n"));
         assert!(served("GET / HTTP/1.0\r\n\r\n"));
         assert!(served("GET / HTTP/1.0\r\nconnection: close\r\n\r\n"));
+        assert!(served("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
         for h in [
             "CONNECT h:1 HTTP/1.1\r\n\r\n",
-            "GET / HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
-            "GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
             "GET * HTTP/1.1\r\n\r\n",
             "GET http://h/ HTTP/1.1\r\n\r\n",
             "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
