@@ -17,6 +17,10 @@
 # connection to hyper at its preface, so there the third target is the
 # same code as the second: a control for the spread between rounds.
 #
+# PROTO=h1.0 sends GETs in HTTP/1.0 with ApacheBench (`ab -k`, 32
+# concurrent; with CONN=close plain `ab`, a connection each): what many
+# operators measure a proxy with first.
+#
 # TLS=1 has nginx and both scopegates terminate TLS 1.3 with the same
 # self-signed P-256 certificate; wrk speaks HTTP/1.1 over it, h2load
 # (PROTO=h2) HTTP/2 by ALPN. Connections are kept alive, so this is the
@@ -27,8 +31,8 @@
 # keep its connection (with TLS=1 that adds a full handshake each).
 #
 # Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client;
-#        for TLS=1 openssl
-# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h2] [TLS=0|1]
+#        for PROTO=h1.0 apache2-utils; for TLS=1 openssl
+# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h1.0|h2] [TLS=0|1]
 #        [CONN=keep|close] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +49,13 @@ for tool in wrk nginx; do
 done
 case $PROTO in
   h1) ;;
+  h1.0)
+    command -v ab >/dev/null || { echo "missing ab: apt-get install apache2-utils" >&2; exit 1; }
+    [ "$METHOD" = GET ] && [ "$TLS" = 0 ] || { echo "PROTO=h1.0 sends plain GETs only" >&2; exit 1; } ;;
   h2)
     command -v h2load >/dev/null || { echo "missing h2load: apt-get install nghttp2-client" >&2; exit 1; }
     [ "$METHOD" = GET ] || { echo "PROTO=h2 sends GETs only" >&2; exit 1; } ;;
-  *) echo "PROTO is h1 or h2" >&2; exit 1 ;;
+  *) echo "PROTO is h1, h1.0 or h2" >&2; exit 1 ;;
 esac
 cargo build --release --quiet --bin scopegate --example fast_upstream
 . bench/common.sh
@@ -95,6 +102,17 @@ one() { # name port pid
     if [ "${n:-0}" -eq 0 ] || ! grep -q "^requests: .* 0 failed, 0 errored" "$WORK/h2load" \
       || ! grep -q "^status codes: [0-9]* 2xx, 0 3xx, 0 4xx, 0 5xx" "$WORK/h2load"; then
       echo "$1: failed or non-2xx responses" >&2; sed -n '/^requests:/,/^status/p' "$WORK/h2load" >&2; exit 1
+    fi
+  elif [ "$PROTO" = h1.0 ]; then
+    local keep=(-k)
+    [ "${CONN:-keep}" = close ] && keep=()
+    taskset -c 0 ab "${keep[@]}" -q -c 32 -t "$DUR" -n 100000000 -H "Authorization: Bearer $PAT" "$SCHEME://127.0.0.1:$2$PATH_OK" > "$WORK/ab" 2>&1 || true
+    c1=$(cpu "$3"); u1=$(ucpu "$3")
+    # ab counts an answer whose length differs from the first one's as
+    # failed; every answer here has the same length.
+    n=$(awk '/^Complete requests:/ { print $3 }' "$WORK/ab")
+    if [ "${n:-0}" -eq 0 ] || ! grep -q "^Failed requests: *0$" "$WORK/ab" || grep -q "^Non-2xx" "$WORK/ab"; then
+      echo "$1: failed or non-2xx responses" >&2; cat "$WORK/ab" >&2; exit 1
     fi
   else
     taskset -c 0 wrk -t1 -c32 -d"${DUR}s" "${SCRIPT[@]}" "${CLOSE[@]}" -H "Authorization: Bearer $PAT" "$SCHEME://127.0.0.1:$2$PATH_OK" > "$WORK/wrk"
