@@ -225,8 +225,8 @@ where
             }
         };
 
-        // The request said `Connection: close`, or was HTTP/1.0: answer,
-        // then end the connection.
+        // The request said `Connection: close`, or was HTTP/1.0 without
+        // `keep-alive`: answer, then end the connection.
         let client_closes = scratch.closes;
         let asked = Asked {
             head: req.method() == Method::HEAD,
