@@ -311,6 +311,61 @@ async fn shutdown_drains_requests_in_flight() {
     );
 }
 
+/// HTTP/1.0 asking to be kept alive, in flight when the drain begins: the
+/// answer does not say `keep-alive`, and the connection ends after it
+/// (hyper's `fix_keep_alive` on a connection it will not keep; the own
+/// loop does the same, and this suite runs on each server).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_keep_alive_request_in_flight_at_shutdown_is_answered_and_closed() {
+    let up = Upstream::start(UpstreamBehaviour {
+        delay: Some(Duration::from_millis(800)),
+        ..Default::default()
+    })
+    .await;
+    let mut gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let head = format!(
+        "GET /v1/tenants/acme-prod/markers HTTP/1.0\r\nconnection: keep-alive\r\nauthorization: Bearer {}\r\n\r\n",
+        markers_jwt()
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    eventually(Duration::from_secs(2), "request in flight", async || {
+        up.count() == 1
+    })
+    .await;
+    gw.shutdown();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .expect("the connection ended")
+        .expect("read");
+    assert!(
+        got.starts_with(b"HTTP/1.0 200 OK\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let r = parse_response(&got).expect("a response");
+    assert_eq!(r.header("connection"), None);
+
+    // Before the drain, the same request is kept alive and says so.
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("write");
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("answered")
+        .expect("read");
+    let r = parse_response(&buf[..n]).expect("a response");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("keep-alive"));
+    s.write_all(head.as_bytes())
+        .await
+        .expect("a second request on it");
+    assert_eq!(read_response(&mut s).await, Some(200));
+}
+
 #[tokio::test]
 async fn drain_timeout_bounds_the_wait() {
     let up = Upstream::start(UpstreamBehaviour {
