@@ -273,24 +273,36 @@ async fn max_connections_holds_further_connections_in_the_queue() {
     assert_eq!(read_response(&mut second).await, Some(200));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_drains_requests_in_flight() {
+/// A gateway in front of an upstream that answers after 800 ms: long
+/// enough to begin a drain while a request waits.
+async fn gateway_before_a_slow_upstream() -> (Upstream, TestGateway) {
     let up = Upstream::start(UpstreamBehaviour {
         delay: Some(Duration::from_millis(800)),
         ..Default::default()
     })
     .await;
-    let mut gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    (up, gw)
+}
+
+/// Until the upstream has the request.
+async fn in_flight(up: &Upstream) {
+    eventually(Duration::from_secs(2), "request in flight", async || {
+        up.count() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let (up, mut gw) = gateway_before_a_slow_upstream().await;
     let tok = markers_jwt();
     let addr = gw.addr;
     let slow = tokio::spawn({
         let tok = tok.clone();
         async move { get(addr, "/v1/tenants/acme-prod/markers", &tok).await }
     });
-    eventually(Duration::from_secs(2), "request in flight", async || {
-        up.count() == 1
-    })
-    .await;
+    in_flight(&up).await;
     gw.shutdown();
     // The in-flight request completes normally after shutdown began, and
     // says the connection ends: hyper's server adds `connection: close`
@@ -317,22 +329,14 @@ async fn shutdown_drains_requests_in_flight() {
 /// loop does the same, and this suite runs on each server).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http10_keep_alive_request_in_flight_at_shutdown_is_answered_and_closed() {
-    let up = Upstream::start(UpstreamBehaviour {
-        delay: Some(Duration::from_millis(800)),
-        ..Default::default()
-    })
-    .await;
-    let mut gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let (up, mut gw) = gateway_before_a_slow_upstream().await;
     let mut s = TcpStream::connect(gw.addr).await.expect("connect");
     let head = format!(
         "GET /v1/tenants/acme-prod/markers HTTP/1.0\r\nconnection: keep-alive\r\nauthorization: Bearer {}\r\n\r\n",
         markers_jwt()
     );
     s.write_all(head.as_bytes()).await.expect("write");
-    eventually(Duration::from_secs(2), "request in flight", async || {
-        up.count() == 1
-    })
-    .await;
+    in_flight(&up).await;
     gw.shutdown();
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
@@ -386,10 +390,7 @@ async fn drain_timeout_bounds_the_wait() {
     let tok = markers_jwt();
     let addr = gw.addr;
     let _stuck = tokio::spawn(async move { raw(addr, &request(&tok, true)).await });
-    eventually(Duration::from_secs(2), "request in flight", async || {
-        up.count() == 1
-    })
-    .await;
+    in_flight(&up).await;
     let started = Instant::now();
     gw.shutdown();
     let task = gw.task.take().expect("task");
