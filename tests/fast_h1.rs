@@ -510,18 +510,20 @@ fn token() -> String {
     )
 }
 
-fn http10(target: &str, token: &str, extra: &str) -> Vec<u8> {
+/// A request with a token and a request id, then the `extra` fields.
+fn request(method: &str, version: &str, target: &str, token: &str, extra: &str) -> Vec<u8> {
     format!(
-        "GET {target} HTTP/1.0\r\nhost: gw\r\nauthorization: Bearer {token}\r\nx-request-id: rid-1\r\n{extra}\r\n"
+        "{method} {target} HTTP/{version}\r\nhost: gw\r\nauthorization: Bearer {token}\r\nx-request-id: rid-1\r\n{extra}\r\n"
     )
     .into_bytes()
 }
 
+fn http10(target: &str, token: &str, extra: &str) -> Vec<u8> {
+    request("GET", "1.0", target, token, extra)
+}
+
 fn get(target: &str, token: &str, extra: &str) -> Vec<u8> {
-    format!(
-        "GET {target} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {token}\r\nx-request-id: rid-1\r\n{extra}\r\n"
-    )
-    .into_bytes()
+    request("GET", "1.1", target, token, extra)
 }
 
 const M: &str = "/v1/tenants/acme-prod/markers";
@@ -583,8 +585,7 @@ async fn fixed_requests_and_answers_are_alike() {
         own.set(1);
         one(
             &format!("HEAD {case}"),
-            format!("HEAD {M}?case={case} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\nx-request-id: rid-1\r\n\r\n")
-                .into_bytes(),
+            request("HEAD", "1.1", &format!("{M}?case={case}"), &t, ""),
         );
     }
     own.set(1);
