@@ -144,12 +144,23 @@ fn promtool_accepts_the_alert_rules() {
     // server test below loads the same rules file.
 }
 
+/// A free port for a child process to bind, chosen below the kernel's
+/// ephemeral range. A port from `bind(0)` is in that range, so once freed
+/// it could be handed to any listener another test binds to port 0 before
+/// the child binds it; ports below the range are never handed out that way.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = low.saturating_sub(1024).max(1024)..low;
+    for _ in 0..100 {
+        let port = fastrand::u16(below.clone());
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {below:?}");
 }
 
 fn urlencode(s: &str) -> String {

@@ -1042,11 +1042,8 @@ async fn forward_authorization_when_configured() {
 
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_is_504() {
-    // A port that was just free: nothing listens there.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    // A port held but not listening: connections are refused.
+    let (_held, closed) = refusing_port();
     let gw = TestGateway::start(closed, &[], Options::default()).await;
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),

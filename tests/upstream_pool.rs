@@ -272,10 +272,8 @@ async fn an_answer_the_client_abandoned_midway_is_not_reused() {
 
 #[tokio::test]
 async fn an_upstream_that_is_down_is_a_502_and_recovery_needs_no_reload() {
-    // Reserve a port, then free it: nothing listens there.
-    let probe = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = probe.local_addr().expect("addr");
-    drop(probe);
+    // A port held but not listening: connections are refused.
+    let (socket, addr) = refusing_port();
     let gw = TestGateway::start(addr, &[], Options::default()).await;
     let tok = analytics_jwt();
     let r = get(gw.addr, MARKERS, &tok).await;
@@ -284,7 +282,7 @@ async fn an_upstream_that_is_down_is_a_502_and_recovery_needs_no_reload() {
         (502, "upstream_unavailable")
     );
 
-    let listener = TcpListener::bind(addr).await.expect("rebind the same port");
+    let listener = socket.listen(64).expect("listen on the same port");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {

@@ -34,6 +34,22 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// A port on 127.0.0.1 that refuses connections and stays ours: the socket
+/// is bound but not listening, so the kernel answers a SYN with a reset and
+/// no other listener in this process (a gateway's, an upstream's) can be
+/// given the port while the socket lives. Binding a port and dropping it
+/// instead once let a gateway in a parallel test take the "closed" port,
+/// so a test proxied into that gateway and got its 401. `listen` on the
+/// socket later brings an upstream up on the same address.
+pub fn refusing_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
+}
+
 // ---------------------------------------------------------------------------
 // Upstream
 
