@@ -168,27 +168,31 @@ pub use crate::upstream::UpstreamClient;
 pub type ResponseBody = Either<Full<Bytes>, UpstreamBody>;
 
 /// What a request arrives with: hyper's streamed body; or, from the
-/// listener's own HTTP/1 loop (src/server/fast.rs), none, or a body framed
+/// listener's own HTTP/1 loop (src/server/fast.rs), none, a body framed
 /// by `Content-Length` that had arrived whole with its head (taken as it
-/// lay in the read buffer, never waited for; `None` once yielded).
+/// lay in the read buffer; `None` once yielded), or one the loop reads
+/// from the client as it is taken (too large to take whole, or not all
+/// there with its head).
 pub enum RequestBody {
     Incoming(Incoming),
     Empty,
     Arrived(Option<Bytes>),
+    Streamed(crate::server::streamed::Streamed),
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            RequestBody::Incoming(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Arrived(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Streamed(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
         }
     }
 
@@ -197,6 +201,7 @@ impl Body for RequestBody {
             RequestBody::Incoming(b) => b.is_end_stream(),
             RequestBody::Empty => true,
             RequestBody::Arrived(b) => b.is_none(),
+            RequestBody::Streamed(b) => b.is_end_stream(),
         }
     }
 
@@ -207,6 +212,7 @@ impl Body for RequestBody {
             RequestBody::Arrived(b) => {
                 SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
             }
+            RequestBody::Streamed(b) => b.size_hint(),
         }
     }
 }

@@ -38,6 +38,7 @@ use tokio::sync::{Semaphore, TryAcquireError, watch};
 use crate::proxy::{Gateway, Peer, RequestBody};
 
 mod fast;
+pub mod streamed;
 #[doc(hidden)]
 pub use fast::{MAX_BODY, Parsed as ParsedHead, parse_head};
 

@@ -1,6 +1,6 @@
 //! The listener's own HTTP/1 loop for the common request: a head with no
-//! body, or a small one framed by `Content-Length` that arrived with it,
-//! answered with a response it can frame the way hyper's server would.
+//! body, or one framed by `Content-Length`, answered with a response it
+//! can frame the way hyper's server would.
 //!
 //! hyper's server side was the largest cost left on the request path:
 //! about 8.5k of 26.8k instructions a PAT request, running at about one
@@ -18,17 +18,25 @@
 //!   origin-form (starts with `/`) and no longer than hyper allows;
 //! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field,
 //!   and no `Connection` other than one `keep-alive` or one `close`:
-//!   nothing that streams a body, changes the connection, or lets a client
+//!   nothing that frames a body in chunks, changes the connection, or lets a client
 //!   ask for trailers (that one `Connection` field is the loop's: being
 //!   hop-by-hop, it is not passed on in the request);
-//! - there is at most one `Content-Length`, all digits, of at most
-//!   [`MAX_BODY`] bytes, and the whole body is in the read buffer once the
-//!   socket's ready bytes are read (it is never waited for: a body still
-//!   short goes to hyper, which streams it, as SPEC §7 asks). The body is
-//!   the buffer's own bytes, shared, not copied;
+//! - there is at most one `Content-Length`, all digits;
 //! - every name and value is one `http` accepts, and the target is a `Uri`.
 //!
-//! Anything else (a streamed body, HTTP/2's preface, a malformed head, a
+//! A body of at most [`MAX_BODY`] bytes that is all in the read buffer once
+//! the socket's ready bytes are read is the buffer's own bytes, shared, not
+//! copied. Any other (larger, or not all there) is streamed: the request
+//! goes on at once and the loop hands the body's bytes to its reader as
+//! they come and as it takes them ([`super::streamed`]), never waiting for
+//! the whole (SPEC §7). An answer that comes first (a denial, an upstream
+//! that answers early) stops the feeding: the reader, if still reading,
+//! gets an error, and after the answer the rest is dropped from what is at
+//! hand, without waiting; if that is not all of it, the connection ends,
+//! as hyper's `poll_drain_or_close_read` ends it, so no byte of a body is
+//! ever read as a request.
+//!
+//! Anything else (a chunked body, HTTP/2's preface, a malformed head, a
 //! head over the limit, a client that closed mid-head) is hyper's to
 //! answer, exactly as before, because hyper then reads exactly the bytes it
 //! would have read from the socket. `tests/fast_h1.rs` checks the two paths
@@ -60,7 +68,8 @@
 //!   without the chunked terminator, so the client sees an incomplete
 //!   answer and never a complete wrong one;
 //! - reading goes on while a request is in progress: a client that closes
-//!   its end cancels the request, as with hyper (no half-close);
+//!   its end cancels the request, as with hyper (no half-close), mid-body
+//!   too;
 //! - the clock's verdicts (`Activity`): a head that does not arrive in
 //!   time closes at once; idle or drain finishes the response in progress
 //!   and closes.
@@ -86,6 +95,7 @@ use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::streamed::{Feed, Put};
 use super::{ActiveGuard, Activity, KEEP};
 use crate::proxy::{Gateway, Peer, RequestBody, ResponseBody};
 
@@ -98,7 +108,8 @@ const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
 const FIRST_READ: usize = 1024;
 /// The response buffer's first size: a usual head and a small body.
 const FIRST_OUT: usize = 1024;
-/// The largest request body the loop takes (see [`Parsed::Body`]).
+/// The largest request body the loop takes whole (see [`Parsed::Body`]);
+/// larger ones are streamed ([`Parsed::Stream`]).
 pub const MAX_BODY: usize = 16 * 1024;
 /// Response bytes gathered before a write even while the body has more
 /// ready at once.
@@ -120,14 +131,19 @@ pub(super) enum Next {
 pub enum Parsed {
     /// The loop serves it; its bytes were taken from the buffer.
     Request(Request<RequestBody>),
+    /// The loop serves it, and reads its body from the client as the
+    /// request takes it, through the [`Feed`]: a `Content-Length` body over
+    /// [`MAX_BODY`] bytes, or one not all there with its head. The head was
+    /// taken from the buffer; the body's first bytes, if any, are next.
+    Stream(Request<RequestBody>, Feed),
     /// More bytes are needed; the buffer is untouched.
     Partial,
     /// The head is complete and one this loop serves, with a
     /// `Content-Length` body of at most [`MAX_BODY`] bytes, but the body is
     /// not all in the buffer: it needs this many bytes from its start, head
     /// included. The buffer is untouched. The loop takes what the socket
-    /// has ready without waiting and parses again; a body still short goes
-    /// to hyper, which streams it.
+    /// has ready without waiting and parses again; a body still short is
+    /// then streamed ([`Parsed::Stream`]).
     Body(usize),
     /// hyper's to answer; the buffer is untouched.
     NotMine,
@@ -139,7 +155,7 @@ pub enum Parsed {
 #[doc(hidden)]
 pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Parsed {
     let mut scratch = Scratch::default();
-    parse(buf, max_head, &mut scratch)
+    parse(buf, max_head, false, &mut scratch)
 }
 
 /// Per-connection state kept between requests, so a request allocates
@@ -181,17 +197,19 @@ where
     let mut scratch = Scratch::default();
     loop {
         // The next head, from what is buffered and then from the socket.
-        let req = loop {
+        // A small body not all there is looked for among the bytes the
+        // socket has ready, and streamed if still short (`late`).
+        let mut late = false;
+        let (req, mut feed) = loop {
             if !buf.is_empty() {
-                match parse(&mut buf, max_head, &mut scratch) {
-                    Parsed::Request(req) => break req,
+                match parse(&mut buf, max_head, late, &mut scratch) {
+                    Parsed::Request(req) => break (req, None),
+                    Parsed::Stream(req, feed) => break (req, Some(feed)),
                     Parsed::NotMine => return Next::Handoff(buf.freeze()),
                     Parsed::Partial => {}
                     Parsed::Body(whole) => {
-                        if read_ready(io, &mut buf, whole).await {
-                            continue;
-                        }
-                        return Next::Handoff(buf.freeze());
+                        late = !read_ready(io, &mut buf, whole).await;
+                        continue;
                     }
                 }
             }
@@ -239,11 +257,18 @@ where
             // instructions), and the task's unused room is not resident
             // while a connection waits.
             let handled = pin!(gw.handle(req, peer));
-            match watching(io, &mut buf, max_head, handled).await {
+            match watching(io, &mut buf, max_head, handled, feed.as_mut()).await {
                 Some(resp) => resp,
                 None => return Next::Close,
             }
         };
+        // A streamed body the answer came before is not read for its
+        // reader any more: if still reading, it gets an error, never a
+        // short body. The rest is dropped after the answer (see below).
+        let mut unread = feed.take().filter(|f| f.left() > 0);
+        if let Some(feed) = unread.as_mut() {
+            feed.stop();
+        }
 
         let mut keep_alive = !client_closes && activity.verdict.load(Ordering::Acquire) == KEEP;
         let (mut parts, body) = resp.into_parts();
@@ -261,6 +286,17 @@ where
         }
         served.n += 1;
         if head.last || activity.verdict.load(Ordering::Acquire) != KEEP {
+            let _ = io.shutdown().await;
+            return Next::Close;
+        }
+        // The unread rest of a streamed body, as hyper's server drops it
+        // (`poll_drain_or_close_read`): what is at hand. If that ends the
+        // body the connection goes on; if not, it ends, without reading a
+        // body it has no use for (the answer did not say so: neither does
+        // hyper's).
+        if let Some(mut feed) = unread
+            && !skip_rest(io, &mut buf, &mut feed).await
+        {
             let _ = io.shutdown().await;
             return Next::Close;
         }
@@ -285,6 +321,24 @@ where
         Poll::Ready(true)
     })
     .await
+}
+
+/// Drop the rest of a streamed body: what `buf` holds of it, and if that
+/// is not all, what one read of the bytes the socket has ready brings
+/// (never waited for). Whether that was all of it.
+async fn skip_rest<T>(io: &mut T, buf: &mut BytesMut, feed: &mut Feed) -> bool
+where
+    T: AsyncRead + Unpin,
+{
+    feed.skip(buf);
+    if feed.left() > 0 {
+        make_room(buf);
+        let ready = poll_fn(|cx| Poll::Ready(pin!(io.read_buf(&mut *buf)).poll(cx))).await;
+        if matches!(ready, Poll::Ready(Ok(n)) if n > 0) {
+            feed.skip(buf);
+        }
+    }
+    feed.left() == 0
 }
 
 /// Make room in `buf` for a read. A connection's first read gets
@@ -317,7 +371,9 @@ impl Drop for Served<'_> {
 
 /// Parse the head at the start of `buf`; when it is one this loop serves,
 /// take it out of `buf` and build the request, sharing the head's bytes.
-fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
+/// With `stream`, a small body not all in `buf` is streamed
+/// ([`Parsed::Stream`]) instead of asked for ([`Parsed::Body`]).
+fn parse(buf: &mut BytesMut, max_head: usize, stream: bool, scratch: &mut Scratch) -> Parsed {
     let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
     let mut r = httparse::Request::new(&mut []);
     let len = match r.parse_with_uninit_headers(buf, &mut slots) {
@@ -402,13 +458,12 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
         };
         scratch.fields.push((name, at, at + h.value.len()));
     }
-    let body_len = match length.map(usize::try_from) {
-        None => 0,
-        Some(Ok(n)) if n <= MAX_BODY => n,
-        _ => return Parsed::NotMine,
-    };
-    if buf.len() - len < body_len {
-        return Parsed::Body(len + body_len);
+    let length = length.unwrap_or(0);
+    let at_hand = (buf.len() - len) as u64;
+    let streamed = length > MAX_BODY as u64 || (length > at_hand && stream);
+    if length > at_hand && !streamed {
+        // At most MAX_BODY: fits a usize.
+        return Parsed::Body(len + length as usize);
     }
     let head = buf.split_to(len).freeze();
     // From here the head is consumed: a failure must not hand the rest of
@@ -421,8 +476,14 @@ fn parse(buf: &mut BytesMut, max_head: usize, scratch: &mut Scratch) -> Parsed {
         *buf = whole;
         return Parsed::NotMine;
     };
-    if body_len > 0 {
-        *built.body_mut() = RequestBody::Arrived(Some(buf.split_to(body_len).freeze()));
+    if streamed {
+        let (feed, body) = super::streamed::channel(length);
+        *built.body_mut() = RequestBody::Streamed(body);
+        return Parsed::Stream(built, feed);
+    }
+    if length > 0 {
+        // At most what is at hand, so a usize.
+        *built.body_mut() = RequestBody::Arrived(Some(buf.split_to(length as usize).freeze()));
     }
     Parsed::Request(built)
 }
@@ -735,7 +796,7 @@ where
                     out.clear();
                 }
                 let next = pin!(poll_fn(|cx| body.as_mut().poll_frame(cx)));
-                match watching(io, buf, max_head, next).await {
+                match watching(io, buf, max_head, next, None).await {
                     Some(f) => f,
                     None => return false,
                 }
@@ -802,32 +863,49 @@ where
 /// Run `fut` while reading the client, to see one that goes away (hyper's
 /// server does the same): `None` when it has. Pipelined bytes wait in
 /// `buf`, up to the head limit; past it the client is not read until they
-/// are used. `fut` stays pinned where it was made: moving the request's
-/// future in would copy its 4.6 KB.
+/// are used. With a `feed`, the request's streamed body is given to its
+/// reader from `buf` as the reader takes it: a reader that stops taking
+/// stops the reading once `buf` is full. `fut` stays pinned where it was
+/// made: moving the request's future in would copy its 4.6 KB.
 async fn watching<T, F>(
     io: &mut T,
     buf: &mut BytesMut,
     max_head: usize,
     mut fut: Pin<&mut F>,
+    mut feed: Option<&mut Feed>,
 ) -> Option<F::Output>
 where
     T: AsyncRead + Unpin,
     F: Future,
 {
-    loop {
-        let room = buf.len() < max_head;
-        if room {
-            make_room(buf);
+    poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            let mut again = false;
+            if let Some(feed) = feed.as_deref_mut()
+                && feed.left() > 0
+                && !buf.is_empty()
+            {
+                // Full or reader gone: woken when the slot empties; a
+                // reader gone leaves the rest for after the answer.
+                again = matches!(feed.poll_put(buf, cx), Put::Moved(_));
+            }
+            if buf.len() < max_head {
+                make_room(buf);
+                match pin!(io.read_buf(&mut *buf)).poll(cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => again = true,
+                    Poll::Pending => {}
+                }
+            }
+            if !again {
+                return Poll::Pending;
+            }
         }
-        tokio::select! {
-            biased;
-            out = fut.as_mut() => return Some(out),
-            r = io.read_buf(buf), if room => match r {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
-            },
-        }
-    }
+    })
+    .await
 }
 
 /// `n` in upper-case hex (a chunk size, as hyper writes it), without
@@ -866,7 +944,7 @@ mod tests {
     fn run(input: &[u8]) -> (Vec<u8>, Option<Request<RequestBody>>, bool) {
         let mut buf = BytesMut::from(input);
         match parse_head(&mut buf, 8192) {
-            Parsed::Request(r) => (buf.to_vec(), Some(r), false),
+            Parsed::Request(r) | Parsed::Stream(r, _) => (buf.to_vec(), Some(r), false),
             Parsed::Partial | Parsed::Body(_) => (buf.to_vec(), None, true),
             Parsed::NotMine => (buf.to_vec(), None, false),
         }
@@ -875,6 +953,14 @@ mod tests {
     fn body(req: Request<RequestBody>) -> Option<Bytes> {
         match req.into_body() {
             RequestBody::Arrived(b) => b,
+            _ => None,
+        }
+    }
+
+    /// The length of a streamed body, `None` for any other kind.
+    fn streamed(req: &Request<RequestBody>) -> Option<u64> {
+        match req.body() {
+            RequestBody::Streamed(b) => b.size_hint().exact(),
             _ => None,
         }
     }
@@ -900,14 +986,26 @@ mod tests {
         let head = short.len() - 3;
         assert!(matches!(parse_head(&mut buf, 8192), Parsed::Body(n) if n == head + 5));
         assert_eq!(&buf[..], short.as_bytes());
-        // At the bound, and past it.
+        // Short and asked to stream: the head is taken, the body's bytes
+        // at hand stay first in the buffer for the feed.
+        let mut buf = BytesMut::from(short.as_bytes());
+        let mut scratch = Scratch::default();
+        let Parsed::Stream(req, feed) = parse(&mut buf, 8192, true, &mut scratch) else {
+            panic!("not streamed");
+        };
+        assert_eq!(
+            (streamed(&req), feed.left(), &buf[..]),
+            (Some(5), 5, &b"hel"[..])
+        );
+        // At the bound, taken whole; past it, streamed even when all there.
         let at = "a".repeat(MAX_BODY);
-        assert!(run(post(&MAX_BODY.to_string(), &at).as_bytes()).1.is_some());
+        let (_, req, _) = run(post(&MAX_BODY.to_string(), &at).as_bytes());
+        assert_eq!(body(req.expect("served")).map(|b| b.len()), Some(MAX_BODY));
         let over = format!("{at}a");
         let text = post(&(MAX_BODY + 1).to_string(), &over);
-        let (left, req, partial) = run(text.as_bytes());
-        assert!(req.is_none() && !partial);
-        assert_eq!(left, text.as_bytes());
+        let (left, req, _) = run(text.as_bytes());
+        assert_eq!(streamed(&req.expect("served")), Some(MAX_BODY as u64 + 1));
+        assert_eq!(left, over.as_bytes());
         // Anything but plain digits, once, goes to hyper.
         for len in ["+5", " 5x", "5,5", "0x5", "", "99999999999999999999"] {
             let text = post(len, "hello");

@@ -400,7 +400,9 @@ pub fn h1_head(input: &[u8], head_request: bool) {
 
 /// The listener's own HTTP/1 loop's head parser (src/server/fast.rs) on
 /// any bytes: it either takes one whole head and leaves exactly the bytes
-/// after it, or leaves every byte where it was, because hyper reads those
+/// after it (and after its body when the body is taken whole; a body over
+/// [`MAX_BODY`](scopegate::server::MAX_BODY) is streamed, its bytes left
+/// first), or leaves every byte where it was, because hyper reads those
 /// bytes next. A head it takes is one httparse takes whole, HTTP/1.1 and
 /// not HEAD, and the request has httparse's method, the target as `Uri`
 /// (and so hyper) reads it, and every field's values in order.
@@ -428,8 +430,9 @@ pub fn fast_h1_head(input: &[u8]) {
         assert!(values.next().is_none(), "one length at most");
         n
     };
-    let req = match parsed {
-        ParsedHead::Request(req) => req,
+    let (req, streamed) = match parsed {
+        ParsedHead::Request(req) => (req, None),
+        ParsedHead::Stream(req, feed) => (req, Some(feed.left())),
         ParsedHead::Body(need) => {
             assert_eq!(&buf[..], input, "a short body leaves every byte");
             let Ok(httparse::Status::Complete(n)) = whole else {
@@ -451,15 +454,24 @@ pub fn fast_h1_head(input: &[u8]) {
     };
     assert!(n <= 8192);
     // The body is exactly the bytes its length says, and the bytes after
-    // it stay.
+    // it stay; a streamed body's bytes all stay, for the loop to feed.
     let l = length(&r);
-    let body = match req.body() {
-        scopegate::proxy::RequestBody::Empty => &[][..],
-        scopegate::proxy::RequestBody::Arrived(Some(b)) => &b[..],
-        _ => panic!("a body of another kind"),
-    };
-    assert_eq!(body, &input[n..n + l], "the body");
-    assert_eq!(&buf[..], &input[n + l..], "the bytes after the body stay");
+    if let Some(left) = streamed {
+        assert!(l > scopegate::server::MAX_BODY, "streamed a body of {l}");
+        assert_eq!(left, l as u64);
+        assert!(
+            matches!(req.body(), scopegate::proxy::RequestBody::Streamed(b) if http_body::Body::size_hint(b).exact() == Some(l as u64))
+        );
+        assert_eq!(&buf[..], &input[n..], "the body's bytes stay");
+    } else {
+        let body = match req.body() {
+            scopegate::proxy::RequestBody::Empty => &[][..],
+            scopegate::proxy::RequestBody::Arrived(Some(b)) => &b[..],
+            _ => panic!("a body of another kind"),
+        };
+        assert_eq!(body, &input[n..n + l], "the body");
+        assert_eq!(&buf[..], &input[n + l..], "the bytes after the body stay");
+    }
     // HTTP/1.1 or HTTP/1.0, as it came.
     match r.version {
         Some(1) => assert_eq!(req.version(), http::Version::HTTP_11),
