@@ -1,12 +1,13 @@
 //! A minimal, fast HTTP/1.1 upstream for bench/load.sh: answers every
-//! request with 200 and a 2-byte body, keep-alive.
+//! request with 200 and a 2-byte body, keep-alive, once it has read the
+//! request's body.
 //!
 //! Usage: fast_upstream ADDR [WORKERS]
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
 fn main() {
@@ -27,7 +28,11 @@ fn main() {
             };
             let _ = stream.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
+                // The body is read before the answer, as an API reads it:
+                // answered first, a body over one read ends the connection
+                // (hyper's server cannot drain it), for every proxy alike.
+                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let _ = req.into_body().collect().await;
                     Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
