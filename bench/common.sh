@@ -27,6 +27,10 @@ wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev
 # knowledge) instead of HTTP/1. NGINX_CERT and NGINX_KEY (PEM files) make it
 # terminate TLS (then NGINX_LISTEN="http2" is HTTP/2 by ALPN), TLS 1.3 only
 # as scopegate would negotiate: nginx 1.22's default stops at TLS 1.2.
+# NGINX_STREAM=1: nginx passes request bodies on as they come
+# (`proxy_request_buffering off`), as scopegate does, instead of its
+# default of reading a body whole first, to a temporary file past
+# `client_body_buffer_size` (16 KiB).
 nginx_conf() {
   local dir=$1 port=$2 up=$3
   shift 3
@@ -46,7 +50,7 @@ http {
     listen 127.0.0.1:$port${NGINX_CERT:+ ssl}${NGINX_LISTEN:+ $NGINX_LISTEN};
 ${NGINX_CERT:+    ssl_certificate $NGINX_CERT; ssl_certificate_key $NGINX_KEY; ssl_protocols TLSv1.3;}
     keepalive_requests 1000000;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";${NGINX_STREAM:+ proxy_request_buffering off;} }
   }
 }
 CONF

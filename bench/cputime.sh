@@ -9,7 +9,10 @@
 # it does not need the proxy's core to be saturated.
 #
 # METHOD=POST sends a 256-byte JSON body with every request (in the same
-# write as the head: wrk writes each request whole).
+# write as the head: wrk writes each request whole). BODY=N makes it N
+# bytes (at least 14); over 16 KiB the own HTTP/1 loop streams it, and
+# nginx by default writes it to a temporary file before proxying it
+# (NGINX_STREAM=1 has nginx stream it too; bench/common.sh).
 #
 # PROTO=h2 sends GETs over HTTP/2 without TLS (h2c, prior knowledge) with
 # h2load, 32 connections, one request at a time on each; nginx listens with
@@ -32,13 +35,15 @@
 #
 # Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client;
 #        for PROTO=h1.0 apache2-utils; for TLS=1 openssl
-# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [PROTO=h1|h1.0|h2] [TLS=0|1]
+# Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [BODY=256] [PROTO=h1|h1.0|h2] [TLS=0|1]
 #        [CONN=keep|close] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-10}
 DUR=${DUR:-5}
 METHOD=${METHOD:-GET}
+BODY=${BODY:-256}
+[ "$BODY" -ge 14 ] || { echo "BODY is at least 14 bytes" >&2; exit 1; }
 PROTO=${PROTO:-h1}
 TLS=${TLS:-0}
 CLOSE=()
@@ -79,10 +84,11 @@ for p in $NG $SG $SGH; do wait_port $p; done
 NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
 SCRIPT=()
 if [ "$METHOD" = POST ]; then
-  # The same body as bench/instructions.sh's POST targets.
+  # The same body as bench/instructions.sh's POST targets (BODY=65536:
+  # as its -64k targets).
   cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
-wrk.body = '{"marker": "$(printf 'm%.0s' $(seq 1 242))"}'
+wrk.body = '{"marker": "' .. string.rep("m", $((BODY - 14))) .. '"}'
 wrk.headers["Content-Type"] = "application/json"
 LUA
   SCRIPT=(-s "$WORK/post.lua")
@@ -131,7 +137,7 @@ for _ in $(seq 1 "$PAIRS"); do
 done
 OVER=$PROTO
 [ "$TLS" = 1 ] && OVER="$PROTO with TLS"
-echo "CPU µs per $METHOD request over $OVER, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, 32 connections"
+echo "CPU µs per $METHOD request$([ "$METHOD" = POST ] && echo " ($BODY-byte body)") over $OVER, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, 32 connections"
 for t in nginx sg-pat sg-pat-hyper-srv; do
   printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
 done
