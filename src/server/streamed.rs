@@ -79,6 +79,13 @@ pub struct Streamed {
     left: u64,
 }
 
+impl Streamed {
+    /// Bytes of the body not yet taken.
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+}
+
 impl Body for Streamed {
     type Data = Bytes;
     type Error = Incomplete;
