@@ -648,6 +648,43 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let issued = r.json();
     let child = issued["token"].as_str().expect("token").to_string();
+
+    // The same request with its body written after its head: the own
+    // HTTP/1 loop streams it, and the gateway's endpoint reads it in the
+    // connection's own task.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = json!({"cube": narrow, "ttl": "5m"}).to_string();
+        let mut s = tokio::net::TcpStream::connect(gw.addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST /_scopegate/v1/tokens HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            parent.secret,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        s.write_all(body.as_bytes()).await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        let late = loop {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer")
+                .expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            if let Some(r) = parse_response(&got)
+                && r.header("content-length")
+                    .and_then(|l| l.parse::<usize>().ok())
+                    == Some(r.body.len())
+            {
+                break r;
+            }
+        };
+        assert_eq!(late.status, 201, "{}", String::from_utf8_lossy(&late.body));
+    }
     let c = claims_of(&child);
     assert_eq!(c["parent"], "tok_parent");
     assert_eq!(c["cubes"], json!([narrow]));
