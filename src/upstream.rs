@@ -175,18 +175,29 @@ impl UpstreamClient {
         match self {
             UpstreamClient::Http1(pool) => {
                 if pool.raw {
-                    // No body, or one that came whole with its head.
+                    // No body, one that came whole with its head, or a small
+                    // one the listener's own loop streams.
                     let (method, headers) = (req.method(), req.headers());
-                    let (eligible, whole) = match req.body() {
-                        b if b.is_end_stream() => (h1::eligible(method, headers, None), None),
-                        RequestBody::Arrived(Some(b)) => {
-                            (h1::eligible(method, headers, Some(b)), Some(b.clone()))
+                    let eligible = match req.body() {
+                        b if b.is_end_stream() => h1::eligible(method, headers, None),
+                        RequestBody::Arrived(Some(b)) => h1::eligible(method, headers, Some(b)),
+                        RequestBody::Streamed(b) => {
+                            b.left() <= h1::MAX_STREAMED
+                                && h1::eligible_length(method, headers, Some(b.left()))
                         }
-                        _ => (false, None),
+                        _ => false,
                     };
                     if eligible {
-                        let (parts, _) = req.into_parts();
-                        let body = whole.as_deref().unwrap_or_default();
+                        let (parts, body) = req.into_parts();
+                        let whole;
+                        let body = match body {
+                            RequestBody::Streamed(b) => h1::Outgoing::Streaming(b),
+                            RequestBody::Arrived(Some(b)) => {
+                                whole = b;
+                                h1::Outgoing::Whole(&whole[..])
+                            }
+                            _ => h1::Outgoing::Whole(&[]),
+                        };
                         let resp = pool.send_raw(&parts, added, body).await?;
                         return Ok((resp.map(UpBody::Raw), None));
                     }
@@ -435,9 +446,10 @@ impl Http1Pool {
         self: &Arc<Self>,
         parts: &http::request::Parts,
         added: &Added,
-        body: &[u8],
+        mut body: h1::Outgoing<'_, crate::server::streamed::Streamed>,
     ) -> Result<Response<h1::RawBody>, SendError> {
         let mut fresh_only = false;
+        let bodiless = matches!(body, h1::Outgoing::Whole(b) if b.is_empty());
         loop {
             let pooled = if fresh_only { None } else { self.take_raw() };
             let (conn, reused) = match pooled {
@@ -446,11 +458,15 @@ impl Http1Pool {
             };
             let back: Arc<dyn h1::Return> = self.clone();
             let head = std::iter::once((&header::HOST, &self.host_header)).chain(added.headers());
-            match h1::exchange(conn, parts, head, body, back).await {
+            let out = match &mut body {
+                h1::Outgoing::Whole(b) => h1::Outgoing::Whole(b),
+                h1::Outgoing::Streaming(b) => h1::Outgoing::Streaming(&mut *b),
+            };
+            match h1::exchange_body(conn, parts, head, out, back).await {
                 Ok(resp) => return Ok(resp),
                 Err((_, true)) if reused => continue,
                 Err((h1::H1Error::NoAnswer, false))
-                    if reused && body.is_empty() && idempotent(&parts.method) =>
+                    if reused && bodiless && idempotent(&parts.method) =>
                 {
                     tracing::debug!("reused upstream connection closed unanswered; retrying once");
                     fresh_only = true;
