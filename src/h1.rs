@@ -498,7 +498,7 @@ pub fn eligible_length(method: &Method, headers: &http::HeaderMap, length: Optio
         && !headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
-/// The largest body still arriving that [`exchange_streaming`] takes: one
+/// The largest body still arriving that [`exchange_body`] takes: one
 /// the socket's send buffer holds whole, so writing it never waits on an
 /// upstream that answers without reading it.
 pub const MAX_STREAMED: u64 = 16 * 1024;

@@ -432,8 +432,9 @@ impl Http1Pool {
         }
     }
 
-    /// A request through the in-future client, with no body or with one
-    /// whole in hand (`body`, written after the head). Retried on another
+    /// A request through the in-future client, with no body, with one
+    /// whole in hand (written after the head), or with a small one the
+    /// listener's own loop is still streaming. Retried on another
     /// connection when a reused one failed before the whole head was
     /// written (the upstream cannot have acted on it); and once, on a new
     /// connection, when a reused one was closed without a byte of answer,

@@ -131,7 +131,7 @@ impl Drop for Streamed {
 
 /// What [`Feed::poll_put`] did.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Put {
+pub(crate) enum Put {
     /// Moved this many bytes from the buffer to the reader.
     Moved(usize),
     /// The slot is full; the loop is woken when it empties.
