@@ -153,6 +153,11 @@ impl Feed {
         self.left
     }
 
+    /// Bytes still to come, but no more than `most`.
+    pub(crate) fn left_up_to(&self, most: usize) -> usize {
+        usize::try_from(self.left).map_or(most, |left| left.min(most))
+    }
+
     /// Move the body's bytes at the front of `buf` (no more than are left)
     /// to the reader if the slot is empty.
     pub(crate) fn poll_put(&mut self, buf: &mut BytesMut, cx: &mut Context<'_>) -> Put {
@@ -164,7 +169,7 @@ impl Feed {
         if state.data.is_some() {
             return Put::Full;
         }
-        let n = usize::try_from(self.left).map_or(buf.len(), |left| left.min(buf.len()));
+        let n = self.left_up_to(buf.len());
         if n == 0 {
             return Put::Moved(0);
         }
@@ -187,7 +192,7 @@ impl Feed {
     /// Drop the body's bytes at the front of `buf` (no more than are
     /// left), unread: the reader stopped wanting them.
     pub(crate) fn skip(&mut self, buf: &mut BytesMut) {
-        let n = usize::try_from(self.left).map_or(buf.len(), |left| left.min(buf.len()));
+        let n = self.left_up_to(buf.len());
         bytes::Buf::advance(buf, n);
         self.left -= n as u64;
     }
