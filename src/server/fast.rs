@@ -901,9 +901,10 @@ where
             // bench/instructions.sh, sg-post-64k), 0.81 times in 32 KiB
             // reads and 0.74 times in 64 KiB ones. So a streaming
             // connection holds at most BODY_READ (or `max_head`) in the
-            // buffer and as much again in the reader's slot; with 256
-            // uploads at once, 32 KiB kept the RSS at 50-56 MB (64 KiB:
-            // 61-78 MB; hyper's server 39 MB).
+            // buffer and as much again in the reader's slot. With 256
+            // clients uploading 1 MB bodies at once the most RSS is 1.07
+            // times hyper's server's, at 1.27 times its req/s
+            // (bench/uploads.sh, the allocator as deployed).
             let body = feed.as_deref().map_or(0, |f| f.left_up_to(BODY_READ));
             if buf.len() < max_head.max(body) {
                 if body > 0 {
