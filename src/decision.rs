@@ -87,12 +87,6 @@ pub struct Outcome<'s, 'r> {
     pub verdict: Result<bool, Reason>,
 }
 
-impl Outcome<'_, '_> {
-    pub fn is_public(&self) -> bool {
-        matches!(self.verdict, Ok(false))
-    }
-}
-
 /// Decide a request. `now` is Unix seconds.
 pub fn decide<'s, 'r>(
     snap: &'s Snapshot,
