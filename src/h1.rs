@@ -496,6 +496,10 @@ pub fn eligible_length(method: &Method, headers: &http::HeaderMap, length: Optio
     lengths.next().is_none()
         && one == Some(length)
         && !headers.contains_key(http::header::TRANSFER_ENCODING)
+        // The upstream may answer `100 Continue` before the body, which
+        // `exchange_body` would take for an early final answer and stop
+        // sending; hyper's client reads past it.
+        && (length == 0 || !headers.contains_key(http::header::EXPECT))
 }
 
 /// The largest body still arriving that [`exchange_body`] takes: one

@@ -16,11 +16,12 @@
 //!   [`MAX_HEADERS`] fields, as HTTP/1.1 or HTTP/1.0;
 //! - the method is not `CONNECT`, and the target is
 //!   origin-form (starts with `/`) and no longer than hyper allows;
-//! - there is no `Transfer-Encoding`, `Expect`, `Upgrade` or `TE` field,
-//!   and no `Connection` other than one `keep-alive` or one `close`:
-//!   nothing that frames a body in chunks, changes the connection, or lets a client
-//!   ask for trailers (that one `Connection` field is the loop's: being
-//!   hop-by-hop, it is not passed on in the request);
+//! - there is no `Transfer-Encoding`, `Upgrade` or `TE` field, no
+//!   `Expect` but one `100-continue`, and no `Connection` other than one
+//!   `keep-alive` or one `close`: nothing that frames a body in chunks,
+//!   changes the connection, or lets a client ask for trailers (that one
+//!   `Connection` field is the loop's: being hop-by-hop, it is not passed
+//!   on in the request);
 //! - there is at most one `Content-Length`, all digits;
 //! - every name and value is one `http` accepts, and the target is a `Uri`.
 //!
@@ -35,6 +36,12 @@
 //! hand, without waiting; if that is not all of it, the connection ends,
 //! as hyper's `poll_drain_or_close_read` ends it, so no byte of a body is
 //! ever read as a request.
+//!
+//! A body whose head says `Expect: 100-continue` (HTTP/1.1, a non-empty
+//! body) is always streamed, and `100 Continue` is written when its reader
+//! first asks for it, as hyper's server writes it: a request denied before
+//! then gets its answer alone, and the body the client may not have sent
+//! is dropped as above.
 //!
 //! Anything else (a chunked body, HTTP/2's preface, a malformed head, a
 //! head over the limit, a client that closed mid-head) is hyper's to
@@ -86,7 +93,7 @@ use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -136,8 +143,9 @@ pub enum Parsed {
     Request(Request<RequestBody>),
     /// The loop serves it, and reads its body from the client as the
     /// request takes it, through the [`Feed`]: a `Content-Length` body over
-    /// [`MAX_BODY`] bytes, or one not all there with its head. The head was
-    /// taken from the buffer; the body's first bytes, if any, are next.
+    /// [`MAX_BODY`] bytes, one not all there with its head, or one whose
+    /// head says `Expect: 100-continue`. The head was taken from the
+    /// buffer; the body's first bytes, if any, are next.
     Stream(Request<RequestBody>, Feed),
     /// More bytes are needed; the buffer is untouched.
     Partial,
@@ -423,6 +431,7 @@ fn parse(buf: &mut BytesMut, max_head: usize, stream: bool, scratch: &mut Scratc
     scratch.closes = version == Version::HTTP_10;
     let mut length = None;
     let mut saw_connection = false;
+    let mut expects = false;
     for h in r.headers.iter() {
         let Ok(name) = HeaderName::from_bytes(h.name.as_bytes()) else {
             return Parsed::NotMine;
@@ -449,10 +458,16 @@ fn parse(buf: &mut BytesMut, max_head: usize, stream: bool, scratch: &mut Scratc
             // has nothing to strip (with `close`, that cost an allocation
             // and three lookups a request).
             continue;
-        } else if name == header::TRANSFER_ENCODING
-            || name == header::EXPECT
-            || name == header::UPGRADE
-            || name == header::TE
+        } else if name == header::EXPECT {
+            // One `100-continue`, in any case (hyper compares it so): the
+            // body is streamed and `100 Continue` sent when it is first
+            // wanted (src/server/streamed.rs). Passed on, as hyper passes
+            // it. Another expectation, or two fields, are hyper's.
+            if expects || !h.value.eq_ignore_ascii_case(b"100-continue") {
+                return Parsed::NotMine;
+            }
+            expects = true;
+        } else if name == header::TRANSFER_ENCODING || name == header::UPGRADE || name == header::TE
         {
             return Parsed::NotMine;
         }
@@ -463,7 +478,9 @@ fn parse(buf: &mut BytesMut, max_head: usize, stream: bool, scratch: &mut Scratc
     }
     let length = length.unwrap_or(0);
     let at_hand = (buf.len() - len) as u64;
-    let streamed = length > MAX_BODY as u64 || (length > at_hand && stream);
+    // As hyper: no `100 Continue` for an empty body, nor in HTTP/1.0.
+    let expects = expects && length > 0 && version == Version::HTTP_11;
+    let streamed = expects || length > MAX_BODY as u64 || (length > at_hand && stream);
     if length > at_hand && !streamed {
         // At most MAX_BODY: fits a usize.
         return Parsed::Body(len + length as usize);
@@ -480,7 +497,7 @@ fn parse(buf: &mut BytesMut, max_head: usize, stream: bool, scratch: &mut Scratc
         return Parsed::NotMine;
     };
     if streamed {
-        let (feed, body) = super::streamed::channel(length);
+        let (feed, body) = super::streamed::channel(length, expects);
         *built.body_mut() = RequestBody::Streamed(body);
         return Parsed::Stream(built, feed);
     }
@@ -868,8 +885,10 @@ where
 /// `buf`, up to the head limit; past it the client is not read until they
 /// are used. With a `feed`, the request's streamed body is given to its
 /// reader from `buf` as the reader takes it: a reader that stops taking
-/// stops the reading once `buf` is full. `fut` stays pinned where it was
-/// made: moving the request's future in would copy its 4.6 KB.
+/// stops the reading once `buf` is full. A client that expects `100
+/// Continue` gets it when the reader first asks for the body, and none of
+/// the body is fed before. `fut` stays pinned where it was made: moving
+/// the request's future in would copy its 4.6 KB.
 async fn watching<T, F>(
     io: &mut T,
     buf: &mut BytesMut,
@@ -878,9 +897,11 @@ async fn watching<T, F>(
     mut feed: Option<&mut Feed>,
 ) -> Option<F::Output>
 where
-    T: AsyncRead + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
     F: Future,
 {
+    // Bytes of `100 Continue` written.
+    let mut continued = 0;
     poll_fn(|cx| {
         loop {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
@@ -889,11 +910,26 @@ where
             let mut again = false;
             if let Some(feed) = feed.as_deref_mut()
                 && feed.left() > 0
-                && !buf.is_empty()
             {
-                // Full or reader gone: woken when the slot empties; a
-                // reader gone leaves the rest for after the answer.
-                again = matches!(feed.poll_put(buf, cx), Put::Moved(_));
+                if feed.expects() {
+                    // hyper's server writes it on the body's first poll
+                    // too, the answer not having begun (it is written only
+                    // once this future is done).
+                    if feed.poll_wanted(cx).is_ready() {
+                        match poll_continue(io, &mut continued, cx) {
+                            Poll::Ready(true) => {
+                                feed.continued();
+                                again = true;
+                            }
+                            Poll::Ready(false) => return Poll::Ready(None),
+                            Poll::Pending => {}
+                        }
+                    }
+                } else if !buf.is_empty() {
+                    // Full or reader gone: woken when the slot empties; a
+                    // reader gone leaves the rest for after the answer.
+                    again = matches!(feed.poll_put(buf, cx), Put::Moved(_));
+                }
             }
             // While a body streams, reads take up to BODY_READ of it at a
             // time: in 8 KiB reads a 64 KiB body cost 1.6 times hyper's
@@ -905,7 +941,12 @@ where
             // clients uploading 1 MB bodies at once the most RSS is 1.07
             // times hyper's server's, at 1.27 times its req/s
             // (bench/uploads.sh, the allocator as deployed).
-            let body = feed.as_deref().map_or(0, |f| f.left_up_to(BODY_READ));
+            // While `100 Continue` is owed, the socket is read as for a
+            // request without a body: the client may not send it yet.
+            let body = feed
+                .as_deref()
+                .filter(|f| !f.expects())
+                .map_or(0, |f| f.left_up_to(BODY_READ));
             if buf.len() < max_head.max(body) {
                 if body > 0 {
                     buf.reserve(body);
@@ -924,6 +965,26 @@ where
         }
     })
     .await
+}
+
+/// What a client that sent `Expect: 100-continue` is told when the body
+/// is wanted (hyper's bytes).
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// Write the rest of [`CONTINUE`] after its first `sent` bytes, and flush:
+/// whether it all went (a client that went away ends the connection).
+fn poll_continue<T>(io: &mut T, sent: &mut usize, cx: &mut Context<'_>) -> Poll<bool>
+where
+    T: AsyncWrite + Unpin,
+{
+    while let Some(rest) = CONTINUE.get(*sent..).filter(|r| !r.is_empty()) {
+        match Pin::new(&mut *io).poll_write(cx, rest) {
+            Poll::Ready(Ok(n)) if n > 0 => *sent += n,
+            Poll::Ready(_) => return Poll::Ready(false),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    Pin::new(&mut *io).poll_flush(cx).map(|r| r.is_ok())
 }
 
 /// `n` in upper-case hex (a chunk size, as hyper writes it), without
@@ -1046,6 +1107,16 @@ mod tests {
         assert!(served("GET / HTTP/1.0\r\n\r\n"));
         assert!(served("GET / HTTP/1.0\r\nconnection: close\r\n\r\n"));
         assert!(served("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        // One `100-continue` expectation: with a body, streamed (and `100
+        // Continue` sent when it is wanted), even when all of it is here.
+        assert!(served("GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n"));
+        let (left, req, _) =
+            run(b"POST / HTTP/1.1\r\nExpect: 100-Continue\r\ncontent-length: 2\r\n\r\nhi");
+        assert_eq!(req.as_ref().and_then(streamed), Some(2));
+        assert_eq!(left, b"hi");
+        // Not in HTTP/1.0 (hyper ignores it there): taken whole.
+        let req = run(b"POST / HTTP/1.0\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\nhi").1;
+        assert_eq!(req.and_then(body).as_deref(), Some(&b"hi"[..]));
         for h in [
             "CONNECT h:1 HTTP/1.1\r\n\r\n",
             "GET * HTTP/1.1\r\n\r\n",
@@ -1053,7 +1124,8 @@ mod tests {
             "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
             "GET / HTTP/1.1\r\ncontent-length: 0\r\ncontent-length: 0\r\n\r\n",
             "GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
-            "GET / HTTP/1.1\r\nexpect: 100-continue\r\n\r\n",
+            "GET / HTTP/1.1\r\nexpect: 100-continue\r\nexpect: 100-continue\r\n\r\n",
+            "POST / HTTP/1.1\r\nexpect: something\r\ncontent-length: 1\r\n\r\nx",
             "GET / HTTP/1.1\r\nupgrade: h2c\r\n\r\n",
             "GET / HTTP/1.1\r\nte: trailers\r\n\r\n",
             "GET / HTTP/1.1\r\nconnection: keep-alive\r\nconnection: keep-alive\r\n\r\n",

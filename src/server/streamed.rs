@@ -13,6 +13,12 @@
 //! The body ends when its length has been taken. If the loop stops before
 //! that (the client closed, or the answer was ready first), the reader's
 //! next poll gets [`Incomplete`], never a short body that looks whole.
+//!
+//! A request that said `Expect: 100-continue` gets its `100 Continue` when
+//! the reader first asks for the body, as from hyper's server: the loop
+//! waits for that ([`Feed::poll_wanted`]) before it feeds any of the body,
+//! so a request denied before its body is wanted gets no `100`, and its
+//! client need not send the body at all.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -42,6 +48,8 @@ struct State {
     failed: bool,
     /// The reader was dropped.
     reader_gone: bool,
+    /// The reader has asked for the body.
+    wanted: bool,
 }
 
 #[derive(Default)]
@@ -60,15 +68,21 @@ impl Shared {
     }
 }
 
-/// A body of `len` bytes: the loop's side and the request's.
-pub(crate) fn channel(len: u64) -> (Feed, Streamed) {
+/// A body of `len` bytes: the loop's side and the request's. `expects`:
+/// the client waits for `100 Continue` before it sends the body.
+pub(crate) fn channel(len: u64, expects: bool) -> (Feed, Streamed) {
     let shared = Arc::new(Shared::default());
     (
         Feed {
             shared: shared.clone(),
             left: len,
+            expects,
         },
-        Streamed { shared, left: len },
+        Streamed {
+            shared,
+            left: len,
+            asked: false,
+        },
     )
 }
 
@@ -77,6 +91,8 @@ pub struct Streamed {
     shared: Arc<Shared>,
     /// Bytes not yet taken.
     left: u64,
+    /// The loop has been told that the body is wanted.
+    asked: bool,
 }
 
 impl Streamed {
@@ -99,7 +115,13 @@ impl Body for Streamed {
         }
         // Registered before looking, so bytes put after the look wake it.
         self.shared.reader.register(cx.waker());
-        let mut state = self.shared.lock();
+        let this = &mut *self;
+        let mut state = this.shared.lock();
+        if !this.asked {
+            state.wanted = true;
+            this.asked = true;
+            this.shared.feeder.wake();
+        }
         if let Some(data) = state.data.take() {
             drop(state);
             self.shared.feeder.wake();
@@ -145,9 +167,33 @@ pub struct Feed {
     shared: Arc<Shared>,
     /// Bytes of the body not yet read from the client.
     left: u64,
+    /// `100 Continue` is owed before the body: not yet sent.
+    expects: bool,
 }
 
 impl Feed {
+    /// Whether the client still waits for `100 Continue` (see
+    /// [`Feed::poll_wanted`] and [`Feed::continued`]).
+    pub(crate) fn expects(&self) -> bool {
+        self.expects
+    }
+
+    /// Ready once the reader has asked for the body; until then the loop
+    /// is woken when it does.
+    pub(crate) fn poll_wanted(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.shared.feeder.register(cx.waker());
+        if self.shared.lock().wanted {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// `100 Continue` was sent: the body may be fed.
+    pub(crate) fn continued(&mut self) {
+        self.expects = false;
+    }
+
     /// Bytes of the body still to come from the client.
     pub fn left(&self) -> u64 {
         self.left
@@ -210,6 +256,7 @@ mod tests {
 
     use super::*;
     use http_body_util::BodyExt;
+    use std::pin::Pin;
 
     fn cx() -> Context<'static> {
         Context::from_waker(std::task::Waker::noop())
@@ -217,7 +264,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_body_comes_through_in_order_and_ends_at_its_length() {
-        let (mut feed, body) = channel(10);
+        let (mut feed, body) = channel(10, false);
         let reader = tokio::spawn(body.collect());
         let mut buf = BytesMut::from(&b"hello"[..]);
         assert_eq!(feed.poll_put(&mut buf, &mut cx()), Put::Moved(5));
@@ -236,7 +283,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_feed_that_stops_short_is_an_error_not_an_end() {
-        let (mut feed, mut body) = channel(10);
+        let (mut feed, mut body) = channel(10, false);
         let mut buf = BytesMut::from(&b"hello"[..]);
         assert_eq!(feed.poll_put(&mut buf, &mut cx()), Put::Moved(5));
         drop(feed);
@@ -248,7 +295,7 @@ mod tests {
 
     #[test]
     fn the_feed_learns_that_the_reader_is_gone() {
-        let (mut feed, body) = channel(10);
+        let (mut feed, body) = channel(10, false);
         let mut buf = BytesMut::from(&b"hello"[..]);
         drop(body);
         assert_eq!(feed.poll_put(&mut buf, &mut cx()), Put::ReaderGone);
@@ -257,12 +304,31 @@ mod tests {
         assert_eq!((feed.left(), buf.len()), (5, 0));
     }
 
+    #[tokio::test]
+    async fn the_loop_learns_when_the_body_is_first_wanted() {
+        let (mut feed, mut body) = channel(5, true);
+        assert!(feed.expects());
+        assert_eq!(feed.poll_wanted(&mut cx()), Poll::Pending);
+        // The first poll asks for it, with nothing there yet.
+        assert!(matches!(
+            Pin::new(&mut body).poll_frame(&mut cx()),
+            Poll::Pending
+        ));
+        assert_eq!(feed.poll_wanted(&mut cx()), Poll::Ready(()));
+        feed.continued();
+        assert!(!feed.expects());
+        let mut buf = BytesMut::from(&b"hello"[..]);
+        assert_eq!(feed.poll_put(&mut buf, &mut cx()), Put::Moved(5));
+        let got = body.collect().await.expect("whole").to_bytes();
+        assert_eq!(&got[..], b"hello");
+    }
+
     #[test]
     fn the_length_is_the_size_hint() {
-        let (_feed, body) = channel(70_000);
+        let (_feed, body) = channel(70_000, false);
         assert_eq!(body.size_hint().exact(), Some(70_000));
         assert!(!body.is_end_stream());
-        let (_feed, body) = channel(0);
+        let (_feed, body) = channel(0, false);
         assert!(body.is_end_stream());
     }
 }
