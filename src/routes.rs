@@ -226,10 +226,15 @@ mod tests {
                 .is_err()
         );
         assert!(t.insert("v1/x", Some(1), MethodSet::ALL).is_err());
-        assert!(
-            t.insert("/v1/y/{tenant}/{tenant}", Some(1), MethodSet::ALL)
-                .is_err()
-        );
+        // An identity parameter named twice would leave which segment is
+        // checked to the router: refused, by name.
+        for (tpl, name) in [
+            ("/v1/y/{tenant}/{tenant}", "{tenant}"),
+            ("/v1/y/{account}/x/{account}", "{account}"),
+        ] {
+            let e = t.insert(tpl, Some(1), MethodSet::ALL).expect_err(tpl);
+            assert!(e.0.contains(&format!("names {name} twice")), "{tpl}: {}", e.0);
+        }
         assert!(
             t.insert("/v1/z/{*tenant}", Some(1), MethodSet::ALL)
                 .is_err()

@@ -747,6 +747,12 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
             json!({"cube": {"methods": ["POST"], "tags": ["rules"], "tenants": ["acme-trial"], "accounts": ["acme"]}}),
             "plan",
         ),
+        // The same by its exact path: the plan is asked about the route's
+        // tag.
+        (
+            json!({"cube": {"methods": ["POST"], "paths": ["/v1/tenants/{tenant}/rules"], "tenants": ["acme-trial"], "accounts": ["acme"]}}),
+            "plan",
+        ),
     ] {
         let r = attenuate(gw.addr, &parent.secret, body.clone()).await;
         assert_eq!(
@@ -771,6 +777,14 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
         gw.addr,
         &parent.secret,
         json!({"cube": {"methods": ["POST"], "tags": ["markers"], "tenants": ["acme-trial"], "accounts": ["acme"]}}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    // An exact path the parent covers by its route's tag.
+    let r = attenuate(
+        gw.addr,
+        &parent.secret,
+        json!({"cube": {"methods": ["GET"], "paths": ["/v1/tenants/{tenant}/markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}}),
     )
     .await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
