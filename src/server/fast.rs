@@ -902,10 +902,25 @@ where
 {
     // Bytes of `100 Continue` written.
     let mut continued = 0;
+    let mut answer = None;
     poll_fn(|cx| {
         loop {
-            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
+            if answer.is_none()
+                && let Poll::Ready(out) = fut.as_mut().poll(cx)
+            {
+                answer = Some(out);
+            }
+            if answer.is_some() {
+                // A `100 Continue` begun is finished before the answer (a
+                // client that does not read can leave it part-written).
+                if continued > 0 {
+                    match poll_continue(io, &mut continued, cx) {
+                        Poll::Ready(true) => {}
+                        Poll::Ready(false) => return Poll::Ready(None),
+                        Poll::Pending => return Poll::Pending,
+                    }
+                }
+                return Poll::Ready(answer.take());
             }
             let mut again = false;
             if let Some(feed) = feed.as_deref_mut()

@@ -81,7 +81,7 @@ pub(crate) fn channel(len: u64, expects: bool) -> (Feed, Streamed) {
         Streamed {
             shared,
             left: len,
-            asked: false,
+            asked: !expects,
         },
     )
 }
@@ -91,7 +91,8 @@ pub struct Streamed {
     shared: Arc<Shared>,
     /// Bytes not yet taken.
     left: u64,
-    /// The loop has been told that the body is wanted.
+    /// The loop has been told that the body is wanted, or need not be (no
+    /// `100 Continue` is owed): no wake-up for every streamed body.
     asked: bool,
 }
 
