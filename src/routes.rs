@@ -233,7 +233,11 @@ mod tests {
             ("/v1/y/{account}/x/{account}", "{account}"),
         ] {
             let e = t.insert(tpl, Some(1), MethodSet::ALL).expect_err(tpl);
-            assert!(e.0.contains(&format!("names {name} twice")), "{tpl}: {}", e.0);
+            assert!(
+                e.0.contains(&format!("names {name} twice")),
+                "{tpl}: {}",
+                e.0
+            );
         }
         assert!(
             t.insert("/v1/z/{*tenant}", Some(1), MethodSet::ALL)

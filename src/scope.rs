@@ -690,4 +690,29 @@ mod tests {
         assert!(!MethodSet::ALL.is_subset(MethodSet::GET.union(MethodSet::POST)));
         assert!(MethodSet::NONE.is_subset(MethodSet::NONE));
     }
+
+    #[test]
+    fn each_request_method_has_its_bit() {
+        use http::Method;
+        for (m, bit) in [
+            (Method::GET, Some(MethodSet::GET)),
+            (Method::HEAD, Some(MethodSet::GET)),
+            (Method::POST, Some(MethodSet::POST)),
+            (Method::PUT, Some(MethodSet::PUT)),
+            (Method::PATCH, Some(MethodSet::PATCH)),
+            (Method::DELETE, Some(MethodSet::DELETE)),
+            (Method::OPTIONS, None),
+            (Method::TRACE, None),
+            (Method::CONNECT, None),
+        ] {
+            assert_eq!(MethodSet::of_method(&m), bit, "{m}");
+        }
+        // Overlapping sets: the union keeps what both hold.
+        let get_post = MethodSet::GET.union(MethodSet::POST);
+        let both = get_post.union(MethodSet::POST.union(MethodSet::PUT));
+        assert!(both.contains(MethodSet::POST));
+        assert_eq!(both, get_post.union(MethodSet::PUT));
+        assert!(MethodSet::NONE.is_empty());
+        assert!(!MethodSet::PATCH.is_empty());
+    }
 }
