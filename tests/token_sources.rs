@@ -957,14 +957,7 @@ async fn a_new_kid_before_the_first_fetch_costs_one_fetch() {
 /// same request with a token the endpoint allows is told to send it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_denied_after_introspection_is_not_told_to_send_its_body() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    async fn read(s: &mut tokio::net::TcpStream, buf: &mut [u8]) -> String {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(buf))
-            .await
-            .expect("an answer in time")
-            .expect("read");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    }
+    use tokio::io::AsyncWriteExt;
     let up = Upstream::start(Default::default()).await;
     let server = TokenServer::start(Mode::Up).await;
     let gw = gateway(up.addr, &server, None, Some("positive_ttl: 1s"), &[]).await;
@@ -980,12 +973,11 @@ async fn a_request_denied_after_introspection_is_not_told_to_send_its_body() {
             "POST {PATH} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {token}\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n"
         );
         s.write_all(head.as_bytes()).await.expect("write");
-        let mut buf = vec![0u8; 4096];
-        let first = read(&mut s, &mut buf).await;
+        let first = read_once(&mut s).await;
         if allow {
             assert_eq!(first, "HTTP/1.1 100 Continue\r\n\r\n");
             s.write_all(b"hello").await.expect("write");
-            let answer = read(&mut s, &mut buf).await;
+            let answer = read_once(&mut s).await;
             assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         } else {
             assert!(first.starts_with("HTTP/1.1 401 "), "{first}");

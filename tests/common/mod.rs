@@ -982,3 +982,17 @@ pub async fn get_streaming(
         .expect("head in time")
         .expect("response")
 }
+
+/// One read from `s`, within 5 s, as text: what the other side sent first
+/// (a `100 Continue` alone, or an answer).
+pub async fn read_once<S>(s: &mut S) -> String
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
