@@ -18,6 +18,9 @@
 #   nginx-post-64k, sg-post-64k, sg-post-64k-hyper-srv  a 64 KiB body in
 #             the same write as the head: over the 16 KiB the own loop
 #             takes whole, so streamed
+#   nginx-post-expect, sg-post-expect, sg-post-expect-hyper-srv  the
+#             256-byte body with `Expect: 100-continue`, sent once the
+#             proxy answers `100 Continue`, as curl sends a large upload
 #   sg-pat-log, sg-jwt-log  sg-pat and sg-jwt with the access log on, as
 #             it is by default (SCOPEGATE_LOG=info; the others run with
 #             warn); the lines go to /dev/null
@@ -82,6 +85,7 @@ auth = f"Authorization: Bearer {token}\r\n" if token else ""
 # HTTP/1.0 closes without being asked.
 close = "Connection: close\r\n" if conn == "close" and version == "1.1" else ""
 late = None
+expect = False
 if method.startswith("POST"):
     body = ('{"marker": "' + "m" * 242 + '"}').encode()
     assert len(body) == 256
@@ -89,11 +93,26 @@ if method.startswith("POST"):
         body = ('{"marker": "' + "m" * (65536 - 14) + '"}').encode()
         assert len(body) == 65536
     req = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode() + body
-    if method == "POST-late":
+    if method == "POST-expect":
+        req = req.replace(b"content-type:", b"Expect: 100-continue\r\ncontent-type:")
+    if method in ("POST-late", "POST-expect"):
         req, late = req[:-len(body)], body
+    expect = method == "POST-expect"
     method = "POST"
 else:
     req = f"{method} {path} HTTP/{version}\r\nHost: 127.0.0.1:{port}\r\n{auth}{close}\r\n".encode()
+
+def continue_(s, buf):
+    """Read `100 Continue` from s (after buf); return what follows it."""
+    while b"\r\n\r\n" not in buf:
+        data = s.recv(65536)
+        if not data:
+            sys.exit("connection closed before 100 Continue")
+        buf += data
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    if not head.startswith(b"HTTP/1.1 100"):
+        sys.exit(f"answered before 100 Continue: {head.splitlines()[0]!r}")
+    return rest
 
 def answer(s, buf):
     """Read one answer from s (after buf); return what follows it."""
@@ -131,7 +150,10 @@ else:
     buf = b""
     for _ in range(n):
         s.sendall(req)
-        if late:
+        if late and expect:
+            buf = continue_(s, buf)
+            s.sendall(late)
+        elif late:
             time.sleep(0.005)
             s.sendall(late)
         buf = answer(s, buf)
@@ -160,11 +182,11 @@ count() {
   wait_port "$port"
   local token=""
   case $name in
-    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2 | sg-close | sg-close-hyper-srv | sg-10 | sg-10-hyper-srv | sg-head | sg-head-hyper-srv | sg-post-late | sg-post-late-hyper-srv | sg-post-64k | sg-post-64k-hyper-srv) token=$PAT ;;
+    sg-pat | sg-pat-log | sg-pat-hyper | sg-pat-hyper-srv | sg-post | sg-post-hyper-srv | sg-h2 | sg-close | sg-close-hyper-srv | sg-10 | sg-10-hyper-srv | sg-head | sg-head-hyper-srv | sg-post-late | sg-post-late-hyper-srv | sg-post-64k | sg-post-64k-hyper-srv | sg-post-expect | sg-post-expect-hyper-srv) token=$PAT ;;
     sg-jwt | sg-jwt-log) token=$JWT ;;
   esac
   local method=GET conn=keep version=1.1
-  case $name in *post-late*) method=POST-late ;; *post-64k*) method=POST-64k ;; *post*) method=POST ;; *head*) method=HEAD ;; esac
+  case $name in *post-late*) method=POST-late ;; *post-64k*) method=POST-64k ;; *post-expect*) method=POST-expect ;; *post*) method=POST ;; *head*) method=HEAD ;; esac
   case $name in *-close* | *-10*) conn=close ;; esac
   case $name in *-10*) version=1.0 ;; esac
   case $name in
@@ -185,7 +207,7 @@ count() {
 }
 
 declare -A PER NOSHA
-TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2 nginx-close sg-close sg-close-hyper-srv nginx-10 sg-10 sg-10-hyper-srv nginx-head sg-head sg-head-hyper-srv nginx-post-late sg-post-late sg-post-late-hyper-srv nginx-post-64k sg-post-64k sg-post-64k-hyper-srv"}
+TARGETS=${TARGETS:-"nginx sg-pat sg-jwt sg-pat-log sg-jwt-log sg-pat-hyper sg-pat-hyper-srv nginx-post sg-post sg-post-hyper-srv nginx-h2 sg-h2 nginx-close sg-close sg-close-hyper-srv nginx-10 sg-10 sg-10-hyper-srv nginx-head sg-head sg-head-hyper-srv nginx-post-late sg-post-late sg-post-late-hyper-srv nginx-post-64k sg-post-64k sg-post-64k-hyper-srv nginx-post-expect sg-post-expect sg-post-expect-hyper-srv"}
 for t in $TARGETS; do
   # An assignment keeps the status of its substitution: a failed client
   # stops the script instead of printing nonsense.
@@ -203,7 +225,7 @@ printf '%-17s %12s %12s %16s\n' target "instr/req" "w/o sha256" "vs nginx (w/o)"
 for t in $TARGETS; do
   # POST targets against nginx with POST, h2 against nginx over h2.
   base=nginx
-  case $t in *post-late*) base=nginx-post-late ;; *post-64k*) base=nginx-post-64k ;; *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; *close*) base=nginx-close ;; *-10*) base=nginx-10 ;; *head*) base=nginx-head ;; esac
+  case $t in *post-late*) base=nginx-post-late ;; *post-64k*) base=nginx-post-64k ;; *post-expect*) base=nginx-post-expect ;; *post*) base=nginx-post ;; *-h2) base=nginx-h2 ;; *close*) base=nginx-close ;; *-10*) base=nginx-10 ;; *head*) base=nginx-head ;; esac
   # Without its nginx target in TARGETS, the last column is left empty.
   vs=""
   [ -n "${NOSHA[$base]:-}" ] && vs=$(awk -v a="${NOSHA[$t]}" -v b="${NOSHA[$base]}" 'BEGIN { printf "%.2fx", a / b }')
@@ -221,5 +243,6 @@ ratio "own HTTP/1 loop vs hyper server, HTTP/1.0" sg-10 sg-10-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, HEAD" sg-head sg-head-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, POST with a late body" sg-post-late sg-post-late-hyper-srv
 ratio "own HTTP/1 loop vs hyper server, POST of 64 KiB" sg-post-64k sg-post-64k-hyper-srv
+ratio "own HTTP/1 loop vs hyper server, POST with Expect: 100-continue" sg-post-expect sg-post-expect-hyper-srv
 ratio "access log on vs off, PAT" sg-pat-log sg-pat
 ratio "access log on vs off, ES256" sg-jwt-log sg-jwt

@@ -768,7 +768,11 @@ async fn forward(
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) and every header the `Connection`
 /// header names. Done before the identity headers are set, so a client
-/// cannot use `Connection` to strip them.
+/// cannot use `Connection` to strip them. Also `Expect: 100-continue`: the
+/// gateway's own server has answered it (`100 Continue` when the body is
+/// first read), and the body follows whatever the upstream says, so it is
+/// not passed on, as Envoy does by default; an upstream that got it would
+/// answer `100 Continue` to no purpose.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, noting which are
     // there, instead of a hash lookup for each.
@@ -801,10 +805,19 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     if present & HOP_PROXY != 0 {
         remove_prefixed(h, "proxy-");
     }
+    if present & EXPECT != 0
+        && h.get_all(header::EXPECT)
+            .iter()
+            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        h.remove(header::EXPECT);
+    }
 }
 
 const HOP_CONNECTION: u8 = 1;
 const HOP_PROXY: u8 = 1 << 6;
+/// `Expect` (not hop-by-hop, but see [`strip_hop_by_hop`]).
+const EXPECT: u8 = 1 << 7;
 /// The hop-by-hop names (RFC 9110 §7.6.1), each with its bit in what
 /// [`hop_by_hop`] returns; `proxy-*` has [`HOP_PROXY`].
 const HOP_BY_HOP: [(u8, HeaderName); 6] = [
@@ -816,7 +829,7 @@ const HOP_BY_HOP: [(u8, HeaderName); 6] = [
     (1 << 5, HeaderName::from_static("keep-alive")),
 ];
 
-/// The bit of a hop-by-hop name, or 0.
+/// The bit of a hop-by-hop name (or of `Expect`), or 0.
 fn hop_by_hop(n: &HeaderName) -> u8 {
     for (bit, name) in &HOP_BY_HOP {
         if n == name {
@@ -825,6 +838,8 @@ fn hop_by_hop(n: &HeaderName) -> u8 {
     }
     if n.as_str().starts_with("proxy-") {
         HOP_PROXY
+    } else if n == header::EXPECT {
+        EXPECT
     } else {
         0
     }
@@ -1113,23 +1128,32 @@ mod tests {
         for n in remove {
             h.remove(n);
         }
+        // And `Expect` when every value it has is `100-continue`.
+        if h.get_all(header::EXPECT).iter().all(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.eq_ignore_ascii_case("100-continue"))
+        }) {
+            h.remove(header::EXPECT);
+        }
     }
 
     proptest::proptest! {
         #[test]
         fn hop_by_hop_stripping_removes_what_the_model_removes(
-            fields in proptest::collection::vec((0usize..14, 0usize..9), 0..10),
+            fields in proptest::collection::vec((0usize..16, 0usize..12), 0..10),
         ) {
-            const NAMES: [&str; 14] = [
+            const NAMES: [&str; 16] = [
                 "connection", "connection", "te", "trailer", "transfer-encoding", "upgrade",
                 "keep-alive", "proxy-authorization", "proxy-x", "x-drop", "x-keep", "close",
-                "host", "x-airbrx-tenant",
+                "host", "x-airbrx-tenant", "expect", "expect",
             ];
             // Connection values: options in any case, lists, hop-by-hop
-            // names, names that are not there, and ones no field may have.
-            const VALUES: [&str; 9] = [
+            // names, names that are not there, and ones no field may have;
+            // and expectations.
+            const VALUES: [&str; 12] = [
                 "close", "keep-alive", "X-Drop", "x-drop, Keep-Alive", "Proxy-X, te",
                 "Close, x-airbrx-tenant", "a b, ,", "TRAILER,upgrade", "x-absent",
+                "100-continue", "100-Continue", "expect",
             ];
             let mut h = HeaderMap::new();
             for (n, v) in fields {

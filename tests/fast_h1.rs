@@ -1404,10 +1404,17 @@ async fn a_client_that_waits_for_100_continue_is_told_to_send_its_body() {
         let got = read_until(&mut s, b"\r\n\r\n").await;
         assert_eq!(got, b"HTTP/1.1 100 Continue\r\n\r\n");
         s.write_all(&vec![b'z'; len]).await.expect("write");
-        // The echo upstream's answer ends with the body it received.
+        // The echo upstream's answer ends with the body it received, after
+        // the head it received: without the expectation, which the gateway
+        // answered itself.
         let got = read_until(&mut s, &vec![b'z'; len.min(1000)]).await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(
+            text.contains("\r\nx-airbrx-tenant: acme-prod\r\n"),
+            "{text}"
+        );
+        assert!(!text.to_ascii_lowercase().contains("\r\nexpect:"), "{text}");
     }
     // Denied: the answer alone, and the connection ends (the body, never
     // sent, is not waited for).
