@@ -200,6 +200,8 @@ mod tests {
         let m = t.at("/v1/accounts/acme").expect("account");
         assert_eq!(m.account, Some("acme"));
         assert!(t.at("/v1/health").expect("public").route.is_public());
+        assert_eq!((t.len(), t.is_empty()), (6, false));
+        assert!(RouteTable::default().is_empty());
     }
 
     #[test]
