@@ -1166,18 +1166,13 @@ async fn fixed_requests_and_answers_are_alike() {
     );
     // And the own loop served what it should, not fewer (which the
     // comparison alone would not show): counted as each connection ends.
-    let served = || {
-        p.own
-            .own_h1_served
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while served() < least && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    served_at_least(&p.own, least).await;
     // The clients have all gone: what is left to count comes at once.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let n = served();
+    let n = p
+        .own
+        .own_h1_served
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         (least..=most).contains(&n),
         "requests served by the own loop: {n}, not in {least}..={most}"
@@ -1300,6 +1295,17 @@ async fn read_until(s: &mut TcpStream, end: &[u8]) -> Vec<u8> {
     got
 }
 
+/// Requests the own loop of `gw` has served, once that reaches `least` or
+/// 5 s pass (a connection's count is added as it ends).
+async fn served_at_least(gw: &Gateway, least: u64) -> u64 {
+    let served = || gw.own_h1_served.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while served() < least && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    served()
+}
+
 /// A body that is not all there with its head is never waited for: the
 /// own loop sends the head on at once and streams the body as it comes
 /// (SPEC §7), a small one that came late as well as one over the bound.
@@ -1353,7 +1359,6 @@ async fn a_body_that_is_late_is_streamed_not_waited_for() {
         }
     });
     let (addr, gw, _dir) = gateway(up, &[], true).await;
-    let served = || gw.own_h1_served.load(std::sync::atomic::Ordering::Relaxed);
     let mut s = TcpStream::connect(addr).await.expect("connect");
     for (first, whole) in [(0, 5), (3, 5), (10_000, 40_000)] {
         start_post(&mut s, M, first, whole, b'x').await;
@@ -1375,12 +1380,8 @@ async fn a_body_that_is_late_is_streamed_not_waited_for() {
         assert!(text.contains(&format!("x-got: {whole}\r\n")), "{text}");
     }
     // All three on the one connection, by the own loop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     drop(s);
-    while served() < 3 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(served(), 3);
+    assert_eq!(served_at_least(&gw, 3).await, 3);
 }
 
 /// A client that sends `Expect: 100-continue` and waits for `100 Continue`
@@ -1393,7 +1394,6 @@ async fn a_body_that_is_late_is_streamed_not_waited_for() {
 async fn a_client_that_waits_for_100_continue_is_told_to_send_its_body() {
     let up = upstream().await;
     let (addr, gw, _dir) = gateway(up, &[], true).await;
-    let served = || gw.own_h1_served.load(std::sync::atomic::Ordering::Relaxed);
     let t = token();
     let mut s = TcpStream::connect(addr).await.expect("connect");
     for len in [5, 50_000] {
@@ -1431,11 +1431,7 @@ async fn a_client_that_waits_for_100_continue_is_told_to_send_its_body() {
     assert!(text.starts_with("HTTP/1.1 403 "), "{text}");
     assert!(!text.contains("100 Continue"), "{text}");
     // All three by the own loop.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while served() < 3 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(served(), 3);
+    assert_eq!(served_at_least(&gw, 3).await, 3);
 }
 
 /// After an answer that came before the request's body (a denial), the
