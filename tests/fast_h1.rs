@@ -1404,12 +1404,26 @@ async fn a_client_that_waits_for_100_continue_is_told_to_send_its_body() {
         let got = read_until(&mut s, b"\r\n\r\n").await;
         assert_eq!(got, b"HTTP/1.1 100 Continue\r\n\r\n");
         s.write_all(&vec![b'z'; len]).await.expect("write");
-        // The echo upstream's answer ends with the body it received, after
-        // the head it received: without the expectation, which the gateway
-        // answered itself.
-        let got = read_until(&mut s, &vec![b'z'; len.min(1000)]).await;
+        // The echo upstream's answer, read whole by its length, ends with
+        // the body it received, after the head it received: without the
+        // expectation, which the gateway answered itself.
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while parse_response(&got).is_none_or(|r| {
+            r.header("content-length")
+                .and_then(|l| l.parse::<usize>().ok())
+                != Some(r.body.len())
+        }) {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.ends_with(&"z".repeat(len)), "{text}");
         assert!(
             text.contains("\r\nx-airbrx-tenant: acme-prod\r\n"),
             "{text}"
