@@ -496,12 +496,6 @@ pub fn eligible_length(method: &Method, headers: &http::HeaderMap, length: Optio
     lengths.next().is_none()
         && one == Some(length)
         && !headers.contains_key(http::header::TRANSFER_ENCODING)
-        // An upstream asked to would answer `100 Continue` before the
-        // body, which `exchange_body` would take for an early final answer
-        // and stop sending (hyper's client reads past it). The proxy does
-        // not pass `Expect: 100-continue` on; another expectation stays
-        // with hyper's client.
-        && (length == 0 || !headers.contains_key(http::header::EXPECT))
 }
 
 /// The largest body still arriving that [`exchange_body`] takes: one

@@ -772,7 +772,9 @@ async fn forward(
 /// gateway's own server has answered it (`100 Continue` when the body is
 /// first read), and the body follows whatever the upstream says, so it is
 /// not passed on, as Envoy does by default; an upstream that got it would
-/// answer `100 Continue` to no purpose.
+/// answer `100 Continue` to no purpose, and the in-future client
+/// (src/h1.rs), which takes bytes from the upstream before the body has
+/// gone for an early final answer, relies on it not being asked to.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Most messages carry none: one pass over the names, noting which are
     // there, instead of a hash lookup for each.

@@ -48,7 +48,8 @@ struct State {
     failed: bool,
     /// The reader was dropped.
     reader_gone: bool,
-    /// The reader has asked for the body.
+    /// The reader has asked for the body, or need not be waited for (no
+    /// `100 Continue` is owed): no wake-up for every streamed body.
     wanted: bool,
 }
 
@@ -71,18 +72,20 @@ impl Shared {
 /// A body of `len` bytes: the loop's side and the request's. `expects`:
 /// the client waits for `100 Continue` before it sends the body.
 pub(crate) fn channel(len: u64, expects: bool) -> (Feed, Streamed) {
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            wanted: !expects,
+            ..State::default()
+        }),
+        ..Shared::default()
+    });
     (
         Feed {
             shared: shared.clone(),
             left: len,
             expects,
         },
-        Streamed {
-            shared,
-            left: len,
-            asked: !expects,
-        },
+        Streamed { shared, left: len },
     )
 }
 
@@ -91,9 +94,6 @@ pub struct Streamed {
     shared: Arc<Shared>,
     /// Bytes not yet taken.
     left: u64,
-    /// The loop has been told that the body is wanted, or need not be (no
-    /// `100 Continue` is owed): no wake-up for every streamed body.
-    asked: bool,
 }
 
 impl Streamed {
@@ -116,12 +116,10 @@ impl Body for Streamed {
         }
         // Registered before looking, so bytes put after the look wake it.
         self.shared.reader.register(cx.waker());
-        let this = &mut *self;
-        let mut state = this.shared.lock();
-        if !this.asked {
+        let mut state = self.shared.lock();
+        if !state.wanted {
             state.wanted = true;
-            this.asked = true;
-            this.shared.feeder.wake();
+            self.shared.feeder.wake();
         }
         if let Some(data) = state.data.take() {
             drop(state);
