@@ -282,9 +282,12 @@ async fn exchange(addr: SocketAddr, parts: &[Vec<u8>]) -> Seen {
 }
 
 /// Chunked bodies rewritten as one chunk: where a body's chunks break
-/// depends on how the upstream's bytes arrived, not on the server. The
-/// size lines are kept as written (hex case included) only for the first
-/// chunk; an answer that ends before its last chunk keeps `<incomplete>`.
+/// depends on how the upstream's bytes arrived, not on the server, so
+/// neither the sizes nor the number of chunks are compared. What is kept
+/// of the size lines is the case of their hex letters over the whole body
+/// (`upper`, `lower`, `mixed`, or `none` when no size had a letter), which
+/// a server chooses. An answer that ends before its last chunk keeps
+/// `<incomplete>`.
 fn dechunk(raw: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut rest = raw;
@@ -295,7 +298,7 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
         let lower = String::from_utf8_lossy(head).to_ascii_lowercase();
         if lower.contains("transfer-encoding: chunked") {
             let mut body = Vec::new();
-            let mut first_line = None;
+            let (mut upper, mut lower) = (false, false);
             let complete = loop {
                 let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
                     break false;
@@ -304,7 +307,8 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
                 let Ok(n) = usize::from_str_radix(line.trim(), 16) else {
                     break false;
                 };
-                first_line.get_or_insert(line);
+                upper |= line.bytes().any(|b| b.is_ascii_uppercase());
+                lower |= line.bytes().any(|b| b.is_ascii_lowercase());
                 if n == 0 {
                     if rest.len() >= eol + 4 && &rest[eol + 2..eol + 4] == b"\r\n" {
                         rest = &rest[eol + 4..];
@@ -318,12 +322,14 @@ fn dechunk(raw: &[u8]) -> Vec<u8> {
                 body.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
                 rest = &rest[eol + 2 + n + 2..];
             };
+            let case = match (upper, lower) {
+                (true, true) => "mixed",
+                (true, false) => "upper",
+                (false, true) => "lower",
+                (false, false) => "none",
+            };
             out.extend_from_slice(
-                format!(
-                    "<chunked, first size line {first_line:?}, {} bytes>",
-                    body.len()
-                )
-                .as_bytes(),
+                format!("<chunked, size lines {case}, {} bytes>", body.len()).as_bytes(),
             );
             out.extend_from_slice(&body);
             if !complete {
