@@ -907,8 +907,11 @@ where
             // A `100 Continue` begun is finished before anything else: a
             // client that does not read can leave it part-written, and the
             // answer must not follow mid-line.
-            if continued > 0 && continued < CONTINUE.len() {
-                match poll_continue(io, &mut continued, cx) {
+            if continued > 0
+                && continued < CONTINUE.len()
+                && let Some(feed) = feed.as_deref_mut()
+            {
+                match poll_expecting(feed, io, &mut continued, cx) {
                     Poll::Ready(true) => {}
                     Poll::Ready(false) => return Poll::Ready(None),
                     Poll::Pending => return Poll::Pending,
@@ -1176,6 +1179,80 @@ mod tests {
         let mut buf = BytesMut::from(big.as_bytes());
         assert!(matches!(parse_head(&mut buf, 8192), Parsed::NotMine));
         assert_eq!(&buf[..], big.as_bytes());
+    }
+
+    /// A client waiting for `100 Continue` whose receive window is nearly
+    /// full: each write takes at most three bytes, and every other one
+    /// waits (waking at once). It has nothing to read.
+    #[derive(Default)]
+    struct Trickle {
+        written: Vec<u8>,
+        stall: bool,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.stall = !self.stall;
+            if !self.stall {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = data.len().min(3);
+            self.written.extend_from_slice(&data[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The answer is decided while `100 Continue` is part-written (as when
+    /// the upstream answers before taking the body): the 100 is finished
+    /// before the request's future is done with, so the answer written
+    /// next never starts mid-line.
+    #[tokio::test]
+    async fn a_part_written_100_continue_is_finished_before_the_answer() {
+        let mut io = Trickle::default();
+        let mut buf = BytesMut::new();
+        let (mut feed, body) = super::super::streamed::channel(5, true);
+        let mut body = pin!(body);
+        // Asks for the body once, then is done without it.
+        let mut asked = false;
+        let answer = pin!(poll_fn(|cx| {
+            if asked {
+                return Poll::Ready("answered");
+            }
+            asked = true;
+            assert!(body.as_mut().poll_frame(cx).is_pending());
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }));
+        let out = watching(&mut io, &mut buf, 8192, answer, Some(&mut feed)).await;
+        assert_eq!(out, Some("answered"));
+        assert_eq!(
+            String::from_utf8_lossy(&io.written),
+            String::from_utf8_lossy(CONTINUE)
+        );
+        assert!(!feed.expects());
     }
 
     #[test]
