@@ -565,4 +565,18 @@ mod tests {
             Some(AuthError::Expired)
         );
     }
+
+    #[test]
+    fn a_key_prints_its_kid_and_alg_and_never_its_secret() {
+        let key = JwtKey::from_secret("k-1", Algorithm::HS256, SECRET).expect("key");
+        let shown = format!("{key:?} {key:#?}");
+        assert!(shown.contains("k-1") && shown.contains("HS256"), "{shown}");
+        let secret = String::from_utf8_lossy(SECRET);
+        assert!(!shown.contains(&secret[..8]), "{shown}");
+        // Nor as the numbers a derived Debug would print the bytes as.
+        assert!(
+            !shown.contains(&format!("{}, {}", SECRET[0], SECRET[1])),
+            "{shown}"
+        );
+    }
 }
