@@ -579,4 +579,46 @@ mod tests {
             "{shown}"
         );
     }
+
+    #[test]
+    fn a_jwk_must_fit_the_pinned_alg_and_its_sizes() {
+        use base64::Engine as _;
+        let b64 = |n: usize| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(vec![7u8; n]);
+        let jwk = |v: serde_json::Value| -> jsonwebtoken::jwk::Jwk {
+            serde_json::from_value(v).expect("jwk")
+        };
+        let refused = |alg, v| {
+            JwtKey::from_jwk("k", alg, &jwk(v), 1)
+                .err()
+                .unwrap_or_else(|| "accepted".into())
+        };
+        // Each coordinate is checked: one of the wrong length is enough.
+        for (x, y) in [(31, 32), (32, 31), (32, 33), (48, 48)] {
+            let ec = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64(x), "y": b64(y)});
+            assert_eq!(
+                refused(Algorithm::ES256, ec),
+                "ES256 coordinates must be 32 bytes",
+                "x {x}, y {y}"
+            );
+        }
+        // An RSA key of a good size is still not an HMAC secret.
+        let rsa = serde_json::json!({"kty": "RSA", "n": b64(256), "e": "AQAB"});
+        for alg in [Algorithm::HS256, Algorithm::HS512] {
+            assert_eq!(
+                refused(alg, rsa.clone()),
+                format!("the key does not fit {alg:?}")
+            );
+        }
+        assert!(JwtKey::from_jwk("k", Algorithm::RS256, &jwk(rsa.clone()), 1).is_ok());
+        let small = serde_json::json!({"kty": "RSA", "n": b64(255), "e": "AQAB"});
+        assert_eq!(
+            refused(Algorithm::RS256, small),
+            "RSA keys must be at least 2048 bits"
+        );
+        let ed = serde_json::json!({"kty": "OKP", "crv": "Ed25519", "x": b64(31)});
+        assert_eq!(
+            refused(Algorithm::EdDSA, ed),
+            "an Ed25519 key must be 32 bytes"
+        );
+    }
 }
