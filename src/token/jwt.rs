@@ -621,4 +621,37 @@ mod tests {
             "an Ed25519 key must be 32 bytes"
         );
     }
+
+    #[test]
+    fn nbf_and_iat_are_honoured_to_the_second_verified_or_cached() {
+        let v = vocab();
+        for claim in ["nbf", "iat"] {
+            let mut c = serde_json::json!({"jti": "j", "exp": 2000, "cube": {"methods": ["GET"]}});
+            c[claim] = 1000.into();
+            let t = token(c);
+            // With a leeway of 10 s the token is good from 990 on: the same
+            // second whether verified now or served from the cache.
+            for cache in [false, true] {
+                let k = keys(cache);
+                assert_eq!(
+                    k.authenticate(&t, 989, &v).err(),
+                    Some(AuthError::NotYetValid),
+                    "{claim}, cache {cache}"
+                );
+                assert!(
+                    k.authenticate(&t, 990, &v).is_ok(),
+                    "{claim}, cache {cache}"
+                );
+                assert!(
+                    k.authenticate(&t, 990, &v).is_ok(),
+                    "{claim}, cache {cache}"
+                );
+                assert_eq!(
+                    k.authenticate(&t, 989, &v).err(),
+                    Some(AuthError::NotYetValid),
+                    "{claim}, cache {cache}"
+                );
+            }
+        }
+    }
 }
