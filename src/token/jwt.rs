@@ -488,13 +488,16 @@ mod tests {
             Ok(Principal::Jwt(j)) => j,
             other => panic!("{other:?}"),
         };
-        // A hit is the same verified entry, not a second verification.
-        match k.authenticate(&t, 1500, &v) {
-            Ok(Principal::Jwt(j)) => assert!(Arc::ptr_eq(&first, &j)),
-            other => panic!("{other:?}"),
+        // A hit is the same verified entry, not a second verification: from
+        // the first second of the window (nbf - leeway) to its last
+        // (exp + leeway - 1).
+        for at in [995, 990, 1500, 2009] {
+            match k.authenticate(&t, at, &v) {
+                Ok(Principal::Jwt(j)) => assert!(Arc::ptr_eq(&first, &j), "not a hit at {at}"),
+                other => panic!("{other:?}"),
+            }
         }
-        // Inside the leeway after exp: still accepted; at exp + leeway: expired.
-        assert!(k.authenticate(&t, 2009, &v).is_ok());
+        // At exp + leeway: expired.
         assert_eq!(k.authenticate(&t, 2010, &v).err(), Some(AuthError::Expired));
         // A clock stepping back before the window is refused too.
         assert!(k.authenticate(&t, 1500, &v).is_ok());
@@ -652,6 +655,29 @@ mod tests {
                     "{claim}, cache {cache}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn aud_must_name_the_audience_as_a_string_or_in_a_list() {
+        let v = vocab();
+        let mut k = keys(false);
+        k.audience = Some("airbrx-api".into());
+        for (aud, ok) in [
+            (serde_json::json!("airbrx-api"), true),
+            (serde_json::json!(["airbrx-api"]), true),
+            (serde_json::json!(["other", "airbrx-api"]), true),
+            (serde_json::json!("other"), false),
+            (serde_json::json!(["other"]), false),
+            (serde_json::json!(["other", "airbrx"]), false),
+            (serde_json::json!([]), false),
+            (serde_json::Value::Null, false),
+        ] {
+            let t = token(serde_json::json!({
+                "jti": "j", "exp": 2000, "aud": aud, "cube": {"methods": ["GET"]}
+            }));
+            let got = k.authenticate(&t, 1000, &v).err();
+            assert_eq!(got, (!ok).then_some(AuthError::WrongAudience), "aud {aud}");
         }
     }
 }
