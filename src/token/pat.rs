@@ -52,22 +52,28 @@ pub fn hash(token: &str) -> [u8; 32] {
 }
 
 /// Mint a new PAT from the operating system's random source.
+/// Fill `out` from `*i` on with the base-62 characters `bytes` give, by
+/// rejection sampling: a byte from 248 up would bias the modulo (248 is
+/// 4 × 62) and is skipped. Stops when `out` is full.
+fn base62_into(out: &mut [u8], i: &mut usize, bytes: &[u8]) {
+    for &b in bytes {
+        let Some(slot) = out.get_mut(*i) else {
+            return;
+        };
+        if b < 248 {
+            *slot = BASE62[(b % 62) as usize];
+            *i += 1;
+        }
+    }
+}
+
 pub fn mint() -> Result<String, getrandom::Error> {
     let mut random = [0u8; RANDOM_LEN];
     let mut i = 0;
-    // Rejection sampling: bytes >= 248 would bias the modulo.
     let mut buf = [0u8; 64];
     while i < RANDOM_LEN {
         getrandom::fill(&mut buf)?;
-        for &b in &buf {
-            if i == RANDOM_LEN {
-                break;
-            }
-            if b < 248 {
-                random[i] = BASE62[(b % 62) as usize];
-                i += 1;
-            }
-        }
+        base62_into(&mut random, &mut i, &buf);
     }
     let mut s = String::with_capacity(LEN);
     s.push_str(PREFIX);
@@ -324,5 +330,64 @@ mod tests {
             std::str::from_utf8(&non_alnum).expect("ascii")
         ));
         assert!(!well_formed("abx_pat_é"));
+    }
+
+    #[test]
+    fn minting_maps_bytes_to_base62_without_bias() {
+        // Every byte value once: the 248 below the bound are taken, each
+        // character from exactly four of them; 248 to 255 are skipped.
+        let all: Vec<u8> = (0..=255).collect();
+        let mut out = [0u8; 300];
+        let mut i = 0;
+        base62_into(&mut out, &mut i, &all);
+        assert_eq!(i, 248);
+        for c in BASE62 {
+            assert_eq!(
+                out[..i].iter().filter(|&&o| o == *c).count(),
+                4,
+                "{}",
+                *c as char
+            );
+        }
+        assert_eq!(&out[..3], b"012");
+        assert_eq!(out[61], b'z');
+        assert_eq!(out[62], b'0');
+        // Stops when full, and goes on where it stopped.
+        let mut out = [0u8; 5];
+        let mut i = 3;
+        base62_into(&mut out, &mut i, &[255, 61, 248, 62, 1]);
+        assert_eq!((i, &out[3..]), (5, &b"z0"[..]));
+    }
+
+    #[test]
+    fn a_store_keys_on_the_digests_first_eight_bytes() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<DigestHasher>::default();
+        let mut d = [0u8; 32];
+        d[..8].copy_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+        d[8..].fill(0xee);
+        assert_eq!(build.hash_one(TokenDigest(d)), 0x0123_4567_89ab_cdef);
+        // Any other input: every byte counts, however long it is.
+        let hash = |bytes: &[u8]| {
+            let mut h = build.build_hasher();
+            h.write(bytes);
+            h.finish()
+        };
+        let ones = [0xffu8; 16];
+        for p in 0..16 {
+            let mut v = ones;
+            v[p] = 0;
+            assert_ne!(hash(&v), hash(&ones), "byte {p}");
+        }
+        let mut store = PatStore::with_capacity(1);
+        assert!(store.is_empty());
+        let record = PatRecord {
+            id: "p".into(),
+            expires: None,
+            disabled: false,
+            cubes: Box::new([]),
+        };
+        assert!(store.insert(d, record));
+        assert!(!store.is_empty());
     }
 }
