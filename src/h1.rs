@@ -1036,6 +1036,25 @@ mod tests {
         );
         let partial = Bytes::from_static(b"HTTP/1.1 200 OK\r\ncontent-len");
         assert!(matches!(parse_head(&partial, false), Ok(Parsed::Partial)));
+        // The bound, to the byte: a whole head of MAX_HEAD bytes is taken,
+        // one byte more is not; an unfinished one of MAX_HEAD bytes may
+        // still end, one byte more may not.
+        let sized = |len: usize, end: &str| {
+            let start = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx: ";
+            let fill = "a".repeat(len - start.len() - end.len());
+            Bytes::from(format!("{start}{fill}{end}"))
+        };
+        let whole = sized(MAX_HEAD, "\r\n\r\n");
+        assert!(matches!(parse_head(&whole, false), Ok(Parsed::Final(_, n)) if n == MAX_HEAD));
+        let over = sized(MAX_HEAD + 1, "\r\n\r\n");
+        assert_eq!(parse_head(&over, false).err(), Some(H1Error::Head));
+        let unfinished = sized(MAX_HEAD, "");
+        assert!(matches!(
+            parse_head(&unfinished, false),
+            Ok(Parsed::Partial)
+        ));
+        let unfinished = sized(MAX_HEAD + 1, "");
+        assert_eq!(parse_head(&unfinished, false).err(), Some(H1Error::Head));
     }
 
     #[test]
