@@ -928,6 +928,21 @@ mod tests {
             framing_of("content-length: 7, 7\r\n"),
             Ok(Framing::Length(7))
         );
+        // Spaces and tabs around each member, on either side.
+        assert_eq!(
+            framing_of("content-length: 7 ,\t7\t, 7\r\n"),
+            Ok(Framing::Length(7))
+        );
+        // 19 digits always fit a u64 and are read; 20 are refused.
+        assert_eq!(
+            parse_decimal(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        assert_eq!(parse_decimal(b"00000000000000000001"), None);
+        assert_eq!(
+            framing_of("content-length: 00000000000000000001\r\n"),
+            Err(H1Error::Framing)
+        );
         // No body whatever the headers say.
         for (status, head_request) in [
             ("204 No Content", false),
