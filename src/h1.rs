@@ -1152,6 +1152,37 @@ mod tests {
         assert_eq!(dechunk(long.as_bytes(), 512).err(), Some(H1Error::Chunk));
         // Truncated: more input needed, none comes.
         assert_eq!(dechunk(b"5\r\nhel", 2).err(), Some(H1Error::Closed));
+        // The trailer section's bound, to the byte, finished or not (an
+        // unfinished one at the bound may still end: more is wanted).
+        let trailers = |len: usize, end: &str| {
+            let fill = "a".repeat(len - "x: ".len() - end.len());
+            format!("0\r\nx: {fill}{end}").into_bytes()
+        };
+        let at = dechunk(&trailers(MAX_TRAILERS, "\r\n\r\n"), usize::MAX).expect("at the bound");
+        assert!(at.1.is_some_and(|t| t.contains_key("x")));
+        for (input, err) in [
+            (trailers(MAX_TRAILERS + 1, "\r\n\r\n"), H1Error::Chunk),
+            (trailers(MAX_TRAILERS, ""), H1Error::Closed),
+            (trailers(MAX_TRAILERS + 1, ""), H1Error::Chunk),
+        ] {
+            assert_eq!(
+                dechunk(&input, usize::MAX).err(),
+                Some(err),
+                "{}",
+                input.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_chunk_s_line_end_is_taken_as_soon_as_it_is_there() {
+        let mut dec = Chunked::default();
+        let mut buf = BytesMut::from(&b"5\r\nhello\r\n"[..]);
+        assert!(matches!(dec.decode(&mut buf), Ok(Decoded::Data(d)) if d == "hello"));
+        assert!(matches!(dec.decode(&mut buf), Ok(Decoded::NeedMore)));
+        assert!(buf.is_empty(), "{buf:?} left");
+        buf.extend_from_slice(b"0\r\n\r\n");
+        assert!(matches!(dec.decode(&mut buf), Ok(Decoded::End)));
     }
 
     /// Keeps the connection a finished body gives back.
