@@ -1120,6 +1120,11 @@ mod tests {
         }
         let (body, trailers, _) = dechunk(b"0\r\n\r\n", 1).expect("empty");
         assert!(body.is_empty() && trailers.is_none());
+        // Up to 16 hex digits (a u64), leading zeros included; the
+        // refusal of 17 is in malformed_chunked_bodies_are_refused.
+        let (body, _, _) =
+            dechunk(b"0000000000000005\r\nhello\r\n0\r\n\r\n", 64).expect("16 digits");
+        assert_eq!(body, b"hello");
         // Whitespace after the size is tolerated, as hyper does.
         let (body, _, _) = dechunk(b"5 \r\nhello\r\n0\r\n\r\n", 4).expect("size with BWS");
         assert_eq!(body, b"hello");
