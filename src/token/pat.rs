@@ -51,7 +51,6 @@ pub fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Mint a new PAT from the operating system's random source.
 /// Fill `out` from `*i` on with the base-62 characters `bytes` give, by
 /// rejection sampling: a byte from 248 up would bias the modulo (248 is
 /// 4 × 62) and is skipped. Stops when `out` is full.
@@ -67,6 +66,7 @@ fn base62_into(out: &mut [u8], i: &mut usize, bytes: &[u8]) {
     }
 }
 
+/// Mint a new PAT from the operating system's random source.
 pub fn mint() -> Result<String, getrandom::Error> {
     let mut random = [0u8; RANDOM_LEN];
     let mut i = 0;
