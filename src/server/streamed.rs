@@ -320,6 +320,19 @@ mod tests {
         assert_eq!(feed.poll_put(&mut buf, &mut cx()), Put::Moved(5));
         let got = body.collect().await.expect("whole").to_bytes();
         assert_eq!(&got[..], b"hello");
+        // With no 100 owed the body counts as wanted from the start, so a
+        // reader's first poll does not wake the loop for nothing.
+        let (mut feed, _body) = channel(5, false);
+        assert!(!feed.expects());
+        assert_eq!(feed.poll_wanted(&mut cx()), Poll::Ready(()));
+    }
+
+    #[test]
+    fn an_incomplete_body_says_what_happened() {
+        assert_eq!(
+            Incomplete.to_string(),
+            "the request body ended before its length"
+        );
     }
 
     #[test]
