@@ -1288,9 +1288,14 @@ async fn start_post(s: &mut TcpStream, target: &str, first: usize, whole: usize,
 
 /// Read until what came ends with `end`, within 5 s a read.
 async fn read_until(s: &mut TcpStream, end: &[u8]) -> Vec<u8> {
+    read_until_done(s, |got| got.ends_with(end)).await
+}
+
+/// Read until `done` says what came is all, within 5 s a read.
+async fn read_until_done(s: &mut TcpStream, done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let mut got = Vec::new();
     let mut buf = vec![0u8; 65536];
-    while !got.ends_with(end) {
+    while !done(&got) {
         let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
             .await
             .expect("an answer in time")
@@ -1413,20 +1418,14 @@ async fn a_client_that_waits_for_100_continue_is_told_to_send_its_body() {
         // The echo upstream's answer, read whole by its length, ends with
         // the body it received, after the head it received: without the
         // expectation, which the gateway answered itself.
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        while parse_response(&got).is_none_or(|r| {
-            r.header("content-length")
-                .and_then(|l| l.parse::<usize>().ok())
-                != Some(r.body.len())
-        }) {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .expect("an answer in time")
-                .expect("read");
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
+        let got = read_until_done(&mut s, |got| {
+            parse_response(got).is_some_and(|r| {
+                r.header("content-length")
+                    .and_then(|l| l.parse::<usize>().ok())
+                    == Some(r.body.len())
+            })
+        })
+        .await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.ends_with(&"z".repeat(len)), "{text}");
