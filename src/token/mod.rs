@@ -250,6 +250,12 @@ mod tests {
         assert_eq!(bearer(&h(&["Bearer a,b"])), Err(AuthError::Malformed));
         assert_eq!(bearer(&h(&["Bearer \"tok\""])), Err(AuthError::Malformed));
         assert_eq!(bearer(&h(&["Bearertok"])), Err(AuthError::BadAuthorization));
+        // The bound is inclusive: 8 KiB is a token, one byte more is not.
+        let longest = "a".repeat(MAX_TOKEN_LEN);
+        assert_eq!(
+            bearer(&h(&[&format!("Bearer {longest}")])),
+            Ok(longest.as_str())
+        );
         let long = format!("Bearer {}", "a".repeat(MAX_TOKEN_LEN + 1));
         assert_eq!(bearer(&h(&[&long])), Err(AuthError::Malformed));
     }
