@@ -408,10 +408,8 @@ mod tests {
         assert!(parse_answer(&raw).is_err());
     }
 
-    #[test]
-    fn credentials_are_form_encoded_and_never_printed() {
-        assert_eq!(form_encode("a b:c/é"), "a+b%3Ac%2F%C3%A9");
-        let i = Introspector::new(IntrospectionSettings {
+    fn settings() -> IntrospectionSettings {
+        IntrospectionSettings {
             url: "https://idp.example/introspect?x=1".parse().expect("uri"),
             client_id: "id".into(),
             client_secret: "s3cr3t-value".into(),
@@ -421,11 +419,55 @@ mod tests {
             positive_ttl: Duration::from_secs(1),
             negative_ttl: Duration::from_secs(1),
             cache_size: 1,
-        })
-        .expect("introspector");
-        let shown = format!("{i:?} {}", i.identity());
+        }
+    }
+
+    #[test]
+    fn credentials_are_form_encoded_and_never_printed() {
+        assert_eq!(form_encode("a b:c/é"), "a+b%3Ac%2F%C3%A9");
+        let i = Introspector::new(settings()).expect("introspector");
+        let shown = format!("{i:?}");
+        assert!(
+            shown.starts_with("Introspector")
+                && shown.contains("https://idp.example/introspect")
+                && shown.contains("cached: 0"),
+            "{shown}"
+        );
+        let shown = format!("{shown} {}", i.identity());
         assert!(!shown.contains("s3cr3t-value"), "{shown}");
         assert_eq!(i.describe(), "https://idp.example/introspect");
         assert!(i.authorization.is_sensitive());
+    }
+
+    /// A reload keeps the running introspector (and its cache) only when
+    /// the identities are equal: every setting must take part, or a reload
+    /// that changed the endpoint or the credentials would keep the old.
+    #[test]
+    fn the_identity_changes_with_every_setting() {
+        let identity = |s| {
+            Introspector::new(s)
+                .expect("introspector")
+                .identity()
+                .to_owned()
+        };
+        let base = identity(settings());
+        assert_eq!(identity(settings()), base, "the same settings");
+        let changes: [(&str, fn(&mut IntrospectionSettings)); 8] = [
+            ("url", |s| {
+                s.url = "https://idp.example/other".parse().expect("uri")
+            }),
+            ("client_id", |s| s.client_id = "id2".into()),
+            ("client_secret", |s| s.client_secret = "other".into()),
+            ("ca_sha256", |s| s.ca_sha256 = Some("ab".repeat(32))),
+            ("timeout", |s| s.timeout = Duration::from_secs(2)),
+            ("positive_ttl", |s| s.positive_ttl = Duration::from_secs(2)),
+            ("negative_ttl", |s| s.negative_ttl = Duration::from_secs(2)),
+            ("cache_size", |s| s.cache_size = 2),
+        ];
+        for (name, change) in changes {
+            let mut s = settings();
+            change(&mut s);
+            assert_ne!(identity(s), base, "{name} left the identity unchanged");
+        }
     }
 }
