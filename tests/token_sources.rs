@@ -745,12 +745,17 @@ async fn introspection_positive_negative_cached_and_expired() {
     assert_eq!(server.introspections(), 2);
 
     // After the positive TTL the endpoint is asked again, and its new
-    // answer (revoked upstream) wins.
+    // answer (revoked upstream) wins; after the negative TTL too (issued
+    // upstream since).
     server.answer(&remote, json!({"active": false}));
+    server.answer(&unknown, active("tok_late", markers_cube(), now() + 3600));
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let r = get(gw.addr, PATH, &remote).await;
     assert_eq!((r.status, r.reason().as_str()), (401, "unknown_token"));
     assert_eq!(server.introspections(), 3);
+    let r = get(gw.addr, PATH, &unknown).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(server.introspections(), 4);
 
     // The positive TTL is capped by the token's own exp.
     let short = pat::mint().expect("random");
@@ -781,7 +786,12 @@ async fn introspection_positive_negative_cached_and_expired() {
         config["token_sources"]["introspection"]["endpoint"],
         format!("https://{}/introspect", server.addr)
     );
-    assert!(config["token_sources"]["introspection"]["cached"].as_u64() >= Some(1));
+    // Cached now: `remote` inactive and `unknown` active. `short`'s entry
+    // expired, and its last answer (exp passed) was not cached.
+    assert_eq!(
+        config["token_sources"]["introspection"]["cached"].as_u64(),
+        Some(2)
+    );
     let text = String::from_utf8_lossy(&body);
     for secret in [
         CLIENT_SECRET,
