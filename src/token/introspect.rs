@@ -452,7 +452,8 @@ mod tests {
         };
         let base = identity(settings());
         assert_eq!(identity(settings()), base, "the same settings");
-        let changes: [(&str, fn(&mut IntrospectionSettings)); 8] = [
+        type Change = fn(&mut IntrospectionSettings);
+        let changes: [(&str, Change); 8] = [
             ("url", |s| {
                 s.url = "https://idp.example/other".parse().expect("uri")
             }),
