@@ -386,6 +386,13 @@ mod tests {
         .expect("parses")
         .expect("active");
         assert_eq!((&*ok.token_id, ok.exp), ("j", Some(99)));
+        // A far-future time saturates rather than wrapping into the past.
+        let far = parse_answer(
+            format!(r#"{{"active": true, "token_id": "t", "exp": 1e300, {cube}}}"#).as_bytes(),
+        )
+        .expect("parses")
+        .expect("active");
+        assert_eq!(far.exp, Some(i64::MAX));
         let bad = [
             "{}".to_string(),
             r#"{"active": "true"}"#.to_string(),
@@ -395,6 +402,11 @@ mod tests {
             format!(r#"{{"active": true, "token_id": "t", "sub": "x\ny", {cube}}}"#),
             r#"{"active": true, "token_id": "t", "cube": {}, "cubes": [{}]}"#.to_string(),
             "not json".to_string(),
+            // serde_json refuses a number beyond f64 (no infinity reaches
+            // the `is_finite` guard, which stays as a second line), and a
+            // string is not a time.
+            format!(r#"{{"active": true, "token_id": "t", "exp": 1e400, {cube}}}"#),
+            format!(r#"{{"active": true, "token_id": "t", "exp": "soon", {cube}}}"#),
         ];
         for b in bad {
             assert!(parse_answer(b.as_bytes()).is_err(), "{b}");
