@@ -498,3 +498,49 @@ async fn a_removed_key_stops_tokens_already_verified() {
     )
     .await;
 }
+
+/// A reload that leaves the upstream as it was keeps its pool: the open
+/// connection serves the next request. One that changes how the client is
+/// built (here `connect_timeout`) builds a new pool, and one that moves the
+/// upstream sends the next request to the new address, never the old.
+#[tokio::test]
+async fn a_reload_keeps_the_upstream_pool_unless_the_upstream_changed() {
+    const MARKERS: &str = "/v1/tenants/acme-prod/markers";
+    const OPENED: &str = "scopegate_upstream_connections_opened_total";
+    let up = Upstream::start(Default::default()).await;
+    let other = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let force = gw.watch();
+    let tok = markers_jwt();
+    assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
+
+    force.send(()).await.expect("send");
+    eventually(WITHIN, "forced generation", async || gw.generation() == 2).await;
+    assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1, "pool kept");
+    assert_eq!(metric(&gw.gw, OPENED), 1.0);
+
+    let base = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(
+        &gw.path,
+        &base.replace("connect_timeout: 1s", "connect_timeout: 2s"),
+    );
+    eventually(WITHIN, "timeout edit", async || gw.generation() == 3).await;
+    assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2, "a new pool");
+    assert_eq!(metric(&gw.gw, OPENED), 2.0);
+
+    write_atomic(
+        &gw.path,
+        &base
+            .replace("connect_timeout: 1s", "connect_timeout: 2s")
+            .replace(&up.addr.to_string(), &other.addr.to_string()),
+    );
+    eventually(WITHIN, "upstream move", async || gw.generation() == 4).await;
+    let before = up.count();
+    for _ in 0..3 {
+        assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
+    }
+    assert_eq!(other.count(), 3, "the new upstream serves");
+    assert_eq!(up.count(), before, "the old one gets nothing");
+}
