@@ -82,8 +82,10 @@ pub struct Jwks {
 
 impl std::fmt::Debug for Jwks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `describe`, not the location: a URL's query can carry a
+        // credential.
         f.debug_struct("Jwks")
-            .field("location", &self.settings.location)
+            .field("source", &self.describe())
             .field("keys", &self.current.load().as_ref().map(|s| s.keys.len()))
             .finish()
     }
@@ -539,6 +541,38 @@ mod tests {
         ] {
             assert!(all.contains(why), "no key skipped for {why:?}:\n{all}");
         }
+    }
+
+    #[test]
+    fn debug_names_the_source_and_its_keys_never_the_query() {
+        let settings = |location| JwksSettings {
+            location,
+            ca: None,
+            ca_sha256: None,
+            refresh: Duration::from_secs(60),
+            timeout: Duration::from_secs(1),
+            min_refetch: Duration::from_secs(1),
+        };
+        let url = "https://idp.example/jwks?access_token=s3cr3t-value";
+        let j = Jwks::new(settings(JwksLocation::Url(url.parse().expect("uri"))), None)
+            .expect("source");
+        let shown = format!("{j:?}");
+        assert!(
+            shown.starts_with("Jwks")
+                && shown.contains("https://idp.example/jwks")
+                && shown.contains("keys: None"),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        let doc = json!({"keys": [ec("p256", "P-256", 32)]}).to_string();
+        let set = parse(doc.as_bytes()).expect("a key");
+        let j =
+            Jwks::new(settings(JwksLocation::File("keys.json".into())), Some(set)).expect("source");
+        let shown = format!("{j:?}");
+        assert!(
+            shown.contains("keys.json") && shown.contains("keys: Some(1)"),
+            "{shown}"
+        );
     }
 
     #[test]
