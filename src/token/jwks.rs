@@ -543,16 +543,52 @@ mod tests {
         }
     }
 
-    #[test]
-    fn debug_names_the_source_and_its_keys_never_the_query() {
-        let settings = |location| JwksSettings {
+    fn settings(location: JwksLocation) -> JwksSettings {
+        JwksSettings {
             location,
             ca: None,
             ca_sha256: None,
             refresh: Duration::from_secs(60),
             timeout: Duration::from_secs(1),
             min_refetch: Duration::from_secs(1),
-        };
+        }
+    }
+
+    /// A reload keeps the running source (its keys and refresh task) only
+    /// when the identities are equal: every setting must take part, or a
+    /// reload that moved the JWKS would keep fetching the old one.
+    #[test]
+    fn the_identity_changes_with_every_setting() {
+        let url = |u: &str| JwksLocation::Url(u.parse().expect("uri"));
+        let identity = |s| Jwks::new(s, None).expect("source").identity().to_owned();
+        let base = identity(settings(url("https://idp.example/jwks")));
+        assert_eq!(
+            identity(settings(url("https://idp.example/jwks"))),
+            base,
+            "the same settings"
+        );
+        type Change = fn(&mut JwksSettings);
+        let changes: [(&str, Change); 6] = [
+            ("url", |s| {
+                s.location = JwksLocation::Url("https://idp.example/other".parse().expect("uri"))
+            }),
+            ("file", |s| {
+                s.location = JwksLocation::File("jwks.json".into())
+            }),
+            ("ca_sha256", |s| s.ca_sha256 = Some("ab".repeat(32))),
+            ("refresh", |s| s.refresh = Duration::from_secs(61)),
+            ("timeout", |s| s.timeout = Duration::from_secs(2)),
+            ("min_refetch", |s| s.min_refetch = Duration::from_secs(2)),
+        ];
+        for (name, change) in changes {
+            let mut s = settings(url("https://idp.example/jwks"));
+            change(&mut s);
+            assert_ne!(identity(s), base, "{name} left the identity unchanged");
+        }
+    }
+
+    #[test]
+    fn debug_names_the_source_and_its_keys_never_the_query() {
         let url = "https://idp.example/jwks?access_token=s3cr3t-value";
         let j = Jwks::new(settings(JwksLocation::Url(url.parse().expect("uri"))), None)
             .expect("source");
