@@ -645,7 +645,8 @@ async fn a_jwks_file_is_a_key_source_too() {
     std::fs::write(dir.path().join("jwks.json"), doc.to_string()).expect("write");
     let path = write_files(dir.path(), up.addr, &[], &opts);
     let gw = TestGateway::serve_from(path, dir).await;
-    assert_eq!(get(gw.addr, PATH, &jwt_with(&a, "f")).await.status, 200);
+    let token_a = jwt_with(&a, "f");
+    assert_eq!(get(gw.addr, PATH, &token_a).await.status, 200);
     // Only the pinned EC key was taken; the others are listed as skipped.
     let status = gw
         .gw
@@ -668,6 +669,25 @@ async fn a_jwks_file_is_a_key_source_too() {
     )
     .expect("sign");
     assert_eq!(get(gw.addr, PATH, &forged).await.reason(), "unknown_key");
+
+    // A reload re-reads the file and the running source takes the new set
+    // at once: the old key stops, even for its token already verified and
+    // cached, and the new key works.
+    let b = signing_key("file-b");
+    std::fs::write(
+        gw.dir.path().join("jwks.json"),
+        json!({"keys": [b.jwk]}).to_string(),
+    )
+    .expect("rewrite");
+    let force = gw.watch();
+    let before = gw.generation();
+    force.send(()).await.expect("send");
+    eventually(Duration::from_secs(2), "the reload", async || {
+        gw.generation() > before
+    })
+    .await;
+    assert_eq!(get(gw.addr, PATH, &token_a).await.reason(), "unknown_key");
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&b, "g")).await.status, 200);
 }
 
 // ---------------------------------------------------------------------------
