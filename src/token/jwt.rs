@@ -507,6 +507,76 @@ mod tests {
         );
     }
 
+    /// A token verified with a JWKS key is served from the cache while the
+    /// set still holds that key, and verified afresh (so refused) once a
+    /// newer set dropped the key or put other material under its kid.
+    #[test]
+    fn a_cached_jwks_token_lives_only_as_long_as_its_key() {
+        use crate::token::jwks::{Jwks, JwksLocation, JwksSettings, parse};
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let pair = || rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+        let set = |keys: &[(&str, &rcgen::KeyPair)]| {
+            let keys: Vec<_> = keys
+                .iter()
+                .map(|(kid, p)| {
+                    let point = p.public_key_raw();
+                    serde_json::json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "kid": kid,
+                        "x": b64(&point[1..33]), "y": b64(&point[33..65])})
+                })
+                .collect();
+            parse(serde_json::json!({ "keys": keys }).to_string().as_bytes()).expect("set")
+        };
+        let source = |keys: &[(&str, &rcgen::KeyPair)]| {
+            let settings = JwksSettings {
+                location: JwksLocation::File("jwks.json".into()),
+                ca: None,
+                ca_sha256: None,
+                refresh: std::time::Duration::from_secs(60),
+                timeout: std::time::Duration::from_secs(1),
+                min_refetch: std::time::Duration::from_secs(1),
+            };
+            Jwks::new(settings, Some(set(keys))).expect("source")
+        };
+        let (one, other) = (pair(), pair());
+        let jwks = Arc::new(source(&[("j1", &one)]));
+        let k = JwtKeys {
+            leeway: 10,
+            cache: Some(JwtCache::new(16)),
+            jwks: Some(jwks.clone()),
+            ..Default::default()
+        };
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some("j1".into());
+        let claims = serde_json::json!({"jti": "j", "exp": 2000, "cube": {"methods": ["GET"]}});
+        let t = jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_der(&one.serialize_der()))
+            .expect("sign");
+        let v = vocab();
+        let first = match k.authenticate(&t, 1000, &v) {
+            Ok(Principal::Jwt(j)) => j,
+            other => panic!("{other:?}"),
+        };
+        // A newer set with the same key: still a hit.
+        jwks.adopt(&source(&[("j1", &one), ("j2", &other)]));
+        match k.authenticate(&t, 1001, &v) {
+            Ok(Principal::Jwt(j)) => assert!(Arc::ptr_eq(&first, &j), "not a hit"),
+            other => panic!("{other:?}"),
+        }
+        // Other material under the same kid: the signature no longer holds.
+        jwks.adopt(&source(&[("j1", &other)]));
+        assert_eq!(
+            k.authenticate(&t, 1002, &v).err(),
+            Some(AuthError::BadSignature)
+        );
+        // Back to the first key, then the kid is gone altogether.
+        jwks.adopt(&source(&[("j1", &one)]));
+        assert!(k.authenticate(&t, 1003, &v).is_ok());
+        jwks.adopt(&source(&[("j2", &other)]));
+        assert_eq!(
+            k.authenticate(&t, 1004, &v).err(),
+            Some(AuthError::UnknownKey)
+        );
+    }
+
     #[test]
     fn claims_and_headers_must_be_utf8_json_even_in_ignored_members() {
         // The fuzz finding: a validly signed token whose claims carry a
