@@ -611,6 +611,46 @@ mod tests {
         );
     }
 
+    /// What decides whether a fetch logs "JWKS loaded" (a refresh that
+    /// found the same keys stays quiet): the same kids with the same
+    /// material, whatever the order or the load time.
+    #[test]
+    fn same_keys_compares_kids_and_material() {
+        let set = |keys: Vec<serde_json::Value>| {
+            parse(json!({ "keys": keys }).to_string().as_bytes()).expect("set")
+        };
+        let a = set(vec![ec("a", "P-256", 32), ec("b", "P-384", 48)]);
+        assert!(same_keys(&a, &a));
+        assert!(same_keys(
+            &a,
+            &set(vec![ec("b", "P-384", 48), ec("a", "P-256", 32)])
+        ));
+        let mut other_material = ec("b", "P-384", 48);
+        other_material["x"] = json!(b64(48, 9));
+        for (why, b) in [
+            (
+                "a key more",
+                set(vec![
+                    ec("a", "P-256", 32),
+                    ec("b", "P-384", 48),
+                    ec("c", "P-256", 32),
+                ]),
+            ),
+            ("a key less", set(vec![ec("a", "P-256", 32)])),
+            (
+                "another kid",
+                set(vec![ec("a", "P-256", 32), ec("c", "P-384", 48)]),
+            ),
+            (
+                "other material",
+                set(vec![ec("a", "P-256", 32), other_material]),
+            ),
+        ] {
+            assert!(!same_keys(&a, &b), "{why}");
+            assert!(!same_keys(&b, &a), "{why}, the other way");
+        }
+    }
+
     #[test]
     fn documents_without_a_usable_key_are_errors() {
         for doc in [
