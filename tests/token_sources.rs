@@ -1017,3 +1017,59 @@ async fn a_request_denied_after_introspection_is_not_told_to_send_its_body() {
     }
     assert_eq!(server.introspections(), 2);
 }
+
+/// A reload that leaves `tokens.jwks` as it was keeps the running source,
+/// its keys and its refresh task: no second fetch. One that moves it to
+/// another server (and CA) starts a new source there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_jwks_source_unless_it_moved() {
+    let up = Upstream::start(Default::default()).await;
+    let server = TokenServer::start(Mode::Up).await;
+    let a = signing_key("keep-a");
+    server.publish(&[&a]);
+    let gw = gateway(
+        up.addr,
+        &server,
+        Some("refresh: 1h, min_refetch: 100ms"),
+        None,
+        &[],
+    )
+    .await;
+    let force = gw.watch();
+    let source = || gw.gw.current().snapshot.jwt.jwks.clone().expect("jwks");
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&a, "a-1")).await.status, 200);
+    assert_eq!(server.jwks_hits.load(Ordering::SeqCst), 1);
+    let running = source();
+
+    let before = gw.generation();
+    force.send(()).await.expect("send");
+    eventually(Duration::from_secs(2), "the reload", async || {
+        gw.generation() > before
+    })
+    .await;
+    assert!(Arc::ptr_eq(&running, &source()), "the source was replaced");
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&a, "a-2")).await.status, 200);
+    assert_eq!(server.jwks_hits.load(Ordering::SeqCst), 1, "fetched again");
+
+    // Moved: another server with another CA and key.
+    let moved = TokenServer::start(Mode::Up).await;
+    let b = signing_key("moved-b");
+    moved.publish(&[&b]);
+    std::fs::write(gw.dir.path().join("ca.pem"), &moved.ca_pem).expect("ca");
+    let text = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(
+        &gw.path,
+        &text.replace(&server.addr.to_string(), &moved.addr.to_string()),
+    );
+    let before = gw.generation();
+    force.send(()).await.expect("send");
+    eventually(Duration::from_secs(2), "the reload", async || {
+        gw.generation() > before
+    })
+    .await;
+    assert!(!Arc::ptr_eq(&running, &source()), "the old source kept");
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&b, "b-1")).await.status, 200);
+    assert!(moved.jwks_hits.load(Ordering::SeqCst) >= 1);
+    let r = get(gw.addr, PATH, &jwt_with(&a, "a-3")).await;
+    assert_eq!((r.status, r.reason().as_str()), (401, "unknown_key"));
+}
