@@ -1168,6 +1168,30 @@ mod tests {
         }
     }
 
+    /// Each kind of hop-by-hop field on its own, beside a field that stays:
+    /// the one-pass check of which kinds are present must see each alone
+    /// (the proptest above rarely draws a `Connection` with nothing else).
+    #[test]
+    fn each_hop_by_hop_kind_alone_is_stripped() {
+        let cases: [&[(&str, &str)]; 5] = [
+            &[("connection", "X-Drop"), ("x-drop", "1")],
+            &[("te", "trailers")],
+            &[("proxy-authorization", "Basic eA==")],
+            &[("keep-alive", "timeout=5")],
+            &[("expect", "100-continue")],
+        ];
+        for fields in cases {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            h.append("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h);
+            let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+            assert_eq!(left, ["x-keep"], "{fields:?}");
+        }
+    }
+
     /// `forward` looks for these only when some header name starts with
     /// `x-`: a name outside that prefix would never be stripped.
     #[test]
