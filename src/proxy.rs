@@ -1192,6 +1192,22 @@ mod tests {
         }
     }
 
+    /// The client's `X-Forwarded-For` comes first when it has one; a blank
+    /// or unreadable one is dropped rather than left as an empty hop.
+    #[test]
+    fn forwarded_for_appends_the_peer_to_a_real_list_only() {
+        let peer = Peer::new(SocketAddr::from(([192, 0, 2, 7], 4000)), false);
+        let value = |client: Option<&'static [u8]>| {
+            let client = client.map(|c| HeaderValue::from_bytes(c).expect("value"));
+            forwarded_for_value(client, &peer)
+        };
+        assert_eq!(value(None), "192.0.2.7");
+        assert_eq!(value(Some(b"203.0.113.9")), "203.0.113.9, 192.0.2.7");
+        for blank in [&b""[..], b"  ", b"\t", b"caf\xc3\xa9"] {
+            assert_eq!(value(Some(blank)), "192.0.2.7", "{blank:?}");
+        }
+    }
+
     /// `forward` looks for these only when some header name starts with
     /// `x-`: a name outside that prefix would never be stripped.
     #[test]
