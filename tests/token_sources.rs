@@ -682,12 +682,7 @@ async fn a_jwks_file_is_a_key_source_too() {
     )
     .expect("rewrite");
     let force = gw.watch();
-    let before = gw.generation();
-    force.send(()).await.expect("send");
-    eventually(Duration::from_secs(2), "the reload", async || {
-        gw.generation() > before
-    })
-    .await;
+    gw.reload_now(&force).await;
     assert_eq!(get(gw.addr, PATH, &token_a).await.reason(), "unknown_key");
     assert_eq!(get(gw.addr, PATH, &jwt_with(&b, "g")).await.status, 200);
 }
@@ -1041,12 +1036,7 @@ async fn a_reload_keeps_the_jwks_source_unless_it_moved() {
     assert_eq!(server.jwks_hits.load(Ordering::SeqCst), 1);
     let running = source();
 
-    let before = gw.generation();
-    force.send(()).await.expect("send");
-    eventually(Duration::from_secs(2), "the reload", async || {
-        gw.generation() > before
-    })
-    .await;
+    gw.reload_now(&force).await;
     assert!(Arc::ptr_eq(&running, &source()), "the source was replaced");
     assert_eq!(get(gw.addr, PATH, &jwt_with(&a, "a-2")).await.status, 200);
     assert_eq!(server.jwks_hits.load(Ordering::SeqCst), 1, "fetched again");
@@ -1061,12 +1051,7 @@ async fn a_reload_keeps_the_jwks_source_unless_it_moved() {
         &gw.path,
         &text.replace(&server.addr.to_string(), &moved.addr.to_string()),
     );
-    let before = gw.generation();
-    force.send(()).await.expect("send");
-    eventually(Duration::from_secs(2), "the reload", async || {
-        gw.generation() > before
-    })
-    .await;
+    gw.reload_now(&force).await;
     assert!(!Arc::ptr_eq(&running, &source()), "the old source kept");
     assert_eq!(get(gw.addr, PATH, &jwt_with(&b, "b-1")).await.status, 200);
     assert!(moved.jwks_hits.load(Ordering::SeqCst) >= 1);

@@ -492,6 +492,17 @@ impl TestGateway {
         self.gw.current().number
     }
 
+    /// Force a reload with the sender [`TestGateway::watch`] returned (what
+    /// SIGHUP does) and wait until a newer generation serves.
+    pub async fn reload_now(&self, force: &tokio::sync::mpsc::Sender<()>) {
+        let before = self.generation();
+        force.send(()).await.expect("send");
+        eventually(Duration::from_secs(3), "a new generation", async || {
+            self.generation() > before
+        })
+        .await;
+    }
+
     /// Ask the gateway to stop (graceful drain).
     pub fn shutdown(&mut self) {
         if let Some(tx) = self.stop.take() {
