@@ -468,7 +468,7 @@ fn same_keys(a: &KeySet, b: &KeySet) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -543,7 +543,8 @@ mod tests {
         }
     }
 
-    fn settings(location: JwksLocation) -> JwksSettings {
+    /// Settings for a source in a unit test (none of them used to fetch).
+    pub(crate) fn settings(location: JwksLocation) -> JwksSettings {
         JwksSettings {
             location,
             ca: None,

@@ -512,7 +512,8 @@ mod tests {
     /// newer set dropped the key or put other material under its kid.
     #[test]
     fn a_cached_jwks_token_lives_only_as_long_as_its_key() {
-        use crate::token::jwks::{Jwks, JwksLocation, JwksSettings, parse};
+        use crate::token::jwks::tests::settings;
+        use crate::token::jwks::{Jwks, JwksLocation, parse};
         let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
         let pair = || rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
         let set = |keys: &[(&str, &rcgen::KeyPair)]| {
@@ -527,14 +528,7 @@ mod tests {
             parse(serde_json::json!({ "keys": keys }).to_string().as_bytes()).expect("set")
         };
         let source = |keys: &[(&str, &rcgen::KeyPair)]| {
-            let settings = JwksSettings {
-                location: JwksLocation::File("jwks.json".into()),
-                ca: None,
-                ca_sha256: None,
-                refresh: std::time::Duration::from_secs(60),
-                timeout: std::time::Duration::from_secs(1),
-                min_refetch: std::time::Duration::from_secs(1),
-            };
+            let settings = settings(JwksLocation::File("jwks.json".into()));
             Jwks::new(settings, Some(set(keys))).expect("source")
         };
         let (one, other) = (pair(), pair());
