@@ -789,9 +789,18 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
     .await;
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
 
-    // A delegated token can be narrowed again but never widened back.
+    // A delegated token can be narrowed again but never widened back;
+    // each answer is counted under its own result.
+    let counts = || {
+        (
+            metric(&gw.gw, "scopegate_attenuations_total{result=\"issued\"}"),
+            metric(&gw.gw, "scopegate_attenuations_total{result=\"refused\"}"),
+        )
+    };
+    let (issued_before, refused_before) = counts();
     let again = attenuate(gw.addr, &child, json!({"cube": narrow})).await;
     assert_eq!(again.status, 201);
+    assert_eq!(counts(), (issued_before + 1.0, refused_before));
     let grandchild = again.json()["token"].as_str().expect("token").to_string();
     assert_eq!(claims_of(&grandchild)["parent"], issued["token_id"]);
     assert!(claims_of(&grandchild)["exp"].as_i64() <= c["exp"].as_i64());
@@ -800,6 +809,7 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
         (r.status, r.json()["too_wide"].clone()),
         (403, json!("method"))
     );
+    assert_eq!(counts(), (issued_before + 1.0, refused_before + 1.0));
 
     // Lifetimes: max_ttl caps the request; the parent's expiry caps both.
     let r = attenuate(
