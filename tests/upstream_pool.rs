@@ -41,7 +41,7 @@ struct Scripted {
 
 /// An upstream on raw TCP: for the n-th request (counted across
 /// connections, from 0) it writes `answer(n).0` and then does `answer(n).1`.
-/// Requests are GETs without bodies.
+/// Requests come without bodies, or with a chunked one of a single chunk.
 async fn scripted(answer: fn(usize) -> (Vec<u8>, Then)) -> Scripted {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -59,8 +59,8 @@ async fn scripted(answer: fn(usize) -> (Vec<u8>, Then)) -> Scripted {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
                 loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
+                    while let Some(end) = request_end(&buf) {
+                        buf.drain(..end);
                         let n = r.fetch_add(1, Ordering::SeqCst);
                         let (bytes, then) = answer(n);
                         if s.write_all(&bytes).await.is_err() {
@@ -88,6 +88,20 @@ async fn scripted(answer: fn(usize) -> (Vec<u8>, Then)) -> Scripted {
         connections,
         requests,
     }
+}
+
+/// Where the first whole request in `buf` ends: after its head, and
+/// after its `0` chunk when it announces a chunked body.
+fn request_end(buf: &[u8]) -> Option<usize> {
+    let head = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let chunked = String::from_utf8_lossy(&buf[..head])
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    if !chunked {
+        return Some(head);
+    }
+    let last = buf[head..].windows(5).position(|w| w == b"0\r\n\r\n")?;
+    Some(head + last + 5)
 }
 
 fn ok(extra_headers: &str, body: &str) -> Vec<u8> {
@@ -268,6 +282,71 @@ async fn an_answer_the_client_abandoned_midway_is_not_reused() {
         );
     }
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+}
+
+/// A POST with a chunked body. The own client takes only bodies one
+/// `Content-Length` frames, so this one goes through hyper's client, on
+/// the same pool and under the same rules.
+fn chunked_post(tok: &str) -> Vec<u8> {
+    format!(
+        "POST {MARKERS} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn hyper_s_client_lends_a_connection_again_only_once_its_answer_ended() {
+    // The first answer promises 10 bytes, sends 5 and stalls; then
+    // bodiless and whole answers in turn.
+    let up = scripted(|n| match n {
+        0 => (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nfirst".to_vec(),
+            Then::Stall,
+        ),
+        n if n % 2 == 1 => (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), Then::KeepOpen),
+        _ => (ok("", "fine"), Then::KeepOpen),
+    })
+    .await;
+    let gw = TestGateway::start(up.addr, &[], Options::default()).await;
+    let tok = es256(
+        json!({"methods": ["POST"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+
+    // The stalled answer's client is still reading it.
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    s.write_all(&chunked_post(&tok)).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.ends_with(b"first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("head and first bytes in time")
+            .expect("read");
+        assert!(n > 0, "gateway closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+
+    // Its connection is not lent out while the body is unfinished (these
+    // would wait behind it until the 5 s upstream timeout); the others'
+    // are, bodiless answers' too.
+    for i in 0..6 {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            one_answer(gw.addr, &chunked_post(&tok), false),
+        )
+        .await
+        .expect("answered without waiting on the unfinished answer")
+        .expect("an answer");
+        let want: (u16, &[u8]) = if i % 2 == 0 {
+            (204, b"")
+        } else {
+            (200, b"fine")
+        };
+        assert_eq!((r.status, r.body.as_slice()), want, "request {i}");
+    }
+    assert_eq!(up.requests.load(Ordering::SeqCst), 7);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    drop(s);
 }
 
 #[tokio::test]
