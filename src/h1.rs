@@ -1267,6 +1267,53 @@ mod tests {
         server.await.expect("server");
     }
 
+    #[tokio::test]
+    async fn a_request_that_could_not_be_written_may_be_sent_again() {
+        // The upstream resets the connection (what a closed pooled one
+        // answers a write with): nothing of the request can have arrived,
+        // so another connection may carry it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        server.set_zero_linger().expect("linger");
+        drop(server);
+        let mut probe = [0u8; 1];
+        let reset = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            loop {
+                client.readable().await.expect("readable");
+                match client.try_read(&mut probe) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    other => break other,
+                }
+            }
+        })
+        .await
+        .expect("the reset in time");
+        assert!(reset.is_err(), "a reset, not {reset:?}");
+        let req = http::Request::get("/x").body(()).expect("request");
+        let (parts, ()) = req.into_parts();
+        let keep = Arc::new(Keep(std::sync::Mutex::new(None)));
+        let got = exchange(Conn::new(client), &parts, [], b"", keep).await;
+        assert!(
+            matches!(got, Err((H1Error::Closed, true))),
+            "{:?}",
+            got.err()
+        );
+    }
+
+    #[test]
+    fn each_error_says_what_went_wrong() {
+        // The text is what the debug log gives for a 502.
+        use H1Error::*;
+        let all = [Head, Status, Framing, Chunk, Closed, NoAnswer];
+        let texts: std::collections::HashSet<String> = all.iter().map(|e| e.to_string()).collect();
+        assert_eq!(texts.len(), all.len(), "{texts:?}");
+        assert!(texts.iter().all(|t| t.len() > 10), "{texts:?}");
+    }
+
     #[test]
     fn request_heads_are_written_as_hyper_writes_them() {
         let req = http::Request::builder()
