@@ -1304,6 +1304,75 @@ mod tests {
         );
     }
 
+    /// One exchange of a bodiless GET with an upstream that answers with
+    /// `answer` in one write: the status, the connection given back, and
+    /// the upstream's end of it (still open).
+    async fn answered_with(answer: Vec<u8>) -> Result<(u16, Conn, TcpStream), H1Error> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await.expect("request");
+            s.write_all(&answer).await.expect("write");
+            s
+        });
+        let conn = Conn::new(TcpStream::connect(addr).await.expect("connect"));
+        let keep = Arc::new(Keep(std::sync::Mutex::new(None)));
+        let (parts, ()) = http::Request::get("/x")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let within = std::time::Duration::from_secs(5);
+        let got = tokio::time::timeout(within, exchange(conn, &parts, [], b"", keep.clone()))
+            .await
+            .expect("an answer in time");
+        let upstream = server.await.expect("server");
+        let resp = got.map_err(|(e, _)| e)?;
+        let status = resp.status().as_u16();
+        drop(resp);
+        let conn = keep.0.lock().expect("lock").take().expect("given back");
+        Ok((status, conn, upstream))
+    }
+
+    #[tokio::test]
+    async fn interim_answers_are_skipped_up_to_their_bound() {
+        let answer = |interim: usize| {
+            let mut a = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(interim);
+            a.extend_from_slice(b"HTTP/1.1 204 No Content\r\n\r\n");
+            a
+        };
+        assert_eq!(
+            answered_with(answer(MAX_INTERIM)).await.map(|(s, ..)| s),
+            Ok(204)
+        );
+        assert_eq!(
+            answered_with(answer(MAX_INTERIM + 1))
+                .await
+                .map(|(s, ..)| s),
+            Err(H1Error::Status)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_keeps_the_room_of_a_head_not_of_a_body() {
+        let (_, mut conn, _upstream) = answered_with(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec())
+            .await
+            .expect("answer");
+        // A head's room stays for the next request.
+        assert!(conn.wbuf.capacity() > 0);
+        let (parts, ()) = http::Request::post("/x")
+            .body(())
+            .expect("request")
+            .into_parts();
+        let body = vec![b'x'; 4 * KEEP_WBUF];
+        conn.write_request(&parts, [], &body).await.expect("write");
+        assert_eq!(conn.wbuf.capacity(), 0);
+    }
+
     #[test]
     fn each_error_says_what_went_wrong() {
         // The text is what the debug log gives for a 502.
