@@ -1308,6 +1308,17 @@ mod tests {
     /// `answer` in one write: the status, the connection given back, and
     /// the upstream's end of it (still open).
     async fn answered_with(answer: Vec<u8>) -> Result<(u16, Conn, TcpStream), H1Error> {
+        let (got, upstream) = exchange_with(answer, false).await;
+        let (status, conn) = got?;
+        Ok((status, conn, upstream.expect("kept open")))
+    }
+
+    /// [`answered_with`], the upstream closing after its answer when
+    /// `close`.
+    async fn exchange_with(
+        answer: Vec<u8>,
+        close: bool,
+    ) -> (Result<(u16, Conn), H1Error>, Option<TcpStream>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -1318,7 +1329,7 @@ mod tests {
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf).await.expect("request");
             s.write_all(&answer).await.expect("write");
-            s
+            (!close).then_some(s)
         });
         let conn = Conn::new(TcpStream::connect(addr).await.expect("connect"));
         let keep = Arc::new(Keep(std::sync::Mutex::new(None)));
@@ -1331,11 +1342,33 @@ mod tests {
             .await
             .expect("an answer in time");
         let upstream = server.await.expect("server");
-        let resp = got.map_err(|(e, _)| e)?;
-        let status = resp.status().as_u16();
-        drop(resp);
-        let conn = keep.0.lock().expect("lock").take().expect("given back");
-        Ok((status, conn, upstream))
+        let got = got.map_err(|(e, _)| e).map(|resp| {
+            let status = resp.status().as_u16();
+            drop(resp);
+            let conn = keep.0.lock().expect("lock").take().expect("given back");
+            (status, conn)
+        });
+        (got, upstream)
+    }
+
+    #[tokio::test]
+    async fn a_close_after_part_of_an_answer_is_not_a_close_without_one() {
+        // Only a close before any byte is the keep-alive race that a
+        // bodiless request is sent again for; after part of a head, or
+        // after an interim answer, the upstream may have acted on it.
+        for (answer, want) in [
+            (&b""[..], H1Error::NoAnswer),
+            (b"HTTP/1.1 200 OK\r\ncontent-le", H1Error::Closed),
+            (b"HTTP/1.1 100 Continue\r\n\r\n", H1Error::Closed),
+        ] {
+            let (got, _) = exchange_with(answer.to_vec(), true).await;
+            assert_eq!(
+                got.map(|(s, _)| s),
+                Err(want),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+        }
     }
 
     #[tokio::test]
