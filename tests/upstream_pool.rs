@@ -239,6 +239,24 @@ async fn bodiless_and_chunked_answers_give_the_connection_back() {
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 }
 
+/// Send `request` to the gateway and read until the answer's first body
+/// bytes, `first` (the scripted stalled answer); the connection stays open.
+async fn until_first(gw: std::net::SocketAddr, request: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(gw).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    while !got.ends_with(b"first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("head and first bytes in time")
+            .expect("read");
+        assert!(n > 0, "gateway closed early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
 #[tokio::test]
 async fn an_answer_the_client_abandoned_midway_is_not_reused() {
     // The first answer promises 10 bytes, sends 5 and stalls.
@@ -253,20 +271,8 @@ async fn an_answer_the_client_abandoned_midway_is_not_reused() {
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
     let tok = analytics_jwt();
 
-    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
     let req = format!("GET {MARKERS} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    while !got.ends_with(b"first") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("head and first bytes in time")
-            .expect("read");
-        assert!(n > 0, "gateway closed early");
-        got.extend_from_slice(&buf[..n]);
-    }
-    drop(s);
+    drop(until_first(gw.addr, req.as_bytes()).await);
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     // The stalled connection must not be lent out again: these would wait
@@ -313,18 +319,7 @@ async fn hyper_s_client_lends_a_connection_again_only_once_its_answer_ended() {
     );
 
     // The stalled answer's client is still reading it.
-    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
-    s.write_all(&chunked_post(&tok)).await.expect("write");
-    let mut buf = vec![0u8; 4096];
-    let mut got = Vec::new();
-    while !got.ends_with(b"first") {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .expect("head and first bytes in time")
-            .expect("read");
-        assert!(n > 0, "gateway closed early");
-        got.extend_from_slice(&buf[..n]);
-    }
+    let s = until_first(gw.addr, &chunked_post(&tok)).await;
 
     // Its connection is not lent out while the body is unfinished (these
     // would wait behind it until the 5 s upstream timeout); the others'
