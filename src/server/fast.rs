@@ -1129,6 +1129,133 @@ mod tests {
     }
 
     #[test]
+    fn the_connection_field_is_what_hyper_s_enforce_version_makes_it() {
+        // (request HTTP/1.0, answer's version, kept before, answer's
+        // `Connection` values) → (line to add, values after, kept after).
+        type Case = (
+            bool,
+            Version,
+            bool,
+            &'static [&'static str],
+            Option<&'static [u8]>,
+            &'static [&'static str],
+            bool,
+        );
+        let cases: [Case; 9] = [
+            (false, Version::HTTP_11, true, &[], None, &[], true),
+            (
+                false,
+                Version::HTTP_11,
+                false,
+                &[],
+                Some(b"connection: close\r\n"),
+                &[],
+                false,
+            ),
+            // A field there already gets `close` added, once.
+            (
+                false,
+                Version::HTTP_11,
+                false,
+                &["upgrade"],
+                None,
+                &["upgrade", "close"],
+                false,
+            ),
+            (
+                false,
+                Version::HTTP_11,
+                false,
+                &["Close"],
+                None,
+                &["Close"],
+                false,
+            ),
+            (
+                false,
+                Version::HTTP_11,
+                false,
+                &["x, close"],
+                None,
+                &["x, close"],
+                false,
+            ),
+            // HTTP/1.0: `keep-alive` left alone; otherwise said on a kept
+            // connection, in the field when there is one.
+            (
+                true,
+                Version::HTTP_11,
+                true,
+                &["Keep-Alive"],
+                None,
+                &["Keep-Alive"],
+                true,
+            ),
+            (
+                true,
+                Version::HTTP_11,
+                true,
+                &[],
+                Some(b"connection: keep-alive\r\n"),
+                &[],
+                true,
+            ),
+            (
+                true,
+                Version::HTTP_11,
+                true,
+                &["upgrade"],
+                None,
+                &["upgrade", "keep-alive"],
+                true,
+            ),
+            // An HTTP/1.0 answer, or a connection not kept: nothing said.
+            (
+                true,
+                Version::HTTP_10,
+                true,
+                &["upgrade"],
+                None,
+                &["upgrade"],
+                false,
+            ),
+        ];
+        for (http10, version, kept, before, line, after, kept_after) in cases {
+            let mut resp = http::Response::new(());
+            *resp.version_mut() = version;
+            for v in before {
+                resp.headers_mut()
+                    .append(header::CONNECTION, HeaderValue::from_static(v));
+            }
+            let (mut parts, ()) = resp.into_parts();
+            let mut keep = kept;
+            let asked = Asked {
+                head: false,
+                http10,
+            };
+            let got = connection_line(&mut parts, asked, &mut keep);
+            let values: Vec<&str> = parts
+                .headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect();
+            let case = format!("{http10} {version:?} {kept} {before:?}");
+            assert_eq!(got, line, "{case}");
+            assert_eq!(values, after, "{case}");
+            assert_eq!(keep, kept_after, "{case}");
+        }
+        // A connection not kept, in HTTP/1.0: nothing to say either.
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        let mut keep = false;
+        let asked = Asked {
+            head: false,
+            http10: true,
+        };
+        assert_eq!(connection_line(&mut parts, asked, &mut keep), None);
+    }
+
+    #[test]
     fn what_is_served_and_what_is_not() {
         let served = |h: &str| run(h.as_bytes()).1.is_some();
         assert!(served("GET / HTTP/1.1\r\nhost: a\r\n\r\n"));
