@@ -1256,6 +1256,34 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_s_first_head_is_written_into_room_for_a_usual_answer() {
+        let mut scratch = Scratch::default();
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        let body: ResponseBody =
+            http_body_util::Either::Left(http_body_util::Full::new(Bytes::from_static(b"{}")));
+        let asked = Asked {
+            head: false,
+            http10: false,
+        };
+        let head = encode_head(&mut parts, &body, true, asked, None, &mut scratch);
+        assert_eq!(
+            head.map(|h| (h.framing, h.last)),
+            Ok((Framing::Length(2), false))
+        );
+        assert!(
+            scratch
+                .out
+                .starts_with(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n")
+        );
+        // One allocation, not the five of growing from empty.
+        assert!(
+            scratch.out.capacity() >= FIRST_OUT,
+            "{}",
+            scratch.out.capacity()
+        );
+    }
+
+    #[test]
     fn what_is_served_and_what_is_not() {
         let served = |h: &str| run(h.as_bytes()).1.is_some();
         assert!(served("GET / HTTP/1.1\r\nhost: a\r\n\r\n"));
