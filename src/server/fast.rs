@@ -1256,7 +1256,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_s_first_head_is_written_into_room_for_a_usual_answer() {
+    fn an_answer_s_head_its_room_its_framing_and_close() {
         let mut scratch = Scratch::default();
         let (mut parts, ()) = http::Response::new(()).into_parts();
         let body: ResponseBody =
@@ -1281,6 +1281,21 @@ mod tests {
             "{}",
             scratch.out.capacity()
         );
+
+        // Fields the proxy strips from an upstream's answer, were they
+        // there: framing of its own is refused, and `close` ends the
+        // connection after the answer.
+        for (name, value, want) in [
+            ("transfer-encoding", "chunked", None),
+            ("trailer", "x-sum", None),
+            ("connection", "close", Some(true)),
+            ("connection", "upgrade", Some(false)),
+        ] {
+            let (mut parts, ()) = http::Response::new(()).into_parts();
+            parts.headers.insert(name, HeaderValue::from_static(value));
+            let head = encode_head(&mut parts, &body, true, asked, None, &mut scratch);
+            assert_eq!(head.map(|h| h.last).ok(), want, "{name}: {value}");
+        }
     }
 
     #[test]
