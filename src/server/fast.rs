@@ -1141,7 +1141,7 @@ mod tests {
             &'static [&'static str],
             bool,
         );
-        let cases: [Case; 9] = [
+        let cases: [Case; 10] = [
             (false, Version::HTTP_11, true, &[], None, &[], true),
             (
                 false,
@@ -1219,6 +1219,7 @@ mod tests {
                 &["upgrade"],
                 false,
             ),
+            (true, Version::HTTP_11, false, &[], None, &[], false),
         ];
         for (http10, version, kept, before, line, after, kept_after) in cases {
             let mut resp = http::Response::new(());
@@ -1245,14 +1246,6 @@ mod tests {
             assert_eq!(values, after, "{case}");
             assert_eq!(keep, kept_after, "{case}");
         }
-        // A connection not kept, in HTTP/1.0: nothing to say either.
-        let (mut parts, ()) = http::Response::new(()).into_parts();
-        let mut keep = false;
-        let asked = Asked {
-            head: false,
-            http10: true,
-        };
-        assert_eq!(connection_line(&mut parts, asked, &mut keep), None);
     }
 
     #[test]
