@@ -385,15 +385,29 @@ async fn the_keep_alive_race_is_retried_once_for_an_idempotent_request() {
     .await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
     let tok = analytics_jwt();
+    // hyper's client (`SCOPEGATE_UPSTREAM_CLIENT=hyper`, CI's third pass)
+    // sends a request again only when it had not written it: the race is a
+    // 502 there, as the README says.
+    let hyper_client = hyper_client_alone();
     for i in 0..3 {
         let r = get(gw.addr, MARKERS, &tok).await;
-        assert_eq!(
-            (r.status, r.body.as_slice()),
-            (200, &b"fine"[..]),
-            "request {i}"
+        let want: (u16, &[u8]) = if hyper_client && i == 1 {
+            (502, br#""reason":"upstream_unavailable""#)
+        } else {
+            (200, b"fine")
+        };
+        assert_eq!(r.status, want.0, "request {i}");
+        assert!(
+            r.body.windows(want.1.len()).any(|w| w == want.1),
+            "request {i}: {:?}",
+            String::from_utf8_lossy(&r.body)
         );
     }
-    assert_eq!(up.requests.load(Ordering::SeqCst), 4, "one retry");
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        if hyper_client { 3 } else { 4 },
+        "one retry, with the in-future client only"
+    );
     assert_eq!(up.connections.load(Ordering::SeqCst), 2);
 }
 
@@ -414,15 +428,17 @@ async fn an_unanswered_request_is_retried_at_most_once_and_then_a_502() {
     assert_eq!(get(gw.addr, MARKERS, &tok).await.status, 200);
     let r = get(gw.addr, MARKERS, &tok).await;
     assert_eq!(r.status, 502);
+    // hyper's client does not retry a request it wrote (see above).
+    let retry = usize::from(!hyper_client_alone());
     assert_eq!(
         up.requests.load(Ordering::SeqCst),
-        3,
+        2 + retry,
         "the reused attempt and one retry, no more"
     );
     // A first attempt on a new connection is never retried.
     let r = get(gw.addr, MARKERS, &tok).await;
     assert_eq!(r.status, 502);
-    assert_eq!(up.requests.load(Ordering::SeqCst), 4);
+    assert_eq!(up.requests.load(Ordering::SeqCst), 3 + retry);
 }
 
 #[tokio::test]

@@ -706,6 +706,13 @@ pub fn hyper_server_alone() -> bool {
     std::env::var("SCOPEGATE_HTTP1_SERVER").as_deref() == Ok("hyper")
 }
 
+/// Whether this run sends every upstream request through hyper's client
+/// (`SCOPEGATE_UPSTREAM_CLIENT=hyper`, CI's third pass), not the
+/// in-future one.
+pub fn hyper_client_alone() -> bool {
+    std::env::var("SCOPEGATE_UPSTREAM_CLIENT").as_deref() == Ok("hyper")
+}
+
 /// Send one request on a new connection and read its answer by the
 /// answer's own framing (RFC 9112 §6.3), without waiting for a close.
 pub async fn one_answer(addr: SocketAddr, request: &[u8], head_request: bool) -> Option<Resp> {
