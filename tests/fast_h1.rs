@@ -1418,14 +1418,7 @@ async fn a_client_that_waits_for_100_continue_is_told_to_send_its_body() {
         // The echo upstream's answer, read whole by its length, ends with
         // the body it received, after the head it received: without the
         // expectation, which the gateway answered itself.
-        let got = read_until_done(&mut s, |got| {
-            parse_response(got).is_some_and(|r| {
-                r.header("content-length")
-                    .and_then(|l| l.parse::<usize>().ok())
-                    == Some(r.body.len())
-            })
-        })
-        .await;
+        let got = read_until_done(&mut s, whole_answer).await;
         let text = String::from_utf8_lossy(&got);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.ends_with(&"z".repeat(len)), "{text}");
@@ -1478,6 +1471,51 @@ async fn the_rest_of_a_body_an_answer_came_before_is_not_waited_for() {
         assert!(text.starts_with("HTTP/1.1 403 "), "{first}/{whole}: {text}");
         assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
         assert!(closed, "{first}/{whole}: still open");
+    }
+}
+
+/// Whether `got` holds an answer whole, by its `content-length`.
+fn whole_answer(got: &[u8]) -> bool {
+    parse_response(got).is_some_and(|r| {
+        r.header("content-length")
+            .and_then(|l| l.parse::<usize>().ok())
+            == Some(r.body.len())
+    })
+}
+
+/// The other side of the test above: a rest that is all at hand once the
+/// answer is written, though not all read yet, is dropped, and the
+/// connection goes on, as with hyper's server (its
+/// `poll_drain_or_close_read` reads once too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_of_a_body_at_hand_is_dropped_and_the_connection_goes_on() {
+    let up = upstream().await;
+    let t = token();
+    for fast in [true, false] {
+        let (addr, gw, _dir) = gateway(up, &[], fast).await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        // The body goes with its head, without waiting for `100 Continue`
+        // (a client may): more than the connection's first read takes.
+        let head = format!(
+            "POST /v1/tenants/globex-web/markers HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {t}\r\ncontent-length: 3000\r\nexpect: 100-continue\r\n\r\n"
+        );
+        s.write_all(&[head.as_bytes(), &[b'q'; 3000][..]].concat())
+            .await
+            .expect("write");
+        let got = read_until_done(&mut s, whole_answer).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 403 "), "{fast}: {text}");
+        assert!(!text.contains("100 Continue"), "{fast}: {text}");
+        // The next request on the same connection is read as one.
+        s.write_all(&get(M, &t, "")).await.expect("write");
+        let got = read_until_done(&mut s, whole_answer).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{fast}: {text}");
+        // Both by the own loop when it is on (counted as the connection
+        // ends).
+        drop(s);
+        let want = if fast { 2 } else { 0 };
+        assert_eq!(served_at_least(&gw, want).await, want);
     }
 }
 

@@ -336,14 +336,18 @@ where
 
 /// Drop the rest of a streamed body: what `buf` holds of it, and if that
 /// is not all, what one read of the bytes the socket has ready brings
-/// (never waited for). Whether that was all of it.
+/// (never waited for), with room for the rest up to 8 KiB, as hyper's
+/// server reads it into its buffer (`INIT_BUFFER_SIZE`): a longer rest
+/// ends the connection with either. Whether that was all of it.
 async fn skip_rest<T>(io: &mut T, buf: &mut BytesMut, feed: &mut Feed) -> bool
 where
     T: AsyncRead + Unpin,
 {
     feed.skip(buf);
     if feed.left() > 0 {
-        make_room(buf);
+        // Not `make_room`: a buffer used to its end has no room left, and
+        // would be given a first read's 1 KiB.
+        buf.reserve(feed.left_up_to(8192));
         let ready = poll_fn(|cx| Poll::Ready(pin!(io.read_buf(&mut *buf)).poll(cx))).await;
         if matches!(ready, Poll::Ready(Ok(n)) if n > 0) {
             feed.skip(buf);
