@@ -1439,4 +1439,178 @@ mod tests {
             assert_eq!(v, dec.as_bytes());
         }
     }
+
+    /// hyper answers a target over 65,534 bytes with 414 (`MAX_URI_LEN`
+    /// in its `proto/h1/role.rs`, `>`): such a head is hyper's, and one
+    /// at the bound is served here.
+    #[test]
+    fn a_target_is_served_up_to_hyper_s_limit() {
+        for (len, served) in [(65_534, true), (65_535, false)] {
+            let head = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(len - 1));
+            let mut buf = BytesMut::from(head.as_bytes());
+            match parse_head(&mut buf, 128 * 1024) {
+                Parsed::Request(req) => {
+                    assert!(served, "{len} served");
+                    assert_eq!(req.uri().path().len(), len);
+                }
+                Parsed::NotMine => {
+                    assert!(!served, "{len} handed to hyper");
+                    assert_eq!(buf.len(), head.len(), "the buffer untouched");
+                }
+                _ => panic!("{len}: neither served nor hyper's"),
+            }
+        }
+    }
+
+    /// A small body not all there with its head is looked for among the
+    /// bytes the socket has ready, never waited for.
+    #[tokio::test]
+    async fn bytes_at_hand_are_read_and_no_more_awaited() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let mut buf = BytesMut::new();
+        client.write_all(b"0123456789").await.expect("write");
+        // Exactly what is wanted: done, without another read.
+        assert!(read_ready(&mut server, &mut buf, 10).await);
+        assert_eq!(&buf[..], b"0123456789");
+        // Short: what is ready is read, and the rest not waited for.
+        client.write_all(b"abc").await.expect("write");
+        assert!(!read_ready(&mut server, &mut buf, 20).await);
+        assert_eq!(&buf[..], b"0123456789abc");
+        // Closed short: left for hyper to meet.
+        drop(client);
+        assert!(!read_ready(&mut server, &mut buf, 20).await);
+        assert_eq!(buf.len(), 13);
+    }
+
+    /// An idle connection holds a small read buffer, not hyper's 8 KiB;
+    /// later reads get room for 8 KiB once less than 1 KiB is left.
+    #[test]
+    fn a_read_gets_room_small_at_first_and_then_8_kib() {
+        let mut buf = BytesMut::new();
+        make_room(&mut buf);
+        let first = buf.capacity();
+        assert!((FIRST_READ..8192).contains(&first), "{first}");
+        // 1 KiB left exactly: enough, nothing reserved.
+        buf.resize(first - 1024, b'x');
+        make_room(&mut buf);
+        assert_eq!(buf.capacity(), first);
+        // Less: room for 8 KiB more.
+        buf.resize(first - 1000, b'x');
+        make_room(&mut buf);
+        assert!(buf.capacity() - buf.len() >= 8192, "{}", buf.capacity());
+    }
+
+    /// The cached `date` is formatted again once the second it was made
+    /// in has passed, and is an HTTP date of now.
+    #[test]
+    fn the_date_is_made_again_when_its_second_has_passed() {
+        let mut cache = DateCache {
+            secs: 1,
+            text: b"Thu, 01 Jan 1970 00:00:01 GMT".to_vec(),
+        };
+        let text = String::from_utf8(cache.get().to_vec()).expect("text");
+        let made = httpdate::parse_http_date(&text).expect("an HTTP date");
+        let age = SystemTime::now().duration_since(made).unwrap_or_default();
+        assert!(age.as_secs() < 60, "{text}");
+        assert_eq!(text.len(), 29, "{text}");
+    }
+
+    /// A write that takes no byte (the client is gone) ends `100
+    /// Continue` as not sent, never a loop that writes for ever.
+    #[test]
+    fn a_100_continue_no_byte_of_which_goes_is_not_sent() {
+        struct Gone;
+        impl AsyncWrite for Gone {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &[u8],
+            ) -> Poll<std::io::Result<usize>> {
+                Poll::Ready(Ok(0))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut sent = 0;
+        assert_eq!(
+            poll_continue(&mut Gone, &mut sent, &mut cx),
+            Poll::Ready(false)
+        );
+        assert_eq!(sent, 0);
+        // Written whole: sent, and all of it counted.
+        let mut io = Trickle::default();
+        let sent = &mut 0;
+        let done = loop {
+            if let Poll::Ready(done) = poll_continue(&mut io, sent, &mut cx) {
+                break done;
+            }
+        };
+        assert!(done);
+        assert_eq!((*sent, &io.written[..]), (CONTINUE.len(), CONTINUE));
+    }
+
+    /// The body is written by its framing, never past its length: a body
+    /// longer than its length, or one ending short of it, fails (the
+    /// connection ends), and nothing of a longer one goes out.
+    #[tokio::test]
+    async fn a_body_is_written_to_its_length_and_never_past_it() {
+        for (framing, sent, wire) in [
+            (Framing::Length(3), true, &b"head|abc"[..]),
+            (Framing::Length(2), false, b""),
+            (Framing::Length(4), false, b""),
+            (Framing::Chunked, true, b"head|3\r\nabc\r\n0\r\n\r\n"),
+            (Framing::UntilClose, true, b"head|abc"),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            let body: ResponseBody =
+                http_body_util::Either::Left(http_body_util::Full::new(Bytes::from_static(b"abc")));
+            let mut out = b"head|".to_vec();
+            let mut buf = BytesMut::new();
+            let ok = write_body(&mut server, &mut buf, 8192, body, framing, &mut out).await;
+            assert_eq!(ok, sent, "{framing:?}");
+            drop(server);
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.expect("read");
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(wire),
+                "{framing:?}"
+            );
+        }
+    }
+
+    /// Bytes a client sent ahead wait in the buffer up to the head limit:
+    /// past it the client is not read while a request runs.
+    #[tokio::test]
+    async fn a_full_buffer_is_not_read_into_while_a_request_runs() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(b"more").await.expect("write");
+        let mut buf = BytesMut::from(&b"0123456789abcdef"[..]);
+        for (limit, after) in [
+            (16, &b"0123456789abcdef"[..]),
+            (32, b"0123456789abcdefmore"),
+        ] {
+            // Done on its third poll, waking itself until then.
+            let mut polls = 0;
+            let answer = pin!(poll_fn(|cx| {
+                polls += 1;
+                if polls < 3 {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready("answered")
+            }));
+            let out = watching(&mut server, &mut buf, limit, answer, None).await;
+            assert_eq!(out, Some("answered"));
+            assert_eq!(&buf[..], after, "{limit}");
+        }
+    }
 }
