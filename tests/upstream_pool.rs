@@ -391,17 +391,15 @@ async fn the_keep_alive_race_is_retried_once_for_an_idempotent_request() {
     let hyper_client = hyper_client_alone();
     for i in 0..3 {
         let r = get(gw.addr, MARKERS, &tok).await;
-        let want: (u16, &[u8]) = if hyper_client && i == 1 {
-            (502, br#""reason":"upstream_unavailable""#)
+        if hyper_client && i == 1 {
+            assert_eq!((r.status, r.reason()), (502, "upstream_unavailable".into()));
         } else {
-            (200, b"fine")
-        };
-        assert_eq!(r.status, want.0, "request {i}");
-        assert!(
-            r.body.windows(want.1.len()).any(|w| w == want.1),
-            "request {i}: {:?}",
-            String::from_utf8_lossy(&r.body)
-        );
+            assert_eq!(
+                (r.status, r.body.as_slice()),
+                (200, &b"fine"[..]),
+                "request {i}"
+            );
+        }
     }
     assert_eq!(
         up.requests.load(Ordering::SeqCst),
