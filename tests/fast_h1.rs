@@ -1474,15 +1474,6 @@ async fn the_rest_of_a_body_an_answer_came_before_is_not_waited_for() {
     }
 }
 
-/// Whether `got` holds an answer whole, by its `content-length`.
-fn whole_answer(got: &[u8]) -> bool {
-    parse_response(got).is_some_and(|r| {
-        r.header("content-length")
-            .and_then(|l| l.parse::<usize>().ok())
-            == Some(r.body.len())
-    })
-}
-
 /// The other side of the test above: a rest that is all at hand once the
 /// answer is written, though not all read yet, is dropped, and the
 /// connection goes on, as with hyper's server (its

@@ -733,6 +733,16 @@ pub async fn one_answer(addr: SocketAddr, request: &[u8], head_request: bool) ->
     parse_response(&buf)
 }
 
+/// Whether `got` is one answer framed by `content-length`, whole and with
+/// nothing after it (stricter than [`answer_complete`], which allows more).
+pub fn whole_answer(got: &[u8]) -> bool {
+    parse_response(got).is_some_and(|r| {
+        r.header("content-length")
+            .and_then(|l| l.parse::<usize>().ok())
+            == Some(r.body.len())
+    })
+}
+
 /// Whether `buf` holds a whole final answer. An answer framed by the
 /// close only is complete when the server closes.
 fn answer_complete(buf: &[u8], head_request: bool) -> bool {
