@@ -709,6 +709,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_reaper_closes_what_expired_within_a_third_of_the_timeout_and_nothing_else() {
+        let timeout = Duration::from_millis(1200);
+        let (p, _close) = pool(timeout, 8).await;
+        // The first connection starts the reaper: a pass every 400 ms.
+        let tx = p.connect().await.expect("connect");
+        p.put(tx);
+        let c = p.connect_raw().await.expect("connect");
+        p.put_raw(c);
+        // Past the first pass: both are fresh and open, and stay.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(
+            (idle(&p), idle_raw(&p)),
+            (1, 1),
+            "the reaper closed live connections"
+        );
+        // Expired at 1.2 s; the pass at 1.6 s closes both.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            (idle(&p), idle_raw(&p)),
+            (0, 0),
+            "expired connections outlived the next pass"
+        );
+    }
+
+    #[tokio::test]
     async fn a_raw_connection_the_upstream_closed_is_never_lent() {
         let (p, close) = pool(Duration::from_secs(60), 8).await;
         let c = p.connect_raw().await.expect("connect");
