@@ -339,25 +339,12 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
 async fn https_upstream_trusted_through_a_configured_ca() {
     let (ca, cert, key) = pki(&["localhost"]);
     let upstream = tls_upstream(&cert, &key).await;
-    let port = upstream.port();
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
 
     // With the CA configured: forwarded over TLS, HTTP/2 negotiated by ALPN.
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("upstream-ca.pem"), &ca).expect("write");
-    let with_ca = Options {
-        patch: Box::new(move |s| {
-            s.replace("url: \"http://", "url: \"https://").replace(
-                &format!("127.0.0.1:{port}\""),
-                &format!("localhost:{port}\"\n  ca: upstream-ca.pem"),
-            )
-        }),
-        ..Default::default()
-    };
-    let path = write_files(dir.path(), upstream, &[], &with_ca);
-    let gw = TestGateway::serve_from(path, dir).await;
+    let gw = https_gateway(upstream, Some(&ca)).await;
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(String::from_utf8_lossy(&r.body), "HTTP/2.0 acme-prod");
@@ -373,21 +360,86 @@ async fn https_upstream_trusted_through_a_configured_ca() {
     );
 
     // Without it the web PKI roots do not know this CA: 502, never a pass.
-    let plain = Options {
-        patch: Box::new(move |s| {
-            s.replace("url: \"http://", "url: \"https://").replace(
-                &format!("127.0.0.1:{port}\""),
-                &format!("localhost:{port}\""),
-            )
-        }),
-        ..Default::default()
-    };
-    let gw = TestGateway::start(upstream, &[], plain).await;
+    // A failed handshake is a failure to connect, as operators read it.
+    let gw = https_gateway(upstream, None).await;
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(
         (r.status, r.reason().as_str()),
         (502, "upstream_unavailable")
     );
+    assert_eq!(upstream_errors(&gw), (1.0, 0.0), "(connect, protocol)");
+}
+
+/// A gateway whose upstream is `https://localhost:<port of up>`, trusted
+/// through `ca` when given, else through the web PKI roots.
+async fn https_gateway(up: std::net::SocketAddr, ca: Option<&str>) -> TestGateway {
+    let port = up.port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_line = match ca {
+        Some(pem) => {
+            std::fs::write(dir.path().join("upstream-ca.pem"), pem).expect("write");
+            "\n  ca: upstream-ca.pem"
+        }
+        None => "",
+    };
+    let opts = Options {
+        patch: Box::new(move |s| {
+            s.replace("url: \"http://", "url: \"https://").replace(
+                &format!("127.0.0.1:{port}\""),
+                &format!("localhost:{port}\"{ca_line}"),
+            )
+        }),
+        ..Default::default()
+    };
+    let path = write_files(dir.path(), up, &[], &opts);
+    TestGateway::serve_from(path, dir).await
+}
+
+/// `scopegate_upstream_errors_total` of kinds connect and protocol.
+fn upstream_errors(gw: &TestGateway) -> (f64, f64) {
+    let kind = |k: &str| {
+        metric(
+            &gw.gw,
+            &format!("scopegate_upstream_errors_total{{kind=\"{k}\"}}"),
+        )
+    };
+    (kind("connect"), kind("protocol"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_that_hangs_up_unanswered_is_a_protocol_error() {
+    // The handshake succeeds (hyper-util's connector is done), then the
+    // upstream reads the request and closes without a byte of answer: the
+    // exchange failed, not the connection, and the metric says so.
+    let (ca, cert, key) = pki(&["localhost"]);
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&cert, &key));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let up = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut buf = [0u8; 4096];
+                let _ = tls.read(&mut buf).await;
+            });
+        }
+    });
+    let gw = https_gateway(up, Some(&ca)).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
+    assert_eq!(
+        (r.status, r.reason().as_str()),
+        (502, "upstream_unavailable")
+    );
+    assert_eq!(upstream_errors(&gw), (0.0, 1.0), "(connect, protocol)");
 }
 
 /// Over TLS as over TCP, a client that waits for `100 Continue` gets it
