@@ -645,3 +645,101 @@ async fn a_body_of_up_to_16_kib_still_arriving_shares_the_in_future_client_s_con
     };
     assert_eq!(conns, want, "upstream connection of each request");
 }
+
+/// An upstream that answers a request with the number of the connection
+/// it came on (from 0), but resets the connection (zero linger) partway
+/// through a head of more than 256 KiB, once the gateway's writes have
+/// filled the socket buffers: the gateway's write fails with the head not
+/// all written. Its receive buffer is small, so they fill soon.
+async fn cuts_big_heads() -> Scripted {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let listener = socket.listen(64).expect("listen");
+    let connections: Arc<AtomicUsize> = Arc::default();
+    let requests: Arc<AtomicUsize> = Arc::default();
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let conn = c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = request_end(&buf) {
+                        buf.drain(..end);
+                        r.fetch_add(1, Ordering::SeqCst);
+                        if s.write_all(&ok("", &conn.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                    if buf.len() > 256 * 1024 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        let _ = s.set_zero_linger();
+                        return;
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    }
+                }
+            });
+        }
+    });
+    Scripted {
+        addr,
+        connections,
+        requests,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_cut_off_on_a_reused_connection_is_sent_once_more_on_a_new_one() {
+    // The upstream cannot have acted on a head it did not get whole, so
+    // the in-future client sends it again on a new connection when a
+    // pooled one failed partway; a new connection failing the same way
+    // is a 502, not one more try (nor an endless round of them).
+    let up = cuts_big_heads().await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        Options {
+            patch: Box::new(|s| format!("{s}limits: {{ max_header_bytes: 16777216 }}\n")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let tok = analytics_jwt();
+    let small = format!("GET {MARKERS} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\n\r\n");
+    // Past any socket buffer the kernel may give the gateway's side.
+    let pad = "p".repeat(8 << 20);
+    let big = format!(
+        "GET {MARKERS} HTTP/1.1\r\nhost: g\r\nauthorization: Bearer {tok}\r\nx-pad: {pad}\r\n\r\n"
+    );
+    let answer = |r: Option<Resp>| {
+        let r = r.expect("an answer");
+        (r.status, String::from_utf8_lossy(&r.body).into_owned())
+    };
+    assert_eq!(
+        answer(one_answer(gw.addr, small.as_bytes(), false).await),
+        (200, "0".into())
+    );
+    let r = answer(one_answer(gw.addr, big.as_bytes(), false).await);
+    assert_eq!((r.0, up.requests.load(Ordering::SeqCst)), (502, 1), "{r:?}");
+    // hyper's client sends again only a request it has not begun to
+    // write: the reused connection's failure is the 502 there.
+    let tried = if hyper_client_alone() { 1 } else { 2 };
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        tried,
+        "connections the cut-off head went out on"
+    );
+    assert_eq!(
+        answer(one_answer(gw.addr, small.as_bytes(), false).await),
+        (200, tried.to_string())
+    );
+}
