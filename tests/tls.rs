@@ -294,9 +294,19 @@ async fn a_mismatched_certificate_and_key_is_a_config_error() {
     );
 }
 
-/// An HTTPS upstream with a certificate from its own CA; offers h2 and http/1.1.
-async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
-    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(cert_pem, key_pem));
+/// An HTTPS upstream with a certificate from its own CA; offers `alpn`
+/// (h2 and http/1.1 from `server_tls` when `None`). It answers with the
+/// version it was spoken to in and the `x-airbrx-tenant` it got.
+async fn tls_upstream(
+    cert_pem: &str,
+    key_pem: &str,
+    alpn: Option<&[&[u8]]>,
+) -> std::net::SocketAddr {
+    let mut cfg = server_tls(cert_pem, key_pem);
+    if let Some(alpn) = alpn {
+        Arc::make_mut(&mut cfg).alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    }
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -338,7 +348,7 @@ async fn tls_upstream(cert_pem: &str, key_pem: &str) -> std::net::SocketAddr {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_upstream_trusted_through_a_configured_ca() {
     let (ca, cert, key) = pki(&["localhost"]);
-    let upstream = tls_upstream(&cert, &key).await;
+    let upstream = tls_upstream(&cert, &key, None).await;
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
@@ -368,6 +378,21 @@ async fn https_upstream_trusted_through_a_configured_ca() {
         (502, "upstream_unavailable")
     );
     assert_eq!(upstream_errors(&gw), (1.0, 0.0), "(connect, protocol)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_that_speaks_http1_only_is_spoken_to_in_http1() {
+    // HTTP/2 by ALPN only: `upstream.http2` (h2c prior knowledge) is for
+    // plaintext upstreams, and an https one that chose http/1.1 gets it.
+    let (ca, cert, key) = pki(&["localhost"]);
+    let upstream = tls_upstream(&cert, &key, Some(&[b"http/1.1"])).await;
+    let gw = https_gateway(upstream, Some(&ca)).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(String::from_utf8_lossy(&r.body), "HTTP/1.1 acme-prod");
 }
 
 /// A gateway whose upstream is `https://localhost:<port of up>`, trusted
