@@ -354,7 +354,7 @@ async fn https_upstream_trusted_through_a_configured_ca() {
     );
 
     // With the CA configured: forwarded over TLS, HTTP/2 negotiated by ALPN.
-    let gw = https_gateway(upstream, Some(&ca)).await;
+    let gw = https_gateway(upstream, Some(&ca), false).await;
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(String::from_utf8_lossy(&r.body), "HTTP/2.0 acme-prod");
@@ -371,7 +371,7 @@ async fn https_upstream_trusted_through_a_configured_ca() {
 
     // Without it the web PKI roots do not know this CA: 502, never a pass.
     // A failed handshake is a failure to connect, as operators read it.
-    let gw = https_gateway(upstream, None).await;
+    let gw = https_gateway(upstream, None, false).await;
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(
         (r.status, r.reason().as_str()),
@@ -383,10 +383,11 @@ async fn https_upstream_trusted_through_a_configured_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_that_speaks_http1_only_is_spoken_to_in_http1() {
     // HTTP/2 by ALPN only: `upstream.http2` (h2c prior knowledge) is for
-    // plaintext upstreams, and an https one that chose http/1.1 gets it.
+    // plaintext upstreams (README), and an https one that chose http/1.1
+    // gets it even with the key set.
     let (ca, cert, key) = pki(&["localhost"]);
     let upstream = tls_upstream(&cert, &key, Some(&[b"http/1.1"])).await;
-    let gw = https_gateway(upstream, Some(&ca)).await;
+    let gw = https_gateway(upstream, Some(&ca), true).await;
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
@@ -396,8 +397,9 @@ async fn an_https_upstream_that_speaks_http1_only_is_spoken_to_in_http1() {
 }
 
 /// A gateway whose upstream is `https://localhost:<port of up>`, trusted
-/// through `ca` when given, else through the web PKI roots.
-async fn https_gateway(up: std::net::SocketAddr, ca: Option<&str>) -> TestGateway {
+/// through `ca` when given, else through the web PKI roots; `http2` sets
+/// `upstream.http2`.
+async fn https_gateway(up: std::net::SocketAddr, ca: Option<&str>, http2: bool) -> TestGateway {
     let port = up.port();
     let dir = tempfile::tempdir().expect("tempdir");
     let ca_line = match ca {
@@ -407,11 +409,12 @@ async fn https_gateway(up: std::net::SocketAddr, ca: Option<&str>) -> TestGatewa
         }
         None => "",
     };
+    let http2_line = if http2 { "\n  http2: true" } else { "" };
     let opts = Options {
         patch: Box::new(move |s| {
             s.replace("url: \"http://", "url: \"https://").replace(
                 &format!("127.0.0.1:{port}\""),
-                &format!("localhost:{port}\"{ca_line}"),
+                &format!("localhost:{port}\"{ca_line}{http2_line}"),
             )
         }),
         ..Default::default()
@@ -455,7 +458,7 @@ async fn an_https_upstream_that_hangs_up_unanswered_is_a_protocol_error() {
             });
         }
     });
-    let gw = https_gateway(up, Some(&ca)).await;
+    let gw = https_gateway(up, Some(&ca), false).await;
     let tok = es256(
         json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
     );
