@@ -467,3 +467,31 @@ pub async fn handle(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_the_attenuator_and_never_its_key() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("keygen");
+        let pem = key.serialize_pem();
+        let att = Attenuator::new(
+            "/_scopegate/v1/tokens".into(),
+            "dlg-1".into(),
+            Algorithm::ES256,
+            pem.as_bytes(),
+            Duration::from_secs(600),
+        )
+        .expect("attenuator");
+        let shown = format!("{att:?}");
+        for part in ["/_scopegate/v1/tokens", "dlg-1", "ES256"] {
+            assert!(shown.contains(part), "{part} missing from {shown}");
+        }
+        // Not a line of the key's base64, nor its DER in any form.
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!shown.contains(line), "{shown}");
+        }
+        assert!(!shown.to_ascii_lowercase().contains("key"), "{shown}");
+    }
+}

@@ -739,6 +739,7 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
         ),
         (wider("tenants", json!(["*"])), "tenant"),
         (wider("accounts", json!(["acme", "globex"])), "account"),
+        (wider("accounts", json!(["*"])), "account"),
         // Inside the token, outside the plan: acme-trial is on free, which
         // does not allow writing rules.
         (
@@ -760,6 +761,7 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
             String::from_utf8_lossy(&r.body)
         );
         assert_eq!(r.json()["too_wide"], axis, "{body}");
+        assert_eq!(r.json()["error"], "insufficient_scope", "{body}");
         assert!(
             r.json()["request_id"]
                 .as_str()
@@ -848,7 +850,20 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
         ),
         (
             parent.secret.as_str(),
+            wider("accounts", json!(["nope"])),
+            400,
+        ),
+        // A cube that allows nothing is a mistake, not a token.
+        (parent.secret.as_str(), wider("methods", json!([])), 400),
+        (
+            parent.secret.as_str(),
             json!({"cube": narrow, "ttl": "soon"}),
+            400,
+        ),
+        // Born expired.
+        (
+            parent.secret.as_str(),
+            json!({"cube": narrow, "ttl": "0s"}),
             400,
         ),
         (
@@ -876,6 +891,31 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
                 Some(r#"Bearer realm="airbrx", error="invalid_token""#)
             );
         }
+        let error = if status == 401 {
+            "invalid_token"
+        } else {
+            "invalid_request"
+        };
+        assert_eq!(b["error"], error, "{body}");
+    }
+
+    // The body is read up to 64 KiB, to the byte: JSON whitespace pads a
+    // good request to the bound and one past it.
+    let bearer = format!("Bearer {}", parent.secret);
+    let headers = [
+        ("authorization", bearer.as_str()),
+        ("content-type", "application/json"),
+    ];
+    for (len, status) in [(64 * 1024, 201), (64 * 1024 + 1, 413)] {
+        let mut body = json!({"cube": narrow}).to_string().into_bytes();
+        body.resize(len, b' ');
+        let r = send_body(gw.addr, "POST", "/_scopegate/v1/tokens", &headers, &body).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{len} bytes: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
     assert!(metric(&gw.gw, "scopegate_attenuations_total{result=\"issued\"}") >= 5.0);
 }
