@@ -105,8 +105,12 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            // Two hex digits: `from_str_radix` alone would take "+5".
+            let hex = b.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(b[i]);
@@ -156,5 +160,30 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decode_takes_two_hex_digits_and_utf_8_only() {
+        for (raw, want) in [
+            ("tok_abc", Some("tok_abc")),
+            ("tok%5Fabc", Some("tok_abc")),
+            ("%c3%a9", Some("\u{e9}")),
+            ("", Some("")),
+            // Bad escapes: short, not hex, a sign, and bytes that are not
+            // UTF-8.
+            ("tok%5", None),
+            ("%", None),
+            ("%zz", None),
+            ("%+5", None),
+            ("%-5", None),
+            ("%ff", None),
+        ] {
+            assert_eq!(percent_decode(raw).as_deref(), want, "{raw}");
+        }
     }
 }
