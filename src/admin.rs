@@ -69,8 +69,15 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
             );
             r
         }
-        p if p.starts_with("/tokens/") && p.ends_with("/usage") => {
-            let raw = &p["/tokens/".len()..p.len() - "/usage".len()];
+        p => {
+            // `/tokens/{id}/usage`; by stripping, as "/tokens/usage" both
+            // starts and ends so with no room for an id between.
+            let Some(raw) = p
+                .strip_prefix("/tokens/")
+                .and_then(|r| r.strip_suffix("/usage"))
+            else {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            };
             let id = percent_decode(raw);
             let g = gw.current();
             let report = match (&gw.usage, id) {
@@ -94,7 +101,6 @@ pub fn handle<B>(gw: &Gateway, req: &Request<B>) -> Response<Full<Bytes>> {
                 ),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 

@@ -164,6 +164,12 @@ async fn suggest_after_a_scripted_workload() {
         send(admin, "GET", "/tokens/nobody/usage", &[]).await.status,
         404
     );
+    // Paths that only look like it, the prefix and suffix overlapping
+    // among them, are not found (and the admin listener still answers).
+    for path in ["/tokens/usage", "/tokens//usage", "/tokens/%+5/usage"] {
+        assert_eq!(send(admin, "GET", path, &[]).await.status, 404, "{path}");
+    }
+    assert_eq!(send(admin, "GET", "/healthz", &[]).await.status, 200);
     // A PAT in the file that was never used: its cube, no calls (ids are
     // percent-encoded in the path).
     let r = send(admin, "GET", "/tokens/tok%2Funused~1/usage", &[]).await;
