@@ -355,6 +355,15 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     assert_eq!(send(admin, "GET", "/healthz", &[]).await.status, 200);
     assert_eq!(send(admin, "GET", "/readyz", &[]).await.status, 200);
     assert_eq!(send(admin, "GET", "/nope", &[]).await.status, 404);
+    // It only reads: HEAD as GET, any other method a 405.
+    assert_eq!(send(admin, "HEAD", "/healthz", &[]).await.status, 200);
+    for method in ["POST", "PUT", "DELETE"] {
+        assert_eq!(
+            send(admin, method, "/healthz", &[]).await.status,
+            405,
+            "{method}"
+        );
+    }
     let metrics = send(admin, "GET", "/metrics", &[]).await;
     assert_eq!(metrics.status, 200);
     assert!(
