@@ -982,3 +982,30 @@ async fn attenuation_is_off_unless_configured() {
     assert_eq!((r.status, r.reason().as_str()), (404, "unmapped_route"));
     assert_eq!(up.count(), 0);
 }
+
+#[tokio::test]
+async fn usage_says_whether_it_is_off_or_has_nothing_for_the_token() {
+    use http_body_util::BodyExt;
+    let up = Upstream::start(Default::default()).await;
+    for (patch, want) in [
+        ("", "no usage recorded for this token id\n"),
+        ("usage: { enabled: false }\n", "usage is disabled\n"),
+    ] {
+        let gw = TestGateway::start(
+            up.addr,
+            &[],
+            Options {
+                patch: Box::new(move |s| format!("{s}{patch}")),
+                ..Default::default()
+            },
+        )
+        .await;
+        let req = http::Request::get("/tokens/tok_nobody/usage")
+            .body(())
+            .expect("req");
+        let r = scopegate::admin::handle(&gw.gw, &req);
+        assert_eq!(r.status(), 404, "{patch}");
+        let body = r.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(String::from_utf8_lossy(&body), want, "{patch}");
+    }
+}
