@@ -342,6 +342,14 @@ mod tests {
             (Reason::Plan, 403, "insufficient_scope"),
             (Reason::UpstreamUnavailable, 502, "bad_gateway"),
             (Reason::UpstreamTimeout, 504, "gateway_timeout"),
+            // Not in the SPEC's table: the README's 503s for a token source
+            // that cannot answer (never a 401, which would say the token is bad).
+            (Reason::KeySourceUnavailable, 503, "temporarily_unavailable"),
+            (
+                Reason::TokenSourceUnavailable,
+                503,
+                "temporarily_unavailable",
+            ),
         ];
         for (r, status, code) in expect {
             assert_eq!(r.status().as_u16(), status, "{r:?}");
@@ -364,5 +372,18 @@ mod tests {
         assert_eq!(v["reason"], "tenant");
         assert_eq!(v["request_id"], "rid-1");
         assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+
+    #[test]
+    fn every_reason_has_a_sentence_of_its_own() {
+        let mut seen = std::collections::HashSet::new();
+        for r in Reason::ALL {
+            let m = r.message();
+            assert!(
+                m.starts_with(|c: char| c.is_ascii_uppercase()) && m.ends_with('.'),
+                "{r:?}: {m}"
+            );
+            assert!(seen.insert(m), "{r:?} shares its message: {m}");
+        }
     }
 }
