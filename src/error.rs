@@ -375,6 +375,22 @@ mod tests {
     }
 
     #[test]
+    fn only_the_503s_say_when_to_retry() {
+        let rid = HeaderValue::from_static("rid-1");
+        for r in Reason::ALL {
+            let resp: Response<Bytes> = response(r, &rid, None);
+            let want = (r.status() == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS);
+            assert_eq!(
+                resp.headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok()),
+                want,
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
     fn every_reason_has_a_sentence_of_its_own() {
         let mut seen = std::collections::HashSet::new();
         for r in Reason::ALL {
