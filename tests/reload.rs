@@ -544,3 +544,37 @@ async fn a_reload_keeps_the_upstream_pool_unless_the_upstream_changed() {
     assert_eq!(other.count(), 3, "the new upstream serves");
     assert_eq!(up.count(), before, "the old one gets nothing");
 }
+
+#[tokio::test]
+async fn a_file_moved_to_another_folder_is_watched_there() {
+    // After a reload the watches follow the generation's files: edits to
+    // the PAT file in its new folder reload as the old one's did.
+    let up = Upstream::start(Default::default()).await;
+    let cube = "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }";
+    let first = pat_record("tok_first", cube, "");
+    let gw = TestGateway::start(up.addr, &[&first], Options::default()).await;
+    let _watch = gw.watch();
+    let moved = gw.dir.path().join("moved");
+    std::fs::create_dir(&moved).expect("mkdir");
+    write_atomic(&moved.join("tokens.yaml"), &tokens_yaml(&[&first]));
+    let text = std::fs::read_to_string(&gw.path).expect("read");
+    write_atomic(
+        &gw.path,
+        &text.replace("pat_file: tokens.yaml", "pat_file: moved/tokens.yaml"),
+    );
+    eventually(WITHIN, "the moved PAT file loaded", async || {
+        gw.generation() == 2
+    })
+    .await;
+
+    let second = pat_record("tok_second", cube, "");
+    write_atomic(&moved.join("tokens.yaml"), &tokens_yaml(&[&first, &second]));
+    eventually(WITHIN, "an edit in the new folder reloaded", async || {
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &second.secret)
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert_eq!(gw.generation(), 3);
+}
