@@ -578,3 +578,48 @@ async fn a_file_moved_to_another_folder_is_watched_there() {
     .await;
     assert_eq!(gw.generation(), 3);
 }
+
+#[tokio::test]
+async fn a_swapped_symlinked_folder_is_watched_anew_after_a_reload() {
+    // gateway.yaml's folder is itself a link (`current` -> a release
+    // folder). A swap of the link happens outside every watched folder;
+    // after the reload SIGHUP forces, the watch follows the link to the
+    // new release, so edits there reload on their own.
+    use std::os::unix::fs::symlink;
+    let up = Upstream::start(Default::default()).await;
+    let cube = "{ methods: [GET], tags: [markers], tenants: [acme-prod], accounts: [acme] }";
+    let first = pat_record("tok_first", cube, "");
+    let root = tempfile::tempdir().expect("tempdir");
+    for release in ["v1", "v2"] {
+        let d = root.path().join(release);
+        std::fs::create_dir(&d).expect("mkdir");
+        write_files(&d, up.addr, &[&first], &Options::default());
+    }
+    symlink("v1", root.path().join("current")).expect("link");
+    let path = root.path().join("current").join("gateway.yaml");
+    let gw = TestGateway::serve_from(path, root).await;
+    let force = gw.watch();
+
+    symlink("v2", gw.dir.path().join("current.tmp")).expect("link");
+    std::fs::rename(
+        gw.dir.path().join("current.tmp"),
+        gw.dir.path().join("current"),
+    )
+    .expect("swap");
+    gw.reload_now(&force).await;
+    assert_eq!(gw.generation(), 2);
+
+    let second = pat_record("tok_second", cube, "");
+    write_atomic(
+        &gw.dir.path().join("v2").join("tokens.yaml"),
+        &tokens_yaml(&[&first, &second]),
+    );
+    eventually(WITHIN, "an edit in the new release reloaded", async || {
+        get(gw.addr, "/v1/tenants/acme-prod/markers", &second.secret)
+            .await
+            .status
+            == 200
+    })
+    .await;
+    assert_eq!(gw.generation(), 3);
+}
