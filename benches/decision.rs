@@ -178,6 +178,51 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // A busy service token: 256 shapes kept (the default `max_calls`),
+    // one per tenant it called. Calling the last one kept, and calling a
+    // 257th that no longer fits (counted as dropped), as a token spread
+    // over many tenants does on every request.
+    let tenants: Vec<String> = (0..257).map(|i| format!("tenant-{i}")).collect();
+    fn shape<'a>(
+        names: &scopegate::decision::Names<'a>,
+        tenant: &'a str,
+    ) -> scopegate::decision::Names<'a> {
+        scopegate::decision::Names {
+            tenant: Some(tenant),
+            ..*names
+        }
+    }
+    let busy = scopegate::usage::UsageBook::new(10_000, 256);
+    for t in &tenants[..256] {
+        busy.record(principal, &Method::GET, &shape(&names, t), &psnap, 1, now);
+    }
+    let last = shape(&names, &tenants[255]);
+    g.bench_function("part: usage record (256 shapes, the last)", |b| {
+        b.iter(|| {
+            busy.record(
+                black_box(principal),
+                &Method::GET,
+                black_box(&last),
+                &psnap,
+                1,
+                now,
+            )
+        })
+    });
+    let extra = shape(&names, &tenants[256]);
+    g.bench_function("part: usage record (256 shapes, one more)", |b| {
+        b.iter(|| {
+            busy.record(
+                black_box(principal),
+                &Method::GET,
+                black_box(&extra),
+                &psnap,
+                1,
+                now,
+            )
+        })
+    });
+
     let (mut uncached, _) = snapshot(10, 10);
     uncached.jwt.cache = None;
     g.bench_function("ES256 JWT allow, 10 routes, no cache", |b| {

@@ -7,6 +7,8 @@
 //! fit. Only allowed requests are recorded, by token *id* — never the token.
 //! The token's own cubes are kept as names, rendered once per generation.
 
+use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -48,6 +50,12 @@ struct TokenUsage {
     dropped: u64,
     /// The token's cubes as names, and the generation they were rendered in.
     cubes: Option<(u64, Vec<CubeSpec>)>,
+    /// Where a kept shape is in `calls`, by the hash of its method, route,
+    /// tenant and account: a token that calls many tenants finds its shape
+    /// in one lookup, not a scan of up to `max_calls` (benches/decision.rs:
+    /// 256 shapes took 21x a single one scanned). Two shapes with the same
+    /// hash keep the first's place; the other is found by a scan.
+    index: HashMap<u64, usize, foldhash::fast::RandomState>,
 }
 
 /// What `GET /tokens/{id}/usage` returns (and `suggest` reads).
@@ -64,6 +72,9 @@ pub struct Report {
 pub struct UsageBook {
     tokens: quick_cache::sync::Cache<Box<str>, Arc<Mutex<TokenUsage>>>,
     max_calls: usize,
+    /// Keys are config names (route, tenant, account) and a method the
+    /// route allowed: a fast seeded hash, no client-chosen bytes to flood.
+    shapes: foldhash::fast::RandomState,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -105,6 +116,7 @@ impl UsageBook {
         UsageBook {
             tokens: quick_cache::sync::Cache::new(max_tokens.max(1)),
             max_calls,
+            shapes: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -128,6 +140,7 @@ impl UsageBook {
                     calls: Vec::new(),
                     dropped: 0,
                     cubes: None,
+                    index: HashMap::default(),
                 }));
                 self.tokens.insert(id.into(), e.clone());
                 e
@@ -144,13 +157,22 @@ impl UsageBook {
         }
         let m = method.as_str();
         let u = &mut *u;
-        let found = u.calls.iter().position(|s| {
+        let key = self
+            .shapes
+            .hash_one((m, names.route, names.tenant, names.account));
+        let same = |s: &Shape| {
             let c = &s.call;
             c.method == m
                 && c.route == names.route
                 && c.tenant.as_deref() == names.tenant
                 && c.account.as_deref() == names.account
-        });
+        };
+        let found = match u.index.get(&key) {
+            Some(&i) if u.calls.get(i).is_some_and(same) => Some(i),
+            // Another shape with this hash holds the place.
+            Some(_) => u.calls.iter().position(same),
+            None => None,
+        };
         match found {
             Some(i) => {
                 if let Some(s) = u.calls.get_mut(i) {
@@ -158,18 +180,21 @@ impl UsageBook {
                     s.last_unix = now;
                 }
             }
-            None if u.calls.len() < self.max_calls => u.calls.push(Shape {
-                call: Call {
-                    method: m.to_string(),
-                    route: names.route.to_string(),
-                    tag: tag.to_string(),
-                    tenant: names.tenant.map(str::to_string),
-                    account: names.account.map(str::to_string),
-                    count: 1,
-                    last_seen: String::new(),
-                },
-                last_unix: now,
-            }),
+            None if u.calls.len() < self.max_calls => {
+                u.index.entry(key).or_insert(u.calls.len());
+                u.calls.push(Shape {
+                    call: Call {
+                        method: m.to_string(),
+                        route: names.route.to_string(),
+                        tag: tag.to_string(),
+                        tenant: names.tenant.map(str::to_string),
+                        account: names.account.map(str::to_string),
+                        count: 1,
+                        last_seen: String::new(),
+                    },
+                    last_unix: now,
+                });
+            }
             None => u.dropped += 1,
         }
     }

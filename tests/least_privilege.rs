@@ -1009,3 +1009,71 @@ async fn usage_says_whether_it_is_off_or_has_nothing_for_the_token() {
         assert_eq!(String::from_utf8_lossy(&body), want, "{patch}");
     }
 }
+
+#[tokio::test]
+async fn usage_keeps_max_calls_shapes_counts_each_and_drops_the_rest() {
+    use http_body_util::BodyExt;
+    let up = Upstream::start(Default::default()).await;
+    let broad = pat_record(
+        "tok_wide",
+        "{ methods: [GET, POST], tags: [markers], tenants: [acme-prod, acme-trial], accounts: [acme] }",
+        "",
+    );
+    let gw = TestGateway::start(
+        up.addr,
+        &[&broad],
+        Options {
+            patch: Box::new(|s| format!("{s}usage: {{ max_calls: 2 }}\n")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let prod = "/v1/tenants/acme-prod/markers";
+    let trial = "/v1/tenants/acme-trial/markers";
+    // Two shapes fit; the third (POST) does not, however often it comes.
+    for (method, path) in [
+        ("GET", prod),
+        ("GET", trial),
+        ("POST", prod),
+        ("GET", prod),
+        ("POST", prod),
+        ("GET", trial),
+        ("GET", prod),
+    ] {
+        assert_eq!(
+            call(gw.addr, method, path, &broad.secret).await.status,
+            200,
+            "{method} {path}"
+        );
+    }
+    let req = http::Request::get("/tokens/tok_wide/usage")
+        .body(())
+        .expect("req");
+    let body = scopegate::admin::handle(&gw.gw, &req)
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    let report: Value = serde_json::from_slice(&body).expect("json");
+    let calls: Vec<(String, String, u64)> = report["calls"]
+        .as_array()
+        .expect("calls")
+        .iter()
+        .map(|c| {
+            (
+                c["method"].as_str().unwrap_or("").to_string(),
+                c["tenant"].as_str().unwrap_or("").to_string(),
+                c["count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            ("GET".to_string(), "acme-prod".to_string(), 3),
+            ("GET".to_string(), "acme-trial".to_string(), 2),
+        ]
+    );
+    assert_eq!(report["dropped"], 2);
+}
