@@ -985,7 +985,6 @@ async fn attenuation_is_off_unless_configured() {
 
 #[tokio::test]
 async fn usage_says_whether_it_is_off_or_has_nothing_for_the_token() {
-    use http_body_util::BodyExt;
     let up = Upstream::start(Default::default()).await;
     for (patch, want) in [
         ("", "no usage recorded for this token id\n"),
@@ -1000,19 +999,17 @@ async fn usage_says_whether_it_is_off_or_has_nothing_for_the_token() {
             },
         )
         .await;
-        let req = http::Request::get("/tokens/tok_nobody/usage")
-            .body(())
-            .expect("req");
-        let r = scopegate::admin::handle(&gw.gw, &req);
-        assert_eq!(r.status(), 404, "{patch}");
-        let body = r.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(String::from_utf8_lossy(&body), want, "{patch}");
+        let (status, body) = admin_get(&gw.gw, "/tokens/tok_nobody/usage").await;
+        assert_eq!(
+            (status, String::from_utf8_lossy(&body).as_ref()),
+            (404, want),
+            "{patch}"
+        );
     }
 }
 
 #[tokio::test]
 async fn usage_keeps_max_calls_shapes_counts_each_and_drops_the_rest() {
-    use http_body_util::BodyExt;
     let up = Upstream::start(Default::default()).await;
     let broad = pat_record(
         "tok_wide",
@@ -1046,15 +1043,8 @@ async fn usage_keeps_max_calls_shapes_counts_each_and_drops_the_rest() {
             "{method} {path}"
         );
     }
-    let req = http::Request::get("/tokens/tok_wide/usage")
-        .body(())
-        .expect("req");
-    let body = scopegate::admin::handle(&gw.gw, &req)
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let (status, body) = admin_get(&gw.gw, "/tokens/tok_wide/usage").await;
+    assert_eq!(status, 200);
     let report: Value = serde_json::from_slice(&body).expect("json");
     let calls: Vec<(String, String, u64)> = report["calls"]
         .as_array()

@@ -791,13 +791,7 @@ async fn introspection_positive_negative_cached_and_expired() {
         assert!(!metrics.contains(secret));
     }
     // /config shows the source and its cache, never the credentials.
-    let req = http::Request::get("/config").body(()).expect("req");
-    let body = scopegate::admin::handle(&gw.gw, &req)
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
+    let (_, body) = admin_get(&gw.gw, "/config").await;
     let config: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(
         config["token_sources"]["introspection"]["endpoint"],

@@ -1024,3 +1024,13 @@ where
         .expect("read");
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
+
+/// The admin listener's answer to `GET path`, from its handler: status
+/// and body.
+pub async fn admin_get(gw: &Gateway, path: &str) -> (u16, Bytes) {
+    let req = http::Request::get(path).body(()).expect("req");
+    let r = scopegate::admin::handle(gw, &req);
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.expect("body").to_bytes();
+    (status, body)
+}
