@@ -88,6 +88,22 @@ async fn zero_failed_requests_across_many_reloads() {
     );
 }
 
+/// Wait until `token` is allowed `GET path` (a reload took effect).
+async fn until_allowed(gw: &TestGateway, path: &str, token: &str, what: &str) {
+    eventually(WITHIN, what, async || {
+        get(gw.addr, path, token).await.status == 200
+    })
+    .await;
+}
+
+/// Point the link `name` in `dir` at `target` in one step, as the kubelet
+/// and release tools do: a new link beside it, renamed over it.
+fn swap_link(dir: &std::path::Path, name: &str, target: &str) {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::os::unix::fs::symlink(target, &tmp).expect("link");
+    std::fs::rename(&tmp, dir.join(name)).expect("swap");
+}
+
 #[tokio::test]
 async fn revoked_pat_is_refused_within_two_seconds() {
     let up = Upstream::start(Default::default()).await;
@@ -130,12 +146,12 @@ async fn revoked_pat_is_refused_within_two_seconds() {
         &gw.dir.path().join("tokens.yaml"),
         &tokens_yaml(&[&revoked, &fresh]),
     );
-    eventually(WITHIN, "new PAT accepted", async || {
-        get(gw.addr, "/v1/tenants/acme-prod/markers", &fresh.secret)
-            .await
-            .status
-            == 200
-    })
+    until_allowed(
+        &gw,
+        "/v1/tenants/acme-prod/markers",
+        &fresh.secret,
+        "new PAT accepted",
+    )
     .await;
 }
 
@@ -443,18 +459,13 @@ async fn kubernetes_configmap_symlink_swap_is_picked_up() {
         ..Default::default()
     };
     write_files(&v2, up.addr, &[], &opts);
-    symlink("..2026_11_22_v2", gw.dir.path().join("..data_tmp")).expect("link");
-    std::fs::rename(
-        gw.dir.path().join("..data_tmp"),
-        gw.dir.path().join("..data"),
+    swap_link(gw.dir.path(), "..data", "..2026_11_22_v2");
+    until_allowed(
+        &gw,
+        "/v1/tenants/umbrella-1/markers",
+        &all,
+        "symlink swap picked up",
     )
-    .expect("swap");
-    eventually(WITHIN, "symlink swap picked up", async || {
-        get(gw.addr, "/v1/tenants/umbrella-1/markers", &all)
-            .await
-            .status
-            == 200
-    })
     .await;
     assert_eq!(gw.generation(), 2);
 }
@@ -569,12 +580,12 @@ async fn a_file_moved_to_another_folder_is_watched_there() {
 
     let second = pat_record("tok_second", cube, "");
     write_atomic(&moved.join("tokens.yaml"), &tokens_yaml(&[&first, &second]));
-    eventually(WITHIN, "an edit in the new folder reloaded", async || {
-        get(gw.addr, "/v1/tenants/acme-prod/markers", &second.secret)
-            .await
-            .status
-            == 200
-    })
+    until_allowed(
+        &gw,
+        "/v1/tenants/acme-prod/markers",
+        &second.secret,
+        "an edit in the new folder reloaded",
+    )
     .await;
     assert_eq!(gw.generation(), 3);
 }
@@ -600,12 +611,7 @@ async fn a_swapped_symlinked_folder_is_watched_anew_after_a_reload() {
     let gw = TestGateway::serve_from(path, root).await;
     let force = gw.watch();
 
-    symlink("v2", gw.dir.path().join("current.tmp")).expect("link");
-    std::fs::rename(
-        gw.dir.path().join("current.tmp"),
-        gw.dir.path().join("current"),
-    )
-    .expect("swap");
+    swap_link(gw.dir.path(), "current", "v2");
     gw.reload_now(&force).await;
     assert_eq!(gw.generation(), 2);
 
@@ -614,12 +620,12 @@ async fn a_swapped_symlinked_folder_is_watched_anew_after_a_reload() {
         &gw.dir.path().join("v2").join("tokens.yaml"),
         &tokens_yaml(&[&first, &second]),
     );
-    eventually(WITHIN, "an edit in the new release reloaded", async || {
-        get(gw.addr, "/v1/tenants/acme-prod/markers", &second.secret)
-            .await
-            .status
-            == 200
-    })
+    until_allowed(
+        &gw,
+        "/v1/tenants/acme-prod/markers",
+        &second.secret,
+        "an edit in the new release reloaded",
+    )
     .await;
     assert_eq!(gw.generation(), 3);
 }
