@@ -196,32 +196,21 @@ fn bench(c: &mut Criterion) {
     for t in &tenants[..256] {
         busy.record(principal, &Method::GET, &shape(&names, t), &psnap, 1, now);
     }
-    let last = shape(&names, &tenants[255]);
-    g.bench_function("part: usage record (256 shapes, the last)", |b| {
-        b.iter(|| {
-            busy.record(
-                black_box(principal),
-                &Method::GET,
-                black_box(&last),
-                &psnap,
-                1,
-                now,
-            )
-        })
-    });
-    let extra = shape(&names, &tenants[256]);
-    g.bench_function("part: usage record (256 shapes, one more)", |b| {
-        b.iter(|| {
-            busy.record(
-                black_box(principal),
-                &Method::GET,
-                black_box(&extra),
-                &psnap,
-                1,
-                now,
-            )
-        })
-    });
+    for (case, tenant) in [("the last", &tenants[255]), ("one more", &tenants[256])] {
+        let call = shape(&names, tenant);
+        g.bench_function(format!("part: usage record (256 shapes, {case})"), |b| {
+            b.iter(|| {
+                busy.record(
+                    black_box(principal),
+                    &Method::GET,
+                    black_box(&call),
+                    &psnap,
+                    1,
+                    now,
+                )
+            })
+        });
+    }
 
     let (mut uncached, _) = snapshot(10, 10);
     uncached.jwt.cache = None;
