@@ -323,6 +323,226 @@ mod tests {
         }
     }
 
+    const CONFIG: &str = r#"
+listen: { addr: "127.0.0.1:0" }
+upstream: { url: "http://127.0.0.1:9" }
+tokens: { pat_file: PATS }
+plans:
+  pro:
+    - { tags: ["*"], methods: ["*"] }
+accounts:
+  acme: { plan: pro }
+tenants:
+  acme-prod: { account: acme }
+  acme-dev: { account: acme }
+routes:
+  - { path: /v1/health, public: true }
+  - { path: "/v1/tenants/{tenant}/rules", tag: rules, methods: [GET, POST] }
+"#;
+
+    /// 2030-01-01T00:00:00Z, the replay's clock.
+    const NOW: i64 = 1_893_456_000;
+
+    /// A PAT record with a distinct (unused) digest, for `tenants`.
+    fn pat(n: u8, id: &str, tenants: &str, extra: &str) -> String {
+        format!(
+            "  - id: {id}\n    sha256: {}\n    cube: {{ methods: [\"*\"], tags: [\"*\"], tenants: {tenants}, accounts: [\"*\"] }}\n{extra}",
+            format!("{n:02x}").repeat(32),
+        )
+    }
+
+    /// The configuration `edit` makes of [`CONFIG`], with `pats` as its
+    /// PAT file, loaded from files in `dir` named by `name`.
+    fn snapshot(dir: &std::path::Path, name: &str, edit: &str, pats: &[String]) -> Snapshot {
+        let pat_file = dir.join(format!("{name}-tokens.yaml"));
+        std::fs::write(&pat_file, format!("tokens:\n{}", pats.concat())).expect("write PATs");
+        let mut text = CONFIG.replace("PATS", &pat_file.to_string_lossy());
+        if !edit.is_empty() {
+            let (from, to) = edit.split_once(" => ").expect("an edit");
+            assert!(text.contains(from), "{from}");
+            text = text.replace(from, to);
+        }
+        crate::config::from_yaml(&text, &dir.join(format!("{name}.yaml")), &|_| None)
+            .expect("a valid configuration")
+    }
+
+    /// An access-log line as the gateway writes it (the fields replay reads).
+    fn line(
+        method: &str,
+        route: &str,
+        token: (&str, &str),
+        decision: &str,
+        reason: &str,
+    ) -> String {
+        let tenant = if route.contains("{tenant}") {
+            "acme-prod"
+        } else {
+            ""
+        };
+        serde_json::json!({
+            "timestamp": "2029-12-31T23:59:59.000000Z",
+            "level": "INFO",
+            "method": method,
+            "route": route,
+            "tag": if route.contains("rules") { "rules" } else { "" },
+            "tenant": tenant,
+            "account": if tenant.is_empty() { "" } else { "acme" },
+            "token_id": token.0,
+            "token_kind": token.1,
+            "decision": decision,
+            "reason": reason,
+            "status": 200,
+            "target": "scopegate::access",
+        })
+        .to_string()
+    }
+
+    const RULES: &str = "/v1/tenants/{tenant}/rules";
+    const ALL: &str = "[\"*\"]";
+
+    fn flips(r: &Report) -> Vec<(&str, &str, &str, u64)> {
+        r.flips
+            .iter()
+            .map(|f| {
+                (
+                    f.direction.as_str(),
+                    f.tag.as_str(),
+                    f.reason.as_str(),
+                    f.count,
+                )
+            })
+            .collect()
+    }
+
+    /// A PAT is looked up by id in each configuration's PAT file: a
+    /// narrowed cube, an expiry reached (to the second), a revocation and
+    /// a removal each flip its requests, with the candidate's reason.
+    #[test]
+    fn pat_records_are_replayed_from_each_pat_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = [
+            "tok_moved",
+            "tok_expired",
+            "tok_expiring",
+            "tok_revoked",
+            "tok_removed",
+        ];
+        let current: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| pat(i as u8, id, ALL, ""))
+            .collect();
+        let expires = |at: i64| {
+            let t = time::OffsetDateTime::from_unix_timestamp(at).expect("time");
+            format!(
+                "    expires: \"{}\"\n",
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .expect("format")
+            )
+        };
+        let candidate = [
+            pat(0, "tok_moved", "[acme-dev]", ""),
+            pat(1, "tok_expired", ALL, &expires(NOW)),
+            pat(2, "tok_expiring", ALL, &expires(NOW + 1)),
+            pat(3, "tok_revoked", ALL, "    disabled: true\n"),
+        ];
+        let cur = snapshot(dir.path(), "current", "", &current);
+        let cand = snapshot(dir.path(), "candidate", "", &candidate);
+        let log: Vec<String> = ids
+            .iter()
+            .map(|id| line("GET", RULES, (id, "pat"), "allow", ""))
+            .collect();
+        let report = replay(&cur, &cand, log.iter().map(String::as_str), NOW);
+        assert_eq!((report.replayed, report.unchanged, report.stale), (5, 1, 0));
+        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
+        assert_eq!(
+            flips(&report),
+            [
+                ("allow→deny", "rules", "expired", 1),
+                ("allow→deny", "rules", "revoked", 1),
+                ("allow→deny", "rules", "tenant", 1),
+                ("allow→deny", "rules", "unknown_token", 1),
+            ]
+        );
+        // And back: each comes to be allowed, with the reason it had.
+        let report = replay(&cand, &cur, log.iter().map(String::as_str), NOW);
+        assert_eq!(report.flips.len(), 4);
+        assert!(report.flips.iter().all(|f| f.direction == "deny→allow"));
+        // The recorded decisions are the current configuration's own, and
+        // so none is stale; against the candidate four are.
+        assert_eq!(report.stale, 4);
+    }
+
+    /// A public request carried no token: when its route stops being
+    /// public it is replayed without one.
+    #[test]
+    fn a_public_route_made_private_refuses_its_requests_for_want_of_a_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cur = snapshot(dir.path(), "current", "", &[]);
+        let cand = snapshot(
+            dir.path(),
+            "candidate",
+            "{ path: /v1/health, public: true } => { path: /v1/health, tag: rules }",
+            &[],
+        );
+        let log = [line("GET", "/v1/health", ("", ""), "public", "")];
+        let report = replay(&cur, &cand, log.iter().map(String::as_str), NOW);
+        assert_eq!((report.replayed, report.unchanged), (1, 0));
+        assert_eq!(
+            flips(&report),
+            [("allow→deny", "rules", "missing_token", 1)]
+        );
+    }
+
+    /// What the configuration did not decide is skipped, by why; a
+    /// refusal before authentication is replayed without a token, and a
+    /// line with a token but no kind is not guessed at.
+    #[test]
+    fn what_cannot_be_replayed_is_skipped_and_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cur = snapshot(dir.path(), "current", "", &[]);
+        let cand = snapshot(
+            dir.path(),
+            "candidate",
+            "methods: [GET, POST] => methods: [GET, POST, DELETE]",
+            &[],
+        );
+        let log = [
+            // A JWT signed by a key the gateway did not know: its cube is
+            // not in the log, and the candidate has the same keys.
+            line("GET", RULES, ("jti-1", "jwt"), "deny", "unknown_key"),
+            line("GET", RULES, ("", ""), "deny", "malformed_token"),
+            line("GET", "", ("", ""), "deny", "bad_path"),
+            line("GET", RULES, ("tok_x", ""), "deny", "plan"),
+            line("GET", RULES, ("", ""), "allow", ""),
+            // Refused for its method before any token was looked at.
+            line("DELETE", RULES, ("", ""), "deny", "method_not_allowed"),
+            "not json".into(),
+            r#"{"target":"scopegate::reload","message":"reloaded"}"#.into(),
+        ];
+        let report = replay(&cur, &cand, log.iter().map(String::as_str), NOW);
+        assert_eq!(
+            report.skipped,
+            BTreeMap::from([
+                (
+                    "ambiguous path (not decided by configuration)".to_string(),
+                    1
+                ),
+                ("authentication (token not in the log)".to_string(), 2),
+                ("token kind not recorded".to_string(), 2),
+            ])
+        );
+        assert_eq!((report.replayed, report.unchanged, report.stale), (1, 0, 0));
+        assert_eq!(
+            flips(&report),
+            [("deny→allow", "rules", "method_not_allowed", 1)]
+        );
+        assert_eq!(
+            report.flips[0].example,
+            "DELETE /v1/tenants/{tenant}/rules tenant=acme-prod account=acme token=-"
+        );
+    }
+
     #[test]
     fn paths_are_rebuilt_from_templates() {
         assert_eq!(
