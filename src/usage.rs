@@ -69,12 +69,14 @@ pub struct Report {
     pub dropped: u64,
 }
 
-pub struct UsageBook {
+/// `S` hashes a call shape; the unit tests give one that makes every
+/// shape collide.
+pub struct UsageBook<S = foldhash::fast::RandomState> {
     tokens: quick_cache::sync::Cache<Box<str>, Arc<Mutex<TokenUsage>>>,
     max_calls: usize,
     /// Keys are config names (route, tenant, account) and a method the
     /// route allowed: a fast seeded hash, no client-chosen bytes to flood.
-    shapes: foldhash::fast::RandomState,
+    shapes: S,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -113,10 +115,16 @@ pub fn describe(cube: &Cube, snap: &Snapshot) -> CubeSpec {
 
 impl UsageBook {
     pub fn new(max_tokens: usize, max_calls: usize) -> UsageBook {
+        UsageBook::with_hasher(max_tokens, max_calls, Default::default())
+    }
+}
+
+impl<S: BuildHasher> UsageBook<S> {
+    fn with_hasher(max_tokens: usize, max_calls: usize, shapes: S) -> UsageBook<S> {
         UsageBook {
             tokens: quick_cache::sync::Cache::new(max_tokens.max(1)),
             max_calls,
-            shapes: foldhash::fast::RandomState::default(),
+            shapes,
         }
     }
 
@@ -303,5 +311,134 @@ pub fn suggest(report: &Report) -> Suggestion {
         cube,
         paths,
         removable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scope::MethodSet;
+    use crate::token::introspect::Introspected;
+
+    fn snapshot() -> Snapshot {
+        crate::config::from_yaml(
+            r#"
+listen: { addr: "127.0.0.1:0" }
+upstream: { url: "http://127.0.0.1:9" }
+plans:
+  pro:
+    - { tags: ["*"], methods: ["*"] }
+accounts:
+  acme: { plan: pro }
+tenants:
+  acme-prod: { account: acme }
+routes:
+  - { path: "/v1/tenants/{tenant}/rules", tag: rules }
+"#,
+            std::path::Path::new("/etc/scopegate/gateway.yaml"),
+            &|_| None,
+        )
+        .expect("a valid configuration")
+    }
+
+    fn token() -> Principal<'static> {
+        Principal::Introspected(Arc::new(Introspected {
+            token_id: "tok_busy".into(),
+            subject: None,
+            cubes: Box::new([Cube {
+                methods: MethodSet::ALL,
+                tags: IdSet::Any,
+                routes: IdSet::Any,
+                tenants: IdSet::Any,
+                accounts: IdSet::Any,
+            }]),
+            exp: None,
+        }))
+    }
+
+    /// Hashes every shape alike: each shape after the first shares the
+    /// first's place in the index and is found by the scan behind it.
+    #[derive(Default)]
+    struct Collide;
+
+    impl std::hash::Hasher for Collide {
+        fn finish(&self) -> u64 {
+            7
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    /// Six calls of five shapes, four kept; as (method, tenant, count,
+    /// last seen) and the count dropped.
+    fn book_after_calls<S: BuildHasher>(
+        book: &UsageBook<S>,
+    ) -> (Vec<(String, Option<String>, u64, String)>, u64) {
+        let snap = snapshot();
+        let names = |tenant| Names {
+            route: "/v1/tenants/{tenant}/rules",
+            tag: Some("rules"),
+            tenant: Some(tenant),
+            account: Some("acme"),
+            plan: Some("pro"),
+        };
+        let calls = [
+            ("GET", "t1", 10),
+            ("GET", "t2", 11),
+            ("POST", "t1", 12),
+            ("GET", "t1", 13),
+            ("GET", "t2", 14),
+            ("GET", "t1", 15),
+            ("DELETE", "t1", 16),
+            // Past the four kept: dropped, while kept ones still count.
+            ("PUT", "t1", 17),
+            ("GET", "t2", 18),
+        ];
+        for (method, tenant, now) in calls {
+            let method = http::Method::from_bytes(method.as_bytes()).expect("method");
+            book.record(&token(), &method, &names(tenant), &snap, 1, now);
+        }
+        let report = book.report("tok_busy", &snap).expect("recorded");
+        assert_eq!(report.kind, "pat");
+        let calls = report
+            .calls
+            .into_iter()
+            .map(|c| (c.method, c.tenant, c.count, c.last_seen))
+            .collect();
+        (calls, report.dropped)
+    }
+
+    #[test]
+    fn shapes_are_counted_apart_with_or_without_hash_collisions() {
+        let want = vec![
+            (
+                "GET".to_string(),
+                Some("t1".to_string()),
+                3,
+                "1970-01-01T00:00:15Z".to_string(),
+            ),
+            (
+                "GET".into(),
+                Some("t2".into()),
+                3,
+                "1970-01-01T00:00:18Z".into(),
+            ),
+            (
+                "POST".into(),
+                Some("t1".into()),
+                1,
+                "1970-01-01T00:00:12Z".into(),
+            ),
+            (
+                "DELETE".into(),
+                Some("t1".into()),
+                1,
+                "1970-01-01T00:00:16Z".into(),
+            ),
+        ];
+        let seeded = UsageBook::new(10, 4);
+        assert_eq!(book_after_calls(&seeded), (want.clone(), 1));
+        let colliding =
+            UsageBook::with_hasher(10, 4, std::hash::BuildHasherDefault::<Collide>::default());
+        assert_eq!(book_after_calls(&colliding), (want, 1));
     }
 }
