@@ -368,11 +368,12 @@ routes:
         fn write(&mut self, _: &[u8]) {}
     }
 
-    /// Six calls of five shapes, four kept; as (method, tenant, count,
-    /// last seen) and the count dropped.
-    fn book_after_calls<S: BuildHasher>(
-        book: &UsageBook<S>,
-    ) -> (Vec<(String, Option<String>, u64, String)>, u64) {
+    /// A kept shape as (method, tenant, count, last seen).
+    type Kept = (String, Option<String>, u64, String);
+
+    /// Nine calls of five shapes, four kept: the kept shapes and the
+    /// count dropped.
+    fn book_after_calls<S: BuildHasher>(book: &UsageBook<S>) -> (Vec<Kept>, u64) {
         let snap = snapshot();
         let names = |tenant| Names {
             route: "/v1/tenants/{tenant}/rules",
