@@ -412,6 +412,68 @@ impl Default for Metrics {
 mod tests {
     use super::*;
 
+    /// Every family of SPEC §9 is registered with its type, and the series
+    /// an alert compares against read 0 before anything happened.
+    #[test]
+    fn a_registry_renders_every_spec_family() {
+        let m = Metrics::new();
+        let fresh = String::from_utf8(m.render()).expect("utf8");
+        for zero in [
+            "scopegate_upstream_errors_total{kind=\"connect\"} 0",
+            "scopegate_upstream_errors_total{kind=\"timeout\"} 0",
+            "scopegate_upstream_errors_total{kind=\"protocol\"} 0",
+            "scopegate_config_reloads_total{result=\"success\"} 0",
+            "scopegate_config_reloads_total{result=\"failure\"} 0",
+            "scopegate_introspection_cache_total{result=\"hit\"} 0",
+            "scopegate_introspection_cache_total{result=\"miss\"} 0",
+            "scopegate_config_generation 0",
+            "scopegate_upstream_connections_opened_total 0",
+        ] {
+            assert!(fresh.contains(zero), "{zero} in\n{fresh}");
+        }
+        // A family with labels has no series until its first count (the
+        // prometheus crate renders none): one of each.
+        let hot = HotSeries::new(1);
+        hot.count(&m, 0, "rules", DecisionLabel::Deny, &http::Method::GET);
+        hot.observe(&m, 0, "rules", 0.001);
+        m.denial(Reason::Plan, "rules");
+        m.tokens_loaded.with_label_values(&["pat"]).set(3);
+        let text = String::from_utf8(m.render()).expect("utf8");
+        for (name, kind) in [
+            ("scopegate_requests_total", "counter"),
+            ("scopegate_denials_total", "counter"),
+            ("scopegate_request_duration_seconds", "histogram"),
+            ("scopegate_authz_duration_seconds", "histogram"),
+            ("scopegate_upstream_duration_seconds", "histogram"),
+            ("scopegate_upstream_errors_total", "counter"),
+            ("scopegate_config_reloads_total", "counter"),
+            ("scopegate_config_generation", "gauge"),
+            ("scopegate_config_last_success_timestamp_seconds", "gauge"),
+            ("scopegate_tokens_loaded", "gauge"),
+            // Beyond the spec's table, as the README lists them.
+            ("scopegate_log_lines_dropped_total", "counter"),
+            ("scopegate_jwks_fetch_duration_seconds", "histogram"),
+            ("scopegate_jwks_keys", "gauge"),
+            ("scopegate_upstream_connections_opened_total", "counter"),
+            ("scopegate_upstream_idle_connections", "gauge"),
+            ("scopegate_introspection_duration_seconds", "histogram"),
+            ("scopegate_introspection_cache_total", "counter"),
+        ] {
+            assert!(
+                text.contains(&format!("\n# TYPE {name} {kind}\n")),
+                "{name} {kind} in\n{text}"
+            );
+        }
+        for line in [
+            "scopegate_requests_total{decision=\"deny\",method=\"GET\",tag=\"rules\"} 1",
+            "scopegate_request_duration_seconds_count{tag=\"rules\"} 1",
+            "scopegate_denials_total{reason=\"plan\",tag=\"rules\"} 1",
+            "scopegate_tokens_loaded{kind=\"pat\"} 3",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+
     #[test]
     fn hot_series_count_into_the_families_own_series() {
         let m = Metrics::new();
