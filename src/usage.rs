@@ -342,11 +342,15 @@ routes:
     }
 
     fn token() -> Principal<'static> {
+        token_with(MethodSet::ALL)
+    }
+
+    fn token_with(methods: MethodSet) -> Principal<'static> {
         Principal::Introspected(Arc::new(Introspected {
             token_id: "tok_busy".into(),
             subject: None,
             cubes: Box::new([Cube {
-                methods: MethodSet::ALL,
+                methods,
                 tags: IdSet::Any,
                 routes: IdSet::Any,
                 tenants: IdSet::Any,
@@ -441,5 +445,40 @@ routes:
         let colliding =
             UsageBook::with_hasher(10, 4, std::hash::BuildHasherDefault::<Collide>::default());
         assert_eq!(book_after_calls(&colliding), (want, 1));
+    }
+
+    /// The token's cubes are rendered again when a new generation serves
+    /// it (a reload may have changed them), and only then.
+    #[test]
+    fn a_new_generation_renders_the_cubes_again() {
+        let snap = snapshot();
+        let book = UsageBook::new(10, 4);
+        let names = Names {
+            route: "/v1/tenants/{tenant}/rules",
+            tag: Some("rules"),
+            tenant: Some("acme-prod"),
+            account: Some("acme"),
+            plan: Some("pro"),
+        };
+        let methods = |book: &UsageBook| -> Vec<Vec<String>> {
+            let report = book.report("tok_busy", &snap).expect("recorded");
+            report
+                .cubes
+                .expect("cubes")
+                .into_iter()
+                .map(|c| c.methods)
+                .collect()
+        };
+        let all = token();
+        let get = token_with(MethodSet::GET);
+        book.record(&all, &http::Method::GET, &names, &snap, 1, 10);
+        let wide = methods(&book);
+        assert_eq!(wide.len(), 1);
+        assert!(wide[0].len() > 1, "{wide:?}");
+        // The same generation keeps what it rendered.
+        book.record(&get, &http::Method::GET, &names, &snap, 1, 11);
+        assert_eq!(methods(&book), wide);
+        book.record(&get, &http::Method::GET, &names, &snap, 2, 12);
+        assert_eq!(methods(&book), [["GET"]]);
     }
 }
