@@ -464,6 +464,16 @@ routes:
                 ("allow→deny", "rules", "unknown_token", 1),
             ]
         );
+        // Which token each is: the one expiring a second later is not.
+        let tokens: Vec<&str> = report
+            .flips
+            .iter()
+            .filter_map(|f| f.example.rsplit_once("token=").map(|(_, t)| t))
+            .collect();
+        assert_eq!(
+            tokens,
+            ["tok_expired", "tok_revoked", "tok_moved", "tok_removed"]
+        );
         // And back: each comes to be allowed, with the reason it had.
         let report = replay(&cand, &cur, log.iter().map(String::as_str), NOW);
         assert_eq!(report.flips.len(), 4);
