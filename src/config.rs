@@ -1784,6 +1784,23 @@ routes:
         assert!(s.warnings.is_empty());
     }
 
+    /// A parse error names the file, then as much of the place as is known.
+    #[test]
+    fn a_parse_error_says_where_as_far_as_it_knows() {
+        let at = |line, column| {
+            ConfigError::Parse {
+                file: "/etc/scopegate/gateway.yaml".into(),
+                line,
+                column,
+                message: "bad".into(),
+            }
+            .to_string()
+        };
+        assert_eq!(at(Some(3), Some(7)), "/etc/scopegate/gateway.yaml:3:7: bad");
+        assert_eq!(at(Some(3), None), "/etc/scopegate/gateway.yaml:3: bad");
+        assert_eq!(at(None, None), "/etc/scopegate/gateway.yaml: bad");
+    }
+
     #[test]
     fn unknown_keys_are_errors_with_line_and_key() {
         let e = errors(&BASE.replace("acme: { plan: pro }", "acme: { plan: pro, plna: free }"));
