@@ -1784,21 +1784,33 @@ routes:
         assert!(s.warnings.is_empty());
     }
 
-    /// A parse error names the file, then as much of the place as is known.
+    /// A parse error names the file, then as much of the place as is
+    /// known; a list of problems is one per line.
     #[test]
     fn a_parse_error_says_where_as_far_as_it_knows() {
-        let at = |line, column| {
-            ConfigError::Parse {
-                file: "/etc/scopegate/gateway.yaml".into(),
-                line,
-                column,
-                message: "bad".into(),
-            }
-            .to_string()
+        let error = |line, column| ConfigError::Parse {
+            file: "/etc/scopegate/gateway.yaml".into(),
+            line,
+            column,
+            message: "bad".into(),
         };
+        let at = |line, column| error(line, column).to_string();
         assert_eq!(at(Some(3), Some(7)), "/etc/scopegate/gateway.yaml:3:7: bad");
         assert_eq!(at(Some(3), None), "/etc/scopegate/gateway.yaml:3: bad");
         assert_eq!(at(None, None), "/etc/scopegate/gateway.yaml: bad");
+        let one = ConfigErrors::from(error(Some(1), Some(2))).to_string();
+        assert_eq!(one, "/etc/scopegate/gateway.yaml:1:2: bad");
+        let three = ConfigErrors(vec![
+            error(Some(1), Some(2)),
+            error(Some(3), Some(4)),
+            error(None, None),
+        ]);
+        assert_eq!(
+            three.to_string(),
+            "/etc/scopegate/gateway.yaml:1:2: bad\n\
+             /etc/scopegate/gateway.yaml:3:4: bad\n\
+             /etc/scopegate/gateway.yaml: bad"
+        );
     }
 
     #[test]
