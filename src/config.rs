@@ -1904,6 +1904,18 @@ routes:
     }
 
     #[test]
+    fn a_list_where_a_mapping_belongs_is_named() {
+        let e = errors(&BASE.replace(
+            "  acme-prod: { account: acme }\n  acme-trial: { account: acme, plan: free }\n",
+            "  - acme-prod\n",
+        ));
+        assert!(
+            e.contains("tenants: invalid type: sequence, expected a mapping"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn duplicate_yaml_keys_are_refused() {
         let e = errors(&BASE.replace(
             "acme: { plan: pro }",
