@@ -1813,6 +1813,43 @@ routes:
         );
     }
 
+    /// What a file leaves out takes the defaults SPEC §3 and the README
+    /// give, whether its section is missing or empty.
+    #[test]
+    fn what_the_file_leaves_out_takes_the_documented_defaults() {
+        let jwt = "tokens:\n  jwt:\n    keys:\n      - { kid: k1, alg: HS256, secret_env: S }\n";
+        let secret = |_: &str| Some("0123456789abcdef0123456789abcdef".to_string());
+        let limits = LimitsSpec {
+            max_header_bytes: 16_384,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+        };
+        for extra in ["", "limits: {}\nusage: {}\n"] {
+            let yaml = format!("{BASE}{jwt}{extra}");
+            let s = from_yaml(&yaml, Path::new("g.yaml"), &secret).expect("valid");
+            assert_eq!(s.upstream.connect_timeout, Duration::from_secs(2));
+            assert_eq!(s.upstream.timeout, Duration::from_secs(30));
+            assert!(!s.upstream.forward_authorization && !s.upstream.http2);
+            assert_eq!(s.mode, Mode::Enforce);
+            assert_eq!(s.jwt.leeway, 30);
+            assert!(s.jwt.cache.is_some());
+            assert_eq!(
+                serde_json::to_value(&s.limits).expect("json"),
+                serde_json::to_value(&limits).expect("json"),
+                "{extra:?}"
+            );
+            assert!(s.usage.enabled);
+            assert_eq!((s.usage.max_tokens, s.usage.max_calls), (10_000, 256));
+            assert!(!s.metrics.tenant_label);
+        }
+        let yaml = format!("{BASE}{jwt}    leeway: 5s\n    cache_size: 0\n");
+        let s = from_yaml(&yaml, Path::new("g.yaml"), &secret).expect("valid");
+        assert_eq!(s.jwt.leeway, 5);
+        assert!(s.jwt.cache.is_none());
+    }
+
     #[test]
     fn unknown_keys_are_errors_with_line_and_key() {
         let e = errors(&BASE.replace("acme: { plan: pro }", "acme: { plan: pro, plna: free }"));
