@@ -1844,6 +1844,39 @@ routes:
             assert_eq!((s.usage.max_tokens, s.usage.max_calls), (10_000, 256));
             assert!(!s.metrics.tenant_label);
         }
+        let s = from_yaml(&format!("{BASE}{jwt}"), Path::new("g.yaml"), &secret).expect("valid");
+        assert_eq!(s.jwt.cache.as_ref().map(|c| c.capacity()), Some(10_000));
+        // The token sources' and the attenuation endpoint's own sections.
+        let jwks: JwksSpec = serde_yaml::from_str("url: https://idp.example/jwks").expect("jwks");
+        assert_eq!(
+            (jwks.refresh, jwks.timeout, jwks.min_refetch),
+            (
+                Duration::from_secs(300),
+                Duration::from_secs(2),
+                Duration::from_secs(10)
+            )
+        );
+        let i: IntrospectionSpec = serde_yaml::from_str(
+            "{ url: https://idp.example/introspect, client_id_env: A, client_secret_env: B }",
+        )
+        .expect("introspection");
+        assert_eq!(
+            (i.timeout, i.positive_ttl, i.negative_ttl, i.cache_size),
+            (
+                Duration::from_secs(2),
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+                10_000
+            )
+        );
+        let a: AttenuationSpec = serde_yaml::from_str(
+            "{ kid: a1, alg: ES256, private_key: a.pem, public_key: a.pub.pem }",
+        )
+        .expect("attenuation");
+        assert_eq!(
+            (a.path.as_str(), a.max_ttl),
+            ("/_scopegate/v1/tokens", Duration::from_secs(900))
+        );
         let yaml = format!("{BASE}{jwt}    leeway: 5s\n    cache_size: 0\n");
         let s = from_yaml(&yaml, Path::new("g.yaml"), &secret).expect("valid");
         assert_eq!(s.jwt.leeway, 5);
