@@ -475,6 +475,62 @@ async fn jwks_down_after_the_first_load_keeps_the_last_good_keys() {
     );
 }
 
+/// A key server's answer is read up to 1 MiB, to the byte, and within the
+/// fetch timeout: past either it is a failed fetch, counted by kind, and
+/// the last good keys keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwks_too_large_or_too_slow_is_a_failed_fetch() {
+    let up = Upstream::start(Default::default()).await;
+    let server = TokenServer::start(Mode::Up).await;
+    let (a, b, c) = (signing_key("k-a"), signing_key("k-b"), signing_key("k-c"));
+    server.publish(&[&a]);
+    let gw = gateway(
+        up.addr,
+        &server,
+        Some("refresh: 200ms, min_refetch: 100ms, timeout: 500ms"),
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&a, "a")).await.status, 200);
+    let padded = |keys: &[&SigningKey], len: usize| {
+        let mut doc =
+            json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string();
+        assert!(doc.len() < len);
+        doc.push_str(&" ".repeat(len - doc.len()));
+        doc
+    };
+    let max = scopegate::sources::MAX_BODY;
+    server.state.lock().expect("lock").jwks = padded(&[&a, &b], max);
+    eventually(
+        Duration::from_secs(5),
+        "a key set of exactly 1 MiB loaded",
+        async || get(gw.addr, PATH, &jwt_with(&b, "b")).await.status == 200,
+    )
+    .await;
+
+    server.state.lock().expect("lock").jwks = padded(&[&a, &b, &c], max + 1);
+    eventually(
+        Duration::from_secs(5),
+        "a key set of 1 MiB + 1 refused",
+        async || metric(&gw.gw, "scopegate_jwks_fetches_total{result=\"body\"}") >= 1.0,
+    )
+    .await;
+    assert_ne!(get(gw.addr, PATH, &jwt_with(&c, "c")).await.status, 200);
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&b, "b2")).await.status, 200);
+
+    server.publish(&[&a, &b, &c]);
+    *server.delay.lock().expect("lock") = Duration::from_millis(1500);
+    eventually(
+        Duration::from_secs(5),
+        "a fetch past its timeout counted",
+        async || metric(&gw.gw, "scopegate_jwks_fetches_total{result=\"timeout\"}") >= 1.0,
+    )
+    .await;
+    assert_eq!(get(gw.addr, PATH, &jwt_with(&a, "a2")).await.status, 200);
+    *server.delay.lock().expect("lock") = Duration::ZERO;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwks_down_from_the_start_is_503_with_retry_after_then_recovers() {
     let up = Upstream::start(Default::default()).await;
