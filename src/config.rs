@@ -1960,6 +1960,76 @@ routes:
         assert!(e.contains("routes[2].methods"), "{e}");
     }
 
+    /// Tag, plan, account and tenant names end up in paths and headers:
+    /// 1 to 128 unreserved URI characters, each kind checked.
+    #[test]
+    fn names_are_unreserved_characters_and_bounded() {
+        let long = "a".repeat(128);
+        for good in ["a-b.c_d~E9", long.as_str()] {
+            let yaml = BASE
+                .replace("acme-prod:", &format!("{good}:"))
+                .replace("tag: rules", &format!("tag: \"{good}\""));
+            load_str(&yaml).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let too_long = "a".repeat(129);
+        for bad in [
+            "acme/prod",
+            "acme prod",
+            "é",
+            "a%2f",
+            "a:b",
+            too_long.as_str(),
+        ] {
+            let cases = [
+                (
+                    BASE.replace("acme-prod:", &format!("\"{bad}\":")),
+                    format!("tenants.{bad}: tenant ids must be"),
+                ),
+                (
+                    BASE.replace(
+                        "  acme: { plan: pro }",
+                        &format!("  \"{bad}\": {{ plan: pro }}"),
+                    )
+                    .replace("account: acme", &format!("account: \"{bad}\"")),
+                    format!("accounts.{bad}: account ids must be"),
+                ),
+                (
+                    BASE.replace("  pro:", &format!("  \"{bad}\":"))
+                        .replace("plan: pro", &format!("plan: \"{bad}\"")),
+                    format!("plans.{bad}: plan names must be"),
+                ),
+                (
+                    BASE.replace("tag: rules", &format!("tag: \"{bad}\"")),
+                    "routes[2].tag: `".to_string(),
+                ),
+            ];
+            for (yaml, want) in cases {
+                let e = errors(&yaml);
+                assert!(e.contains(&want), "{bad}: want {want} in {e}");
+            }
+        }
+        let e = errors(&BASE.replace("acme-prod:", "\"\":"));
+        assert!(e.contains("tenants.: tenant ids must be"), "{e}");
+    }
+
+    /// hyper's smallest read buffer is the least head limit.
+    #[test]
+    fn the_head_limit_is_at_least_8_kib() {
+        let e = errors(&format!("{BASE}limits: {{ max_header_bytes: 8191 }}\n"));
+        assert!(
+            e.contains("limits.max_header_bytes: must be at least 8192"),
+            "{e}"
+        );
+        let s = load_str(&format!("{BASE}limits: {{ max_header_bytes: 8192 }}\n")).expect("valid");
+        assert_eq!(s.limits.max_header_bytes, 8192);
+        let e = errors(&format!("{BASE}limits: {{ max_connections: 0 }}\n"));
+        assert!(
+            e.contains("limits.max_connections: must be at least 1"),
+            "{e}"
+        );
+        load_str(&format!("{BASE}limits: {{ max_connections: 1 }}\n")).expect("valid");
+    }
+
     #[test]
     fn bad_durations_and_urls() {
         let e = errors(&BASE.replace(
