@@ -2012,6 +2012,57 @@ routes:
         assert!(e.contains("tenants.: tenant ids must be"), "{e}");
     }
 
+    /// A role is checked as a cube would be: its paths and tags must
+    /// exist, it needs methods and something to apply them to, and its
+    /// name cannot take the `tag:verb` form.
+    #[test]
+    fn roles_are_checked_against_the_routes() {
+        let with = |roles: &str| format!("{BASE}roles:\n{roles}");
+        let s = load_str(&with(
+            "  rule-reader: { methods: [GET], paths: [\"/v1/tenants/{tenant}/rules\"] }\n  viewer: { methods: [GET], tags: [\"*\"] }\n",
+        ))
+        .expect("valid");
+        assert_eq!(s.roles.len(), 2);
+        for (role, want) in [
+            (
+                "  r: { methods: [GET], paths: [\"/v1/tenants/{tenant}/nope\"] }\n",
+                "roles.r:",
+            ),
+            ("  r: { methods: [GET], tags: [nope] }\n", "roles.r:"),
+            (
+                "  r: { methods: [], tags: [rules] }\n",
+                "roles.r: needs `methods`",
+            ),
+            ("  r: { methods: [GET] }\n", "roles.r: needs `methods`"),
+            ("  r: { methods: [FETCH], tags: [rules] }\n", "roles.r:"),
+            (
+                "  \"rules:read\": { methods: [GET], tags: [rules] }\n",
+                "roles.rules:read: a role name",
+            ),
+        ] {
+            let e = errors(&with(role));
+            assert!(e.contains(want), "{role}: want {want} in {e}");
+        }
+    }
+
+    /// A route that lists no method would accept none; a zero timeout
+    /// would fail every request.
+    #[test]
+    fn empty_method_lists_and_zero_timeouts_are_refused() {
+        let e = errors(&BASE.replace("methods: [GET, POST]", "methods: []"));
+        assert!(e.contains("routes[2].methods: is empty"), "{e}");
+        for timeouts in ["timeout: 0s", "connect_timeout: 0s"] {
+            let e = errors(&BASE.replace(
+                "upstream: { url: \"http://127.0.0.1:9\" }",
+                &format!("upstream: {{ url: \"http://127.0.0.1:9\", {timeouts} }}"),
+            ));
+            assert!(
+                e.contains("upstream.timeout: timeouts must be greater than zero"),
+                "{e}"
+            );
+        }
+    }
+
     /// hyper's smallest read buffer is the least head limit.
     #[test]
     fn the_head_limit_is_at_least_8_kib() {
