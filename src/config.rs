@@ -2063,6 +2063,77 @@ routes:
         }
     }
 
+    /// The token sources' URLs are https:// without credentials (they would
+    /// reach logs and `/config`); introspection's client credentials must
+    /// be set and not empty, and its times greater than zero.
+    #[test]
+    fn token_source_settings_are_checked() {
+        let env = |name: &str| match name {
+            "ID" => Some("scopegate".to_string()),
+            "SECRET" => Some("s3cret-s3cret".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let with = |extra: &str| {
+            format!(
+                "{BASE}tokens:\n  introspection: {{ url: \"https://idp.example/introspect\", client_id_env: ID, client_secret_env: SECRET{extra} }}\n"
+            )
+        };
+        let load = |yaml: &str| from_yaml(yaml, Path::new("g.yaml"), &env);
+        load(&with("")).expect("valid");
+        let refused = |yaml: &str| match load(yaml) {
+            Ok(_) => panic!("must fail: {yaml}"),
+            Err(e) => e.to_string(),
+        };
+        let e = refused(&with("").replace("https://", "https://user:pw@"));
+        assert!(
+            e.contains("tokens.introspection.url: must not carry credentials"),
+            "{e}"
+        );
+        assert!(!e.contains("pw@"), "{e}");
+        let e = refused(&with("").replace("https://", "http://"));
+        assert!(e.contains("must be https://"), "{e}");
+        let e = refused(&with("").replace("client_secret_env: SECRET", "client_secret_env: EMPTY"));
+        assert!(
+            e.contains(
+                "tokens.introspection.client_secret_env: environment variable EMPTY is not set"
+            ),
+            "{e}"
+        );
+        for zero in ["timeout: 0s", "positive_ttl: 0s", "negative_ttl: 0s"] {
+            let e = refused(&with(&format!(", {zero}")));
+            assert!(e.contains("must be greater than zero"), "{zero}: {e}");
+        }
+        let e = refused(&with(", cache_size: 0"));
+        assert!(e.contains("tokens.introspection.cache_size"), "{e}");
+        let jwks = format!(
+            "{BASE}tokens:\n  jwt:\n    jwks: {{ url: \"https://k:v@idp.example/jwks\" }}\n"
+        );
+        let e = refused(&jwks);
+        assert!(
+            e.contains("tokens.jwt.jwks.url: must not carry credentials"),
+            "{e}"
+        );
+    }
+
+    /// The attenuation endpoint's path is a canonical absolute path.
+    #[test]
+    fn the_attenuation_path_is_canonical_and_absolute() {
+        for path in [
+            "_scopegate/v1/tokens",
+            "/_scopegate//v1/tokens",
+            "/a/../tokens",
+        ] {
+            let e = errors(&format!(
+                "{BASE}attenuation: {{ path: \"{path}\", kid: a1, alg: ES256, private_key: a.pem, public_key: a.pub.pem }}\n"
+            ));
+            assert!(
+                e.contains("attenuation.path: must be a canonical absolute path"),
+                "{path}: {e}"
+            );
+        }
+    }
+
     /// hyper's smallest read buffer is the least head limit.
     #[test]
     fn the_head_limit_is_at_least_8_kib() {
