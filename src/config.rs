@@ -2275,6 +2275,7 @@ routes:
         for other in [
             format!("---\n{text}"),
             format!("version: 1\n{text}"),
+            text.replace("tokens:", "records:"),
             format!("{text}extra: 1\n"),
             "tokens: [{id: a, sha256: b}]\n".to_string(),
             text.replace("  - id: tok_7\n", " - id: tok_7\n"),
@@ -2283,6 +2284,35 @@ routes:
         }
         // Fewer items than two chunks: not split.
         assert!(split_pat_list(&pat_text(3), 2).is_none());
+        // The key indented (a valid file; the split wants it at column 0).
+        let indented: String = text
+            .split_inclusive('\n')
+            .map(|l| format!("  {l}"))
+            .collect();
+        assert!(serde_yaml::from_str::<PatFileSpec>(&indented).is_ok());
+        assert!(split_pat_list(&indented, 10).is_none());
+        // A list at column 0 is split; with another key after it, not.
+        let flush = text.replace("\n  ", "\n");
+        assert!(split_pat_list(&flush, 10).is_some());
+        assert!(split_pat_list(&format!("{flush}extra: 1\n"), 10).is_none());
+    }
+
+    /// An item whose dash stands alone on its line is still an item.
+    #[test]
+    fn items_with_a_bare_dash_are_split_like_any_other() {
+        let text = pat_text(50).replace("  - id: tok_", "  -\n    id: tok_");
+        let chunks = split_pat_list(&text, 10).expect("split");
+        assert_eq!(chunks.len(), 5);
+        let whole: PatFileSpec = serde_yaml::from_str(&text).expect("whole");
+        let joined: Vec<String> = chunks
+            .iter()
+            .flat_map(|c| {
+                let part: PatFileSpec = serde_yaml::from_str(c).expect("chunk parses");
+                part.tokens.into_iter().map(|t| t.id)
+            })
+            .collect();
+        let ids: Vec<String> = whole.tokens.into_iter().map(|t| t.id).collect();
+        assert_eq!(joined, ids);
     }
 
     #[test]
