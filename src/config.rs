@@ -2285,6 +2285,8 @@ routes:
         // Fewer items than two chunks: not split; exactly two chunks' worth is.
         assert!(split_pat_list(&pat_text(3), 2).is_none());
         assert_eq!(split_pat_list(&pat_text(4), 2).map(|c| c.len()), Some(2));
+        assert!(split_pat_list(&pat_text(19), 10).is_none());
+        assert_eq!(split_pat_list(&pat_text(20), 10).map(|c| c.len()), Some(2));
         // The key indented (a valid file; the split wants it at column 0).
         let indented: String = text
             .split_inclusive('\n')
