@@ -1726,15 +1726,11 @@ fn split_pat_list(text: &str, per_chunk: usize) -> Option<Vec<String>> {
     Some(chunks)
 }
 
+/// A small valid configuration for unit tests across the crate: two plans,
+/// an account, two tenants (one overriding the plan), a public route and
+/// three tagged ones.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn no_env(_: &str) -> Option<String> {
-        None
-    }
-
-    const BASE: &str = r#"
+pub(crate) const TEST_CONFIG: &str = r#"
 listen: { addr: "127.0.0.1:0" }
 upstream: { url: "http://127.0.0.1:9" }
 plans:
@@ -1753,6 +1749,16 @@ routes:
   - { path: "/v1/tenants/{tenant}/rules", tag: rules, methods: [GET, POST] }
   - { path: "/v1/accounts/{account}", tag: accounts }
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    use super::TEST_CONFIG as BASE;
 
     fn load_str(text: &str) -> Result<Snapshot, ConfigErrors> {
         from_yaml(text, Path::new("/etc/scopegate/gateway.yaml"), &no_env)

@@ -323,22 +323,14 @@ mod tests {
         }
     }
 
-    const CONFIG: &str = r#"
-listen: { addr: "127.0.0.1:0" }
-upstream: { url: "http://127.0.0.1:9" }
-tokens: { pat_file: PATS }
-plans:
-  pro:
-    - { tags: ["*"], methods: ["*"] }
-accounts:
-  acme: { plan: pro }
-tenants:
-  acme-prod: { account: acme }
-  acme-dev: { account: acme }
-routes:
-  - { path: /v1/health, public: true }
-  - { path: "/v1/tenants/{tenant}/rules", tag: rules, methods: [GET, POST] }
-"#;
+    /// The crate's test configuration, with a PAT file.
+    fn config(pats: &std::path::Path) -> String {
+        format!(
+            "{}tokens: {{ pat_file: \"{}\" }}\n",
+            crate::config::TEST_CONFIG,
+            pats.display()
+        )
+    }
 
     /// 2030-01-01T00:00:00Z, the replay's clock.
     const NOW: i64 = 1_893_456_000;
@@ -351,12 +343,12 @@ routes:
         )
     }
 
-    /// The configuration `edit` makes of [`CONFIG`], with `pats` as its
+    /// The configuration `edit` makes of [`config`], with `pats` as its
     /// PAT file, loaded from files in `dir` named by `name`.
     fn snapshot(dir: &std::path::Path, name: &str, edit: &str, pats: &[String]) -> Snapshot {
         let pat_file = dir.join(format!("{name}-tokens.yaml"));
         std::fs::write(&pat_file, format!("tokens:\n{}", pats.concat())).expect("write PATs");
-        let mut text = CONFIG.replace("PATS", &pat_file.to_string_lossy());
+        let mut text = config(&pat_file);
         if !edit.is_empty() {
             let (from, to) = edit.split_once(" => ").expect("an edit");
             assert!(text.contains(from), "{from}");
@@ -441,7 +433,7 @@ routes:
             )
         };
         let candidate = [
-            pat(0, "tok_moved", "[acme-dev]", ""),
+            pat(0, "tok_moved", "[acme-trial]", ""),
             pat(1, "tok_expired", ALL, &expires(NOW)),
             pat(2, "tok_expiring", ALL, &expires(NOW + 1)),
             pat(3, "tok_revoked", ALL, "    disabled: true\n"),

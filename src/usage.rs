@@ -322,19 +322,7 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         crate::config::from_yaml(
-            r#"
-listen: { addr: "127.0.0.1:0" }
-upstream: { url: "http://127.0.0.1:9" }
-plans:
-  pro:
-    - { tags: ["*"], methods: ["*"] }
-accounts:
-  acme: { plan: pro }
-tenants:
-  acme-prod: { account: acme }
-routes:
-  - { path: "/v1/tenants/{tenant}/rules", tag: rules }
-"#,
+            crate::config::TEST_CONFIG,
             std::path::Path::new("/etc/scopegate/gateway.yaml"),
             &|_| None,
         )
