@@ -402,31 +402,15 @@ mod tests {
 
     #[test]
     fn shapes_are_counted_apart_with_or_without_hash_collisions() {
+        let kept = |method: &str, tenant: &str, count, second: u8| -> Kept {
+            let at = format!("1970-01-01T00:00:{second}Z");
+            (method.into(), Some(tenant.into()), count, at)
+        };
         let want = vec![
-            (
-                "GET".to_string(),
-                Some("t1".to_string()),
-                3,
-                "1970-01-01T00:00:15Z".to_string(),
-            ),
-            (
-                "GET".into(),
-                Some("t2".into()),
-                3,
-                "1970-01-01T00:00:18Z".into(),
-            ),
-            (
-                "POST".into(),
-                Some("t1".into()),
-                1,
-                "1970-01-01T00:00:12Z".into(),
-            ),
-            (
-                "DELETE".into(),
-                Some("t1".into()),
-                1,
-                "1970-01-01T00:00:16Z".into(),
-            ),
+            kept("GET", "t1", 3, 15),
+            kept("GET", "t2", 3, 18),
+            kept("POST", "t1", 1, 12),
+            kept("DELETE", "t1", 1, 16),
         ];
         let seeded = UsageBook::new(10, 4);
         assert_eq!(book_after_calls(&seeded), (want.clone(), 1));
