@@ -1752,13 +1752,12 @@ routes:
 
 #[cfg(test)]
 mod tests {
+    use super::TEST_CONFIG as BASE;
     use super::*;
 
     fn no_env(_: &str) -> Option<String> {
         None
     }
-
-    use super::TEST_CONFIG as BASE;
 
     fn load_str(text: &str) -> Result<Snapshot, ConfigErrors> {
         from_yaml(text, Path::new("/etc/scopegate/gateway.yaml"), &no_env)
@@ -1840,7 +1839,7 @@ mod tests {
             assert!(!s.upstream.forward_authorization && !s.upstream.http2);
             assert_eq!(s.mode, Mode::Enforce);
             assert_eq!(s.jwt.leeway, 30);
-            assert!(s.jwt.cache.is_some());
+            assert_eq!(s.jwt.cache.as_ref().map(|c| c.capacity()), Some(10_000));
             assert_eq!(
                 serde_json::to_value(&s.limits).expect("json"),
                 serde_json::to_value(&limits).expect("json"),
@@ -1850,8 +1849,6 @@ mod tests {
             assert_eq!((s.usage.max_tokens, s.usage.max_calls), (10_000, 256));
             assert!(!s.metrics.tenant_label);
         }
-        let s = from_yaml(&format!("{BASE}{jwt}"), Path::new("g.yaml"), &secret).expect("valid");
-        assert_eq!(s.jwt.cache.as_ref().map(|c| c.capacity()), Some(10_000));
         // The token sources' and the attenuation endpoint's own sections.
         let jwks: JwksSpec = serde_yaml::from_str("url: https://idp.example/jwks").expect("jwks");
         assert_eq!(
@@ -2237,17 +2234,24 @@ mod tests {
         t
     }
 
+    /// Each chunk parsed on its own, the records joined in order.
+    fn parse_chunks(chunks: &[String]) -> Vec<PatRecordSpec> {
+        chunks
+            .iter()
+            .flat_map(|c| {
+                let part: PatFileSpec = serde_yaml::from_str(c).expect("chunk parses");
+                part.tokens
+            })
+            .collect()
+    }
+
     #[test]
     fn chunked_pat_parse_equals_the_whole_file_parse() {
         let text = pat_text(500);
         let whole: PatFileSpec = serde_yaml::from_str(&text).expect("whole");
         let chunks = split_pat_list(&text, 125).expect("plain shape is split");
         assert_eq!(chunks.len(), 4);
-        let mut joined = Vec::new();
-        for c in &chunks {
-            let part: PatFileSpec = serde_yaml::from_str(c).expect("chunk parses");
-            joined.extend(part.tokens);
-        }
+        let joined = parse_chunks(&chunks);
         assert_eq!(joined.len(), whole.tokens.len());
         for (a, b) in joined.iter().zip(&whole.tokens) {
             assert_eq!(
@@ -2313,15 +2317,10 @@ mod tests {
         let chunks = split_pat_list(&text, 10).expect("split");
         assert_eq!(chunks.len(), 5);
         let whole: PatFileSpec = serde_yaml::from_str(&text).expect("whole");
-        let joined: Vec<String> = chunks
-            .iter()
-            .flat_map(|c| {
-                let part: PatFileSpec = serde_yaml::from_str(c).expect("chunk parses");
-                part.tokens.into_iter().map(|t| t.id)
-            })
-            .collect();
-        let ids: Vec<String> = whole.tokens.into_iter().map(|t| t.id).collect();
-        assert_eq!(joined, ids);
+        let ids = |records: Vec<PatRecordSpec>| -> Vec<String> {
+            records.into_iter().map(|t| t.id).collect()
+        };
+        assert_eq!(ids(parse_chunks(&chunks)), ids(whole.tokens));
     }
 
     #[test]
