@@ -323,15 +323,6 @@ mod tests {
         }
     }
 
-    /// The crate's test configuration, with a PAT file.
-    fn config(pats: &std::path::Path) -> String {
-        format!(
-            "{}tokens: {{ pat_file: \"{}\" }}\n",
-            crate::config::TEST_CONFIG,
-            pats.display()
-        )
-    }
-
     /// 2030-01-01T00:00:00Z, the replay's clock.
     const NOW: i64 = 1_893_456_000;
 
@@ -343,12 +334,17 @@ mod tests {
         )
     }
 
-    /// The configuration `edit` makes of [`config`], with `pats` as its
-    /// PAT file, loaded from files in `dir` named by `name`.
+    /// The configuration `edit` makes of the crate's test configuration,
+    /// with `pats` as its PAT file, loaded from files in `dir` named by
+    /// `name`.
     fn snapshot(dir: &std::path::Path, name: &str, edit: &str, pats: &[String]) -> Snapshot {
         let pat_file = dir.join(format!("{name}-tokens.yaml"));
         std::fs::write(&pat_file, format!("tokens:\n{}", pats.concat())).expect("write PATs");
-        let mut text = config(&pat_file);
+        let mut text = format!(
+            "{}tokens: {{ pat_file: \"{}\" }}\n",
+            crate::config::TEST_CONFIG,
+            pat_file.display()
+        );
         if !edit.is_empty() {
             let (from, to) = edit.split_once(" => ").expect("an edit");
             assert!(text.contains(from), "{from}");
@@ -356,6 +352,13 @@ mod tests {
         }
         crate::config::from_yaml(&text, &dir.join(format!("{name}.yaml")), &|_| None)
             .expect("a valid configuration")
+    }
+
+    /// The test configuration as it is and as `edit` makes it, with no PATs.
+    fn current_and_candidate(edit: &str) -> (Snapshot, Snapshot) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cur = snapshot(dir.path(), "current", "", &[]);
+        (cur, snapshot(dir.path(), "candidate", edit, &[]))
     }
 
     /// An access-log line as the gateway writes it (the fields replay reads).
@@ -479,13 +482,8 @@ mod tests {
     /// public it is replayed without one.
     #[test]
     fn a_public_route_made_private_refuses_its_requests_for_want_of_a_token() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cur = snapshot(dir.path(), "current", "", &[]);
-        let cand = snapshot(
-            dir.path(),
-            "candidate",
+        let (cur, cand) = current_and_candidate(
             "{ path: /v1/health, public: true } => { path: /v1/health, tag: rules }",
-            &[],
         );
         let log = [line("GET", "/v1/health", ("", ""), "public", "")];
         let report = replay(&cur, &cand, log.iter().map(String::as_str), NOW);
@@ -501,14 +499,8 @@ mod tests {
     /// line with a token but no kind is not guessed at.
     #[test]
     fn what_cannot_be_replayed_is_skipped_and_named() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let cur = snapshot(dir.path(), "current", "", &[]);
-        let cand = snapshot(
-            dir.path(),
-            "candidate",
-            "methods: [GET, POST] => methods: [GET, POST, DELETE]",
-            &[],
-        );
+        let (cur, cand) =
+            current_and_candidate("methods: [GET, POST] => methods: [GET, POST, DELETE]");
         let log = [
             // A JWT signed by a key the gateway did not know: its cube is
             // not in the log, and the candidate has the same keys.

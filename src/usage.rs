@@ -348,6 +348,17 @@ mod tests {
         }))
     }
 
+    /// A call of the rules route for `tenant`.
+    fn rules_call(tenant: &str) -> Names<'_> {
+        Names {
+            route: "/v1/tenants/{tenant}/rules",
+            tag: Some("rules"),
+            tenant: Some(tenant),
+            account: Some("acme"),
+            plan: Some("pro"),
+        }
+    }
+
     /// Hashes every shape alike: each shape after the first shares the
     /// first's place in the index and is found by the scan behind it.
     #[derive(Default)]
@@ -367,13 +378,6 @@ mod tests {
     /// count dropped.
     fn book_after_calls<S: BuildHasher>(book: &UsageBook<S>) -> (Vec<Kept>, u64) {
         let snap = snapshot();
-        let names = |tenant| Names {
-            route: "/v1/tenants/{tenant}/rules",
-            tag: Some("rules"),
-            tenant: Some(tenant),
-            account: Some("acme"),
-            plan: Some("pro"),
-        };
         let calls = [
             ("GET", "t1", 10),
             ("GET", "t2", 11),
@@ -388,7 +392,7 @@ mod tests {
         ];
         for (method, tenant, now) in calls {
             let method = http::Method::from_bytes(method.as_bytes()).expect("method");
-            book.record(&token(), &method, &names(tenant), &snap, 1, now);
+            book.record(&token(), &method, &rules_call(tenant), &snap, 1, now);
         }
         let report = book.report("tok_busy", &snap).expect("recorded");
         assert_eq!(report.kind, "pat");
@@ -425,13 +429,7 @@ mod tests {
     fn a_new_generation_renders_the_cubes_again() {
         let snap = snapshot();
         let book = UsageBook::new(10, 4);
-        let names = Names {
-            route: "/v1/tenants/{tenant}/rules",
-            tag: Some("rules"),
-            tenant: Some("acme-prod"),
-            account: Some("acme"),
-            plan: Some("pro"),
-        };
+        let names = rules_call("acme-prod");
         let methods = |book: &UsageBook| -> Vec<Vec<String>> {
             let report = book.report("tok_busy", &snap).expect("recorded");
             report
