@@ -373,6 +373,8 @@ mod tests {
         gate: Option<Arc<Mutex<()>>>,
         /// Set once a write is waiting at the gate.
         waiting: Arc<std::sync::atomic::AtomicBool>,
+        /// The length of each write, in order.
+        writes: Arc<Mutex<Vec<usize>>>,
     }
 
     impl Write for Sink {
@@ -382,6 +384,7 @@ mod tests {
                     .store(true, std::sync::atomic::Ordering::SeqCst);
                 drop(g.lock());
             }
+            self.writes.lock().expect("sink").push(buf.len());
             self.bytes.lock().expect("sink").extend_from_slice(buf);
             Ok(buf.len())
         }
@@ -441,6 +444,39 @@ mod tests {
         drop(guard);
         assert!(started.elapsed() < Duration::from_secs(3));
         drop(held);
+    }
+
+    /// Lines that queued while stdout was busy go out together, in writes
+    /// of 256 KiB and whatever line crosses that, and the stop marker ends
+    /// the batch it is in.
+    #[test]
+    fn queued_lines_are_written_in_batches_of_256_kib() {
+        let gate = Arc::new(Mutex::new(()));
+        let held = gate.lock().expect("gate");
+        let sink = Sink {
+            gate: Some(gate.clone()),
+            ..Sink::default()
+        };
+        let out = sink.clone();
+        let (mut w, guard) = stdout_to(10_000, move || out.clone()).expect("thread");
+        w.write_all(b"first\n").expect("write");
+        while !sink.waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // 600 lines of exactly 1 KiB queue behind the stuck write.
+        let mut line = vec![b'x'; 1023];
+        line.push(b'\n');
+        for _ in 0..600 {
+            w.write_all(&line).expect("write");
+        }
+        drop(held);
+        drop(guard);
+        // 256 lines fill a batch to exactly 256 KiB, which closes it.
+        assert_eq!(
+            *sink.writes.lock().expect("sink"),
+            [6, 256 * 1024, 256 * 1024, 88 * 1024]
+        );
+        assert_eq!(sink.bytes.lock().expect("sink").len(), 6 + 600 * 1024);
     }
 
     /// What tracing-subscriber's JSON layer, configured as `main` does,
