@@ -109,6 +109,32 @@ async fn slowloris_headers_are_cut_off() {
     assert_eq!(up.count(), 0);
 }
 
+/// Idle means no byte moved: a head still arriving, in pieces 100 ms
+/// apart for three idle timeouts, is served (`header_read_timeout`
+/// bounds it instead).
+#[tokio::test]
+async fn a_head_still_arriving_is_not_idle() {
+    let up = Upstream::start(Default::default()).await;
+    let gw = TestGateway::start(
+        up.addr,
+        &[],
+        limits("  header_read_timeout: 10s\n  idle_timeout: 500ms\n"),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+    let req = request(&markers_jwt(), false);
+    let started = Instant::now();
+    for piece in req.chunks(req.len().div_ceil(15)) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(piece)
+            .await
+            .expect("the connection stayed open");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert_eq!(read_response(&mut s).await, Some(200));
+    assert_eq!(up.count(), 1);
+}
+
 #[tokio::test]
 async fn a_keep_alive_connection_waits_for_its_next_head_at_most_header_read_timeout() {
     // The upstream takes longer than the head timeout: the wait for the
