@@ -100,6 +100,47 @@ async fn replace_certificate(gw: &TestGateway, ca: &str, cert: &str, key: &str) 
     .await;
 }
 
+/// A connection the gateway closes after its answer (`Connection:
+/// close`) ends with TLS's close_notify, whether the gateway or the
+/// upstream answered: without it a client cannot tell the end of the
+/// answer from a cut (rustls reports an unexpected EOF).
+#[tokio::test]
+async fn a_tls_connection_closed_after_its_answer_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (ca, cert, key) = pki(&["localhost"]);
+    let (up, gw) = tls_gateway(&cert, &key, &tls_opts()).await;
+    let tok = es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    for (path, status) in [
+        ("/v1/tenants/acme-prod/markers", "200"),
+        ("/v1/tenants/acme-staging/markers", "403"),
+    ] {
+        let mut tls = tls_connect(gw.addr, client_config(&ca, &[b"http/1.1"]))
+            .await
+            .expect("tls");
+        tls.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {tok}\r\nconnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut got))
+            .await
+            .expect("closed in time")
+            .expect("closed with close_notify");
+        let head = String::from_utf8_lossy(&got);
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{path}: {head}"
+        );
+    }
+    assert_eq!(up.count(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
     let (ca1, cert1, key1) = pki(&["localhost"]);
