@@ -1291,6 +1291,7 @@ async fn responses_stream_back_without_waiting_for_the_whole_body() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_from_clients_and_to_the_upstream() {
+    use http_body_util::BodyExt;
     let up = Upstream::start(Default::default()).await;
     let opts = Options {
         patch: Box::new(|s| s.replace("connect_timeout: 1s", "connect_timeout: 1s\n  http2: true")),
@@ -1322,6 +1323,15 @@ async fn http2_from_clients_and_to_the_upstream() {
             .expect("request");
         let resp = sender.send_request(req).await.expect("response");
         assert_eq!(resp.status(), expect, "{path}");
+        // The length is announced, the gateway's own answers' too: hyper
+        // takes it from the body's size hint.
+        let length = resp.headers().get("content-length").cloned();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(
+            length.as_ref().and_then(|v| v.to_str().ok()),
+            Some(body.len().to_string().as_str()),
+            "{path}"
+        );
     }
     assert_eq!(up.count(), 1);
     let seen = up.last().expect("reached");
