@@ -397,6 +397,27 @@ mod tests {
         }
     }
 
+    /// A writer with a queue of `lines` whose thread has taken `first`
+    /// and is stuck writing it until `gate` (held by the caller) is
+    /// released.
+    fn stuck_writing(
+        gate: &Arc<Mutex<()>>,
+        lines: usize,
+        first: &[u8],
+    ) -> (Sink, LogWriter, Guard) {
+        let sink = Sink {
+            gate: Some(gate.clone()),
+            ..Sink::default()
+        };
+        let out = sink.clone();
+        let (mut w, guard) = stdout_to(lines, move || out.clone()).expect("thread");
+        w.write_all(first).expect("write");
+        while !sink.waiting.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        (sink, w, guard)
+    }
+
     #[test]
     fn every_line_is_written_whole_and_in_order_before_the_guard_returns() {
         let sink = Sink::default();
@@ -419,18 +440,8 @@ mod tests {
     fn a_stalled_stdout_drops_and_counts_lines_and_never_blocks_the_writer() {
         let gate = Arc::new(Mutex::new(()));
         let held = gate.lock().expect("gate");
-        let sink = Sink {
-            gate: Some(gate.clone()),
-            ..Sink::default()
-        };
-        let out = sink.clone();
-        let (mut w, guard) = stdout_to(8, move || out.clone()).expect("thread");
         let before = DROPPED.get();
-        // The thread takes the first line and is stuck writing it.
-        w.write_all(b"line 0\n").expect("write");
-        while !sink.waiting.load(std::sync::atomic::Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (_, mut w, guard) = stuck_writing(&gate, 8, b"line 0\n");
         let started = Instant::now();
         for i in 1..1_000 {
             w.write_all(format!("line {i}\n").as_bytes())
@@ -457,16 +468,7 @@ mod tests {
     fn queued_lines_are_written_in_batches_of_256_kib() {
         let gate = Arc::new(Mutex::new(()));
         let held = gate.lock().expect("gate");
-        let sink = Sink {
-            gate: Some(gate.clone()),
-            ..Sink::default()
-        };
-        let out = sink.clone();
-        let (mut w, guard) = stdout_to(10_000, move || out.clone()).expect("thread");
-        w.write_all(b"first\n").expect("write");
-        while !sink.waiting.load(std::sync::atomic::Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        let (sink, mut w, guard) = stuck_writing(&gate, 10_000, b"first\n");
         // 600 lines of exactly 1 KiB queue behind the stuck write.
         let mut line = vec![b'x'; 1023];
         line.push(b'\n');
