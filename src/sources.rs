@@ -142,3 +142,38 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error wrapping another, with what it wraps as its source.
+    #[derive(Debug)]
+    struct Wraps(&'static str, Option<Box<dyn std::error::Error + 'static>>);
+
+    impl std::fmt::Display for Wraps {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wraps {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref()
+        }
+    }
+
+    /// A failed fetch's message carries every cause, not hyper's
+    /// "client error (Connect)" alone.
+    #[test]
+    fn an_error_is_written_with_all_its_sources() {
+        let refused = Wraps("connection refused", None);
+        let tcp = Wraps("tcp connect error", Some(Box::new(refused)));
+        let e = Wraps("client error (Connect)", Some(Box::new(tcp)));
+        assert_eq!(
+            error_chain(&e),
+            "client error (Connect): tcp connect error: connection refused"
+        );
+        assert_eq!(error_chain(&Wraps("alone", None)), "alone");
+    }
+}
