@@ -5,7 +5,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -14,12 +13,6 @@ fn limits(extra: &'static str) -> Options {
         patch: Box::new(move |s| format!("{s}limits:\n{extra}")),
         ..Default::default()
     }
-}
-
-fn markers_jwt() -> String {
-    es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    )
 }
 
 fn request(tok: &str, close: bool) -> Vec<u8> {

@@ -12,12 +12,6 @@ use serde_json::json;
 
 const WITHIN: Duration = Duration::from_secs(2);
 
-fn markers_jwt() -> String {
-    es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_failed_requests_across_many_reloads() {
     let up = Upstream::start(Default::default()).await;

@@ -109,9 +109,7 @@ async fn a_tls_connection_closed_after_its_answer_ends_with_close_notify() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (ca, cert, key) = pki(&["localhost"]);
     let (up, gw) = tls_gateway(&cert, &key, &tls_opts()).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     for (path, status) in [
         ("/v1/tenants/acme-prod/markers", "200"),
         ("/v1/tenants/acme-staging/markers", "403"),

@@ -575,6 +575,14 @@ pub fn es256(cube: Value) -> String {
     )
 }
 
+/// An ES256 JWT for `GET` on the `markers` tag of acme-prod (account
+/// acme): the token most tests send.
+pub fn markers_jwt() -> String {
+    es256(
+        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    )
+}
+
 pub fn hs256(cube: Value) -> String {
     sign(
         Algorithm::HS256,
