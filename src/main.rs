@@ -324,12 +324,28 @@ async fn suggest(admin: &str, token_id: &str, json_out: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// `SCOPEGATE_WORKERS`: unset is one worker per core; otherwise a whole
+/// number of worker threads, 1 or more. Anything else stops the command
+/// with the variable named, rather than quietly taking every core of a
+/// node the operator meant to share.
+fn workers_from_env() -> Result<Option<usize>> {
+    const VAR: &str = "SCOPEGATE_WORKERS";
+    match std::env::var(VAR) {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{VAR} is not UTF-8: expected a number of worker threads (1 or more)")
+        }
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => bail!("{VAR}={v:?}: expected a number of worker threads (1 or more)"),
+        },
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     // A sidecar should not claim every core of its node: SCOPEGATE_WORKERS
     // caps the worker threads (default: one per core).
-    let workers = std::env::var("SCOPEGATE_WORKERS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
+    let workers = workers_from_env()?;
     if workers == Some(1) {
         // One worker: the current-thread scheduler, without work-stealing
         // machinery or cross-thread wakeups. bench/load.sh measured 42.4k
@@ -343,7 +359,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {
-        b.worker_threads(n.max(1));
+        b.worker_threads(n);
     }
     b.enable_all().build().context("starting the async runtime")
 }
@@ -463,6 +479,14 @@ fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
+fn scheduler_name() -> &'static str {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::CurrentThread => "current_thread",
+        tokio::runtime::RuntimeFlavor::MultiThread => "multi_thread",
+        _ => "other",
+    }
+}
+
 async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
     let options = scopegate::server::ServeOptions::from_env().map_err(anyhow::Error::msg)?;
     let backlog = scopegate::server::backlog_for(gw.current().snapshot.limits.max_connections);
@@ -490,6 +514,9 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
         // Which server reads plain HTTP/1.1 requests
         // (SCOPEGATE_HTTP1_SERVER=hyper switches to hyper's alone).
         http1_server = if options.h1_fast_path { "own" } else { "hyper" },
+        // What SCOPEGATE_WORKERS gave, read back from the running runtime.
+        scheduler = scheduler_name(),
+        workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "gateway listening"
     );
     scopegate::server::serve_with(listener, gw, shutdown_signal(), options).await;

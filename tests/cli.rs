@@ -613,3 +613,62 @@ async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
         "stderr: {err}"
     );
 }
+
+/// SCOPEGATE_WORKERS: the start line reads the scheduler and the worker
+/// count back from the running runtime; a value that is not a whole number
+/// of threads (1 or more) stops `serve` with the variable named, instead of
+/// quietly taking one worker per core.
+#[tokio::test]
+async fn the_worker_count_is_read_back_in_the_log_and_checked() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
+    let tok = es256(
+        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (env, (scheduler, workers)) in [
+        // Unset: one worker per core, on the multi-thread scheduler even
+        // on one core (only SCOPEGATE_WORKERS=1 picks the current-thread one).
+        (None, ("multi_thread", cores)),
+        (Some("1"), ("current_thread", 1)),
+        (Some(" 3 "), ("multi_thread", 3)),
+    ] {
+        if env.is_none() && std::env::var_os("SCOPEGATE_WORKERS").is_some() {
+            continue;
+        }
+        let vars: Vec<(&str, &str)> = env.map(|v| ("SCOPEGATE_WORKERS", v)).into_iter().collect();
+        let mut log = Vec::new();
+        let (child, _rx, gw, _) = spawn_serve_with(&cfg, &mut log, &vars);
+        let started = log
+            .iter()
+            .find(|l| l.contains("gateway listening"))
+            .expect("start line");
+        let v: serde_json::Value = serde_json::from_str(started).expect("json line");
+        assert_eq!(v["scheduler"], scheduler, "{env:?}: {started}");
+        assert_eq!(v["workers"], workers, "{env:?}: {started}");
+        assert_eq!(
+            get(gw, "/v1/tenants/acme-prod/markers", &tok).await.status,
+            200
+        );
+        drop(child);
+    }
+    for bad in ["0", "two", "", "-1", "1.5"] {
+        let out = Command::new(BIN)
+            .args(["serve", "--config", cfg.to_str().expect("utf8")])
+            .env("SCOPEGATE_WORKERS", bad)
+            .env("SG_TEST_HS256", HS_SECRET)
+            .output()
+            .expect("run serve");
+        assert_eq!(out.status.code(), Some(1), "SCOPEGATE_WORKERS={bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("SCOPEGATE_WORKERS={bad:?}")),
+            "stderr: {err}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("gateway listening"),
+            "SCOPEGATE_WORKERS={bad:?} must not start the gateway"
+        );
+    }
+}
