@@ -234,6 +234,7 @@ async fn suggest_after_a_scripted_workload() {
         "{text}"
     );
     assert!(text.contains("tenants: \"*\" (all)"), "{text}");
+    assert!(!text.contains("nothing: the current cube"), "{text}");
     // No secret in what suggest prints or the admin serves.
     assert!(!text.contains(&broad.secret));
     let out = std::process::Command::new(BIN)
@@ -248,6 +249,36 @@ async fn suggest_after_a_scripted_workload() {
         .expect("suggest");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usage recorded"));
+
+    // A token that uses all of its cube: nothing to remove, and the text
+    // says so (its id is percent-encoded on the way to the admin listener).
+    assert_eq!(
+        get(gw, "/v1/tenants/acme-prod/markers", &unused.secret)
+            .await
+            .status,
+        200
+    );
+    let out = std::process::Command::new(BIN)
+        .args([
+            "suggest",
+            "--admin",
+            &admin.to_string(),
+            "--token-id",
+            "tok/unused~1",
+        ])
+        .output()
+        .expect("suggest");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 allowed calls in 1 shapes"), "{text}");
+    assert!(
+        text.contains("could be removed:\n  nothing: the current cube is already the smallest"),
+        "{text}"
+    );
     drop(child);
 }
 
@@ -397,6 +428,32 @@ async fn diff_shows_what_a_plan_change_would_flip() {
         "{text}"
     );
     assert!(text.contains("tag=rules plan=pro reason=plan"), "{text}");
+    assert!(
+        !text.contains("note:"),
+        "the log matches the current config: {text}"
+    );
+
+    // Swapped, the log is older than the "current" configuration: the
+    // globex rule writes (logged 403) and the acme markers read (logged
+    // 200) already decide otherwise under it, and the text says so.
+    let swapped = std::process::Command::new(BIN)
+        .args([
+            "diff",
+            "--config",
+            candidate.to_str().expect("utf8"),
+            "--candidate",
+            cfg.to_str().expect("utf8"),
+            "--log",
+            access.to_str().expect("utf8"),
+        ])
+        .env("SG_TEST_HS256", HS_SECRET)
+        .output()
+        .expect("diff");
+    let text = String::from_utf8_lossy(&swapped.stdout);
+    assert!(
+        text.contains("note: 3 recorded decisions differ under the current configuration already"),
+        "{text}"
+    );
 
     // The same configuration as candidate: nothing flips, exit 0.
     let same = std::process::Command::new(BIN)
