@@ -221,14 +221,16 @@ async fn token_new_round_trips_through_a_pat_file() {
     assert!(err.contains("tagz"), "{err}");
 }
 
-#[tokio::test]
-async fn demo_serves_the_shipped_example() {
+/// `scopegate demo ARGS` run in `dir` without SCOPEGATE_DEV_HS256, and
+/// what it printed up to its `DEMO-READY` line (or to its end).
+async fn spawn_demo(args: &[&str], dir: &Path) -> (ChildGuard, Vec<String>) {
     let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0", "--log-format", "text"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("demo")
+        .args(args)
+        .current_dir(dir)
         .env_remove("SCOPEGATE_DEV_HS256")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map(ChildGuard::new)
         .expect("spawn demo");
@@ -247,6 +249,16 @@ async fn demo_serves_the_shipped_example() {
     })
     .await
     .expect("join");
+    (child, lines)
+}
+
+#[tokio::test]
+async fn demo_serves_the_shipped_example() {
+    let (child, lines) = spawn_demo(
+        &["--listen", "127.0.0.1:0", "--log-format", "text"],
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+    )
+    .await;
     let ready = lines
         .iter()
         .find(|l| l.starts_with("DEMO-READY"))
@@ -614,10 +626,77 @@ async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
     );
 }
 
+/// Without `--listen`, a demo whose configured address (the shipped
+/// example's 127.0.0.1:8080) is taken comes up on a free port instead; an
+/// address the operator named with `--listen` is kept to, and a taken one
+/// is an error naming it.
+#[tokio::test]
+async fn demo_falls_back_to_a_free_port_only_when_not_told_where() {
+    // Held here, or already held by something else: taken either way.
+    let _configured = std::net::TcpListener::bind("127.0.0.1:8080");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let (child, lines) = spawn_demo(&[], elsewhere.path()).await;
+    let ready = lines
+        .iter()
+        .find(|l| l.starts_with("DEMO-READY"))
+        .unwrap_or_else(|| panic!("demo did not start: {lines:?}"));
+    let addr: std::net::SocketAddr = ready
+        .trim_start_matches("DEMO-READY http://")
+        .parse()
+        .expect("address");
+    assert_ne!(addr.port(), 8080, "{ready}");
+    assert_eq!(send(addr, "GET", "/v1/health", &[]).await.status, 200);
+    drop(child);
+
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let want = held.local_addr().expect("addr").to_string();
+    let (mut child, lines) = spawn_demo(&["--listen", &want], elsewhere.path()).await;
+    assert!(
+        !lines.iter().any(|l| l.starts_with("DEMO-READY")),
+        "--listen {want} is taken, yet: {lines:?}"
+    );
+    let status = child.wait().expect("wait");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(1), "stderr: {err}");
+    assert!(err.contains(&format!("binding {want}")), "stderr: {err}");
+}
+
+/// `scopegate serve` with one variable set, expected to refuse to start:
+/// its stderr. Stops it and fails if it is still running after 10 s.
+fn serve_refuses(cfg: &Path, var: &str, value: &str) -> String {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().expect("utf8")])
+        .env(var, value)
+        .env("SG_TEST_HS256", HS_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(ChildGuard::new)
+        .expect("spawn serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve started with {var}={value:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(1), "{var}={value:?}: {err}");
+    err
+}
+
 /// SCOPEGATE_WORKERS: the start line reads the scheduler and the worker
 /// count back from the running runtime; a value that is not a whole number
 /// of threads (1 or more) stops `serve` with the variable named, instead of
-/// quietly taking one worker per core.
+/// quietly taking one worker per core. SCOPEGATE_LOG_BUFFER_LINES likewise.
 #[tokio::test]
 async fn the_worker_count_is_read_back_in_the_log_and_checked() {
     let up = Upstream::start(Default::default()).await;
@@ -654,21 +733,20 @@ async fn the_worker_count_is_read_back_in_the_log_and_checked() {
         drop(child);
     }
     for bad in ["0", "two", "", "-1", "1.5"] {
-        let out = Command::new(BIN)
-            .args(["serve", "--config", cfg.to_str().expect("utf8")])
-            .env("SCOPEGATE_WORKERS", bad)
-            .env("SG_TEST_HS256", HS_SECRET)
-            .output()
-            .expect("run serve");
-        assert_eq!(out.status.code(), Some(1), "SCOPEGATE_WORKERS={bad:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = serve_refuses(&cfg, "SCOPEGATE_WORKERS", bad);
         assert!(
             err.contains(&format!("SCOPEGATE_WORKERS={bad:?}")),
             "stderr: {err}"
         );
+    }
+    // The log queue's length is checked the same way.
+    for bad in ["0", "many"] {
+        let err = serve_refuses(&cfg, "SCOPEGATE_LOG_BUFFER_LINES", bad);
         assert!(
-            !String::from_utf8_lossy(&out.stdout).contains("gateway listening"),
-            "SCOPEGATE_WORKERS={bad:?} must not start the gateway"
+            err.contains(&format!(
+                "SCOPEGATE_LOG_BUFFER_LINES: `{bad}` is not a number of lines"
+            )),
+            "stderr: {err}"
         );
     }
 }
