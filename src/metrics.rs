@@ -488,6 +488,24 @@ mod tests {
             (3, NO_TAG),
             "a tag index out of range is none"
         );
+        // Every tag keeps its own slot whatever the count, `public` and
+        // `none` after them.
+        for n in 0..8u32 {
+            let hot = HotSeries::new(n as usize);
+            for t in 0..n {
+                assert_eq!(
+                    hot.tag(false, Some((t, "t"))),
+                    (t as usize, "t"),
+                    "{t} of {n}"
+                );
+            }
+            assert_eq!(hot.tag(true, None), (n as usize, PUBLIC_TAG), "{n}");
+            assert_eq!(
+                hot.tag(false, Some((n, "x"))),
+                (n as usize + 1, NO_TAG),
+                "{n}"
+            );
+        }
         let methods = [
             http::Method::GET,
             http::Method::HEAD,

@@ -1162,7 +1162,26 @@ async fn metrics_count_decisions_and_reasons() {
     );
     assert_eq!(send(gw.addr, "GET", "/v1/x/../y", &[]).await.status, 400);
     allowed(&send(gw.addr, "GET", "/v1/health", &[]).await);
+    // Every other tag of the configuration is counted under its own name.
+    let reader =
+        es256(json!({"methods": ["GET"], "tags": ["*"], "tenants": ["*"], "accounts": ["acme"]}));
+    let others = [
+        ("analytics", "/v1/tenants/acme-prod/analytics/daily"),
+        ("rules", "/v1/tenants/acme-prod/rules"),
+        ("tenants", "/v1/accounts/acme/tenants"),
+        ("accounts", "/v1/accounts/acme"),
+        ("team", "/v1/accounts/acme/team/members"),
+    ];
+    for (_, path) in others {
+        allowed(&get(gw.addr, path, &reader).await);
+    }
     let m = String::from_utf8(gw.gw.metrics.render()).expect("utf8");
+    for (tag, _) in others {
+        let line = format!(
+            "scopegate_requests_total{{decision=\"allow\",method=\"GET\",tag=\"{tag}\"}} 1"
+        );
+        assert!(m.contains(&line), "missing `{line}` in\n{m}");
+    }
     for line in [
         "scopegate_requests_total{decision=\"allow\",method=\"GET\",tag=\"markers\"} 2",
         "scopegate_requests_total{decision=\"deny\",method=\"GET\",tag=\"markers\"} 1",
