@@ -213,6 +213,11 @@ fn diff(current: &Path, candidate: &Path, log: &Path, json_out: bool) -> Result<
     })
 }
 
+/// "1 shape", "2 shapes".
+fn counted(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 /// `scopegate suggest`: fetch the usage report, print the suggestion.
 async fn suggest(admin: &str, token_id: &str, json_out: bool) -> Result<ExitCode> {
     use http_body_util::BodyExt;
@@ -255,12 +260,16 @@ async fn suggest(admin: &str, token_id: &str, json_out: bool) -> Result<ExitCode
     }
     let total: u64 = report.calls.iter().map(|c| c.count).sum();
     println!(
-        "token {} ({}): {total} allowed calls in {} shapes{}",
+        "token {} ({}): {} in {}{}",
         report.token_id,
         report.kind,
-        report.calls.len(),
+        counted(total, "allowed call"),
+        counted(report.calls.len() as u64, "shape"),
         if report.dropped > 0 {
-            format!(" ({} more calls of shapes not kept)", report.dropped)
+            format!(
+                " ({} more of shapes not kept)",
+                counted(report.dropped, "call")
+            )
         } else {
             String::new()
         }

@@ -274,7 +274,7 @@ async fn suggest_after_a_scripted_workload() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("1 allowed calls in 1 shapes"), "{text}");
+    assert!(text.contains("1 allowed call in 1 shape\n"), "{text}");
     assert!(
         text.contains("could be removed:\n  nothing: the current cube is already the smallest"),
         "{text}"
