@@ -177,8 +177,8 @@ fn diff(current: &Path, candidate: &Path, log: &Path, json_out: bool) -> Result<
             .partition(|f| f.direction == "allow→deny");
         let n = |v: &[&scopegate::diff::Flip]| v.iter().map(|f| f.count).sum::<u64>();
         println!(
-            "replayed {} requests: {} would flip ({} allow→deny, {} deny→allow), {} unchanged",
-            report.replayed,
+            "replayed {}: {} would flip ({} allow→deny, {} deny→allow), {} unchanged",
+            counted(report.replayed, "request"),
             n(&to_deny) + n(&to_allow),
             n(&to_deny),
             n(&to_allow),

@@ -424,7 +424,9 @@ async fn diff_shows_what_a_plan_change_would_flip() {
     let out = run(false);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("3 would flip (1 allow→deny, 2 deny→allow)"),
+        text.contains(
+            "replayed 6 requests: 3 would flip (1 allow→deny, 2 deny→allow), 3 unchanged"
+        ),
         "{text}"
     );
     assert!(text.contains("tag=rules plan=pro reason=plan"), "{text}");
