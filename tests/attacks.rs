@@ -193,7 +193,7 @@ async fn hostile_jwt_headers_and_sizes() {
     let up = Upstream::start(Default::default()).await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
     let path = "/v1/tenants/acme-prod/markers";
-    let cube = json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]});
+    let cube = markers_cube();
     let ours = EncodingKey::from_ec_pem(&std::fs::read(fixture("es256.key.pem")).expect("key"))
         .expect("key");
     // An attacker's own P-256 key, and its public half as a JWK.
@@ -393,7 +393,7 @@ async fn validity_windows_at_the_leeway_edges() {
     let up = Upstream::start(Default::default()).await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
     let path = "/v1/tenants/acme-prod/markers";
-    let cube = json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]});
+    let cube = markers_cube();
     let with = |extra: serde_json::Value| {
         let mut c = claims(json!({"cube": cube}));
         for (k, v) in extra.as_object().expect("object") {
@@ -1020,7 +1020,7 @@ async fn no_secret_leaves_through_any_channel() {
         v["message"] == "gateway listening"
     }));
 
-    let cube = json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]});
+    let cube = markers_cube();
     let jwt_es = es256(cube.clone());
     let jwt_hs = hs256(cube.clone());
     let mut forged = jwt_hs.clone();

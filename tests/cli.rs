@@ -329,9 +329,7 @@ async fn serve_logs_json_access_lines_without_secrets_and_exits_0_on_sigterm() {
     let (child, rx, gw, admin) = spawn_serve_with(&cfg, &mut log, &[("SCOPEGATE_WORKERS", "1")]);
     let admin = admin.expect("admin listening");
 
-    let jwt = es256(
-        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let jwt = markers_jwt();
     assert_eq!(
         get(gw, "/v1/tenants/acme-prod/markers", &p.secret)
             .await
@@ -541,9 +539,7 @@ async fn sigterm_drains_a_slow_request_then_exits_0() {
     let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
     let mut log = Vec::new();
     let (mut child, rx, gw, _) = spawn_serve(&cfg, &mut log);
-    let tok = es256(
-        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let slow = tokio::spawn(async move { get(gw, "/v1/tenants/acme-prod/markers", &tok).await });
     eventually(
         std::time::Duration::from_secs(5),
@@ -579,9 +575,7 @@ async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
     let up = Upstream::start(Default::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
-    let tok = es256(
-        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     for (env, want) in [
         (None, "own"),
         (Some("own"), "own"),
@@ -702,9 +696,7 @@ async fn the_worker_count_is_read_back_in_the_log_and_checked() {
     let up = Upstream::start(Default::default()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
-    let tok = es256(
-        serde_json::json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (env, (scheduler, workers)) in [
         // Unset: one worker per core, on the multi-thread scheduler even

@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 
 fn deploy() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
@@ -191,9 +190,7 @@ async fn a_real_prometheus_scrapes_denials_by_reason() {
         std::future::pending(),
     ));
 
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     for _ in 0..3 {
         assert_eq!(
             get(gw.addr, "/v1/tenants/acme-staging/markers", &tok)

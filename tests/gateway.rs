@@ -454,7 +454,7 @@ async fn every_authentication_reason() {
     );
     let gw = TestGateway::start(up.addr, &[&revoked, &expired], Options::default()).await;
     let path = "/v1/tenants/acme-prod/markers";
-    let cube = json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]});
+    let cube = markers_cube();
     let n = up.count();
 
     denied(
@@ -1029,9 +1029,7 @@ async fn forward_authorization_when_configured() {
         ..Default::default()
     };
     let gw = TestGateway::start(up.addr, &[], opts).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     allowed(&get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await);
     assert_eq!(
         up.last()
@@ -1045,9 +1043,7 @@ async fn upstream_down_is_502_and_slow_is_504() {
     // A port held but not listening: connections are refused.
     let (_held, closed) = refusing_port();
     let gw = TestGateway::start(closed, &[], Options::default()).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(
         (r.status, r.reason().as_str()),
@@ -1149,9 +1145,7 @@ async fn a_100_mb_upload_is_streamed_not_buffered() {
 async fn metrics_count_decisions_and_reasons() {
     let up = Upstream::start(Default::default()).await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     allowed(&get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await);
     allowed(&get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await);
     assert_eq!(
@@ -1205,9 +1199,7 @@ async fn tenant_label_only_when_the_operator_opts_in() {
         ..Default::default()
     };
     let gw = TestGateway::start(up.addr, &[], opts).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     allowed(&get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await);
     assert_eq!(
         get(gw.addr, "/v1/tenants/acme-staging/markers", &tok)
@@ -1251,9 +1243,7 @@ async fn shadow_mode_forwards_denials_but_not_ambiguous_paths() {
         },
     )
     .await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let r = get(gw.addr, "/v1/tenants/acme-staging/markers", &tok).await;
     allowed(&r);
     let seen = up.last().expect("forwarded in shadow mode");
@@ -1290,9 +1280,7 @@ async fn responses_stream_back_without_waiting_for_the_whole_body() {
     })
     .await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let resp = get_streaming(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
@@ -1317,9 +1305,7 @@ async fn http2_from_clients_and_to_the_upstream() {
         ..Default::default()
     };
     let gw = TestGateway::start(up.addr, &[], opts).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     // h2c prior knowledge from the client.
     let stream = tokio::net::TcpStream::connect(gw.addr)
         .await

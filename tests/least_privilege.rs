@@ -11,9 +11,7 @@ use serde_json::{Value, json};
 async fn denials_teach_what_was_needed_without_revealing_more() {
     let up = Upstream::start(Default::default()).await;
     let gw = TestGateway::start(up.addr, &[], Options::default()).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
 
     // Another tenant: the token blocks; the tenant asked for is named, the
     // account owning it is not (the caller is not allowed to see it).
@@ -294,9 +292,7 @@ async fn diff_shows_what_a_plan_change_would_flip() {
     let cfg = write_files(dir.path(), up.addr, &[&globex], &Options::default());
     let mut log = Vec::new();
     let (child, rx, gw, _) = spawn_serve(&cfg, &mut log);
-    let jwt = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let jwt = markers_jwt();
     // The recorded workload: globex (free plan) reads markers (allowed) and
     // writes rules (refused by the plan); an acme JWT reads markers; one
     // request names a tenant that does not exist; one token is malformed.
@@ -701,7 +697,7 @@ async fn attenuated_tokens_are_never_wider_than_their_parent() {
         let path = write_files(dir.path(), up.addr, &[&parent, &soon], &opts);
         TestGateway::serve_from(path, dir).await
     };
-    let narrow = json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]});
+    let narrow = markers_cube();
 
     // Issued: a short-lived JWT for exactly the requested cube.
     let r = attenuate(

@@ -144,9 +144,7 @@ async fn tls_termination_over_http1_and_http2_and_certificate_reload() {
     let (ca1, cert1, key1) = pki(&["localhost"]);
     let (up, gw) = tls_gateway(&cert1, &key1, &tls_opts()).await;
     let _watch = gw.watch();
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
 
     // HTTP/2 by ALPN.
     let tls = tls_connect(gw.addr, client_config(&ca1, &[b"h2", b"http/1.1"]))
@@ -388,9 +386,7 @@ async fn tls_upstream(
 async fn https_upstream_trusted_through_a_configured_ca() {
     let (ca, cert, key) = pki(&["localhost"]);
     let upstream = tls_upstream(&cert, &key, None).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
 
     // With the CA configured: forwarded over TLS, HTTP/2 negotiated by ALPN.
     let gw = https_gateway(upstream, Some(&ca), false).await;
@@ -427,9 +423,7 @@ async fn an_https_upstream_that_speaks_http1_only_is_spoken_to_in_http1() {
     let (ca, cert, key) = pki(&["localhost"]);
     let upstream = tls_upstream(&cert, &key, Some(&[b"http/1.1"])).await;
     let gw = https_gateway(upstream, Some(&ca), true).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(String::from_utf8_lossy(&r.body), "HTTP/1.1 acme-prod");
@@ -498,9 +492,7 @@ async fn an_https_upstream_that_hangs_up_unanswered_is_a_protocol_error() {
         }
     });
     let gw = https_gateway(up, Some(&ca), false).await;
-    let tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let tok = markers_jwt();
     let r = get(gw.addr, "/v1/tenants/acme-prod/markers", &tok).await;
     assert_eq!(
         (r.status, r.reason().as_str()),

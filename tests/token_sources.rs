@@ -229,7 +229,7 @@ fn jwt_with(k: &SigningKey, jti: &str) -> String {
     h.kid = Some(k.kid.clone());
     let c = claims(json!({
         "jti": jti,
-        "cube": {"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}
+        "cube": markers_cube()
     }));
     jsonwebtoken::encode(&h, &c, &k.key).expect("sign")
 }
@@ -559,9 +559,7 @@ async fn jwks_down_from_the_start_is_503_with_retry_after_then_recovers() {
     assert_eq!(r.header("www-authenticate"), None);
     assert_eq!(up.count(), 0);
     // The configured static key works beside the JWKS all along.
-    let static_tok = es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    );
+    let static_tok = markers_jwt();
     assert_eq!(get(gw.addr, PATH, &static_tok).await.status, 200);
     // So does a token that is not a JWT at all being refused as before.
     assert_eq!(
@@ -725,7 +723,7 @@ async fn a_jwks_file_is_a_key_source_too() {
     h.kid = Some("h".into());
     let forged = jsonwebtoken::encode(
         &h,
-        &claims(json!({"cube": {"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}})),
+        &claims(json!({"cube": markers_cube()})),
         &EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"),
     )
     .expect("sign");
@@ -751,10 +749,6 @@ async fn a_jwks_file_is_a_key_source_too() {
 
 fn active(id: &str, cube: Value, exp: i64) -> Value {
     json!({"active": true, "token_id": id, "sub": "svc-1", "exp": exp, "cube": cube})
-}
-
-fn markers_cube() -> Value {
-    json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

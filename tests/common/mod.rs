@@ -575,12 +575,15 @@ pub fn es256(cube: Value) -> String {
     )
 }
 
-/// An ES256 JWT for `GET` on the `markers` tag of acme-prod (account
-/// acme): the token most tests send.
+/// `GET` on the `markers` tag of acme-prod (account acme): the cube most
+/// tests grant.
+pub fn markers_cube() -> Value {
+    json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]})
+}
+
+/// An ES256 JWT for [`markers_cube`]: the token most tests send.
 pub fn markers_jwt() -> String {
-    es256(
-        json!({"methods": ["GET"], "tags": ["markers"], "tenants": ["acme-prod"], "accounts": ["acme"]}),
-    )
+    es256(markers_cube())
 }
 
 pub fn hs256(cube: Value) -> String {
