@@ -606,14 +606,7 @@ async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
         );
         drop(child);
     }
-    let out = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().expect("utf8")])
-        .env("SCOPEGATE_HTTP1_SERVER", "fast")
-        .env("SG_TEST_HS256", HS_SECRET)
-        .output()
-        .expect("run serve");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_refuses(&cfg, "SCOPEGATE_HTTP1_SERVER", "fast");
     assert!(
         err.contains("SCOPEGATE_HTTP1_SERVER=\"fast\""),
         "stderr: {err}"

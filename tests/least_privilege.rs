@@ -342,26 +342,22 @@ async fn diff_shows_what_a_plan_change_would_flip() {
     let candidate = dir.path().join("next.yaml");
     std::fs::write(&candidate, next).expect("write candidate");
 
-    let run = |json_out: bool| {
-        let mut args = vec![
-            "diff".to_string(),
-            "--config".into(),
-            cfg.to_string_lossy().into_owned(),
-            "--candidate".into(),
-            candidate.to_string_lossy().into_owned(),
-            "--log".into(),
-            access.to_string_lossy().into_owned(),
-        ];
+    let diff = |current: &std::path::Path, next: &std::path::Path, json_out: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.arg("diff")
+            .arg("--config")
+            .arg(current)
+            .arg("--candidate")
+            .arg(next)
+            .arg("--log")
+            .arg(&access)
+            .env("SG_TEST_HS256", HS_SECRET);
         if json_out {
-            args.push("--json".into());
+            cmd.arg("--json");
         }
-        std::process::Command::new(BIN)
-            .args(&args)
-            .env("SG_TEST_HS256", HS_SECRET)
-            .output()
-            .expect("diff")
+        cmd.output().expect("diff")
     };
-    let out = run(true);
+    let out = diff(&cfg, &candidate, true);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -417,7 +413,7 @@ async fn diff_shows_what_a_plan_change_would_flip() {
         })
     );
 
-    let out = run(false);
+    let out = diff(&cfg, &candidate, false);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(
@@ -434,19 +430,7 @@ async fn diff_shows_what_a_plan_change_would_flip() {
     // Swapped, the log is older than the "current" configuration: the
     // globex rule writes (logged 403) and the acme markers read (logged
     // 200) already decide otherwise under it, and the text says so.
-    let swapped = std::process::Command::new(BIN)
-        .args([
-            "diff",
-            "--config",
-            candidate.to_str().expect("utf8"),
-            "--candidate",
-            cfg.to_str().expect("utf8"),
-            "--log",
-            access.to_str().expect("utf8"),
-        ])
-        .env("SG_TEST_HS256", HS_SECRET)
-        .output()
-        .expect("diff");
+    let swapped = diff(&candidate, &cfg, false);
     let text = String::from_utf8_lossy(&swapped.stdout);
     assert!(
         text.contains("note: 3 recorded decisions differ under the current configuration already"),
@@ -454,19 +438,7 @@ async fn diff_shows_what_a_plan_change_would_flip() {
     );
 
     // The same configuration as candidate: nothing flips, exit 0.
-    let same = std::process::Command::new(BIN)
-        .args([
-            "diff",
-            "--config",
-            cfg.to_str().expect("utf8"),
-            "--candidate",
-            cfg.to_str().expect("utf8"),
-            "--log",
-            access.to_str().expect("utf8"),
-        ])
-        .env("SG_TEST_HS256", HS_SECRET)
-        .output()
-        .expect("diff");
+    let same = diff(&cfg, &cfg, false);
     assert_eq!(
         same.status.code(),
         Some(0),
