@@ -33,10 +33,15 @@
 # request comes on a new connection: the cost of a client that does not
 # keep its connection (with TLS=1 that adds a full handshake each).
 #
+# SG_BASE=path makes the third target that scopegate binary, run as the
+# second is (own HTTP/1 loop): an A/B of a change, round by round, with
+# nginx beside as the yardstick. Copy the baseline's release build out of
+# target/ before building the change.
+#
 # Needs: apt-get install wrk nginx-light; python3; for PROTO=h2 nghttp2-client;
 #        for PROTO=h1.0 apache2-utils; for TLS=1 openssl
 # Usage: [PAIRS=10] [DUR=5] [METHOD=GET|POST] [BODY=256] [PROTO=h1|h1.0|h2] [TLS=0|1]
-#        [CONN=keep|close] bench/cputime.sh
+#        [CONN=keep|close] [SG_BASE=path] bench/cputime.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-10}
@@ -79,7 +84,13 @@ PAT=$(mint_pat "$WORK")
 gateway_conf "$WORK/g1.yaml" $SG $UP
 gateway_conf "$WORK/g2.yaml" $SGH $UP
 SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g1.yaml" >/dev/null & SG1=$!; PIDS+=($SG1)
-SCOPEGATE_HTTP1_SERVER=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
+if [ -n "${SG_BASE:-}" ]; then
+  THIRD=sg-base
+  SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$SG_BASE" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
+else
+  THIRD=sg-pat-hyper-srv
+  SCOPEGATE_HTTP1_SERVER=hyper SCOPEGATE_WORKERS=1 SCOPEGATE_LOG=warn taskset -c 1 "$BIN/scopegate" serve --config "$WORK/g2.yaml" >/dev/null & SG2=$!; PIDS+=($SG2)
+fi
 for p in $NG $SG $SGH; do wait_port $p; done
 NGW=$(pgrep -P "$NGINX_MASTER" | head -1)
 SCRIPT=()
@@ -133,18 +144,18 @@ one() { # name port pid
 for _ in $(seq 1 "$PAIRS"); do
   one nginx $NG "$NGW"
   one sg-pat $SG $SG1
-  one sg-pat-hyper-srv $SGH $SG2
+  one $THIRD $SGH $SG2
 done
 OVER=$PROTO
 [ "$TLS" = 1 ] && OVER="$PROTO with TLS"
 echo "CPU µs per $METHOD request$([ "$METHOD" = POST ] && echo " ($BODY-byte body)") over $OVER, proxy alone on CPU 1, $PAIRS interleaved rounds of ${DUR}s, 32 connections"
-for t in nginx sg-pat sg-pat-hyper-srv; do
+for t in nginx sg-pat $THIRD; do
   printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${ALL[$t]}")" "${ALL[$t]}"
 done
 # User time alone: the part a change in user-space code moves; system time
 # (about two thirds here) is the same four socket calls for every target.
 echo "of which user µs per request (clock ticks of 10 ms: coarse per round)"
-for t in nginx sg-pat sg-pat-hyper-srv; do
+for t in nginx sg-pat $THIRD; do
   printf '%-17s median %6.2f   [%s ]\n' "$t" "$(median <<<"${USR[$t]}")" "${USR[$t]}"
 done
 ratio() { awk -v a="$(median <<<"${ALL[$1]}")" -v b="$(median <<<"${ALL[$2]}")" 'BEGIN { printf "%.2f", a / b }'; }
@@ -154,9 +165,11 @@ echo "nginx / sg-pat (scopegate's efficiency as a share of nginx's): $(ratio ngi
 # alone does not say whether issue 5's "within 15% of nginx" (0.85x or
 # better) is settled.
 paired "${ALL[nginx]}" "${ALL[sg-pat]}"
-if [ "$PROTO" = h2 ]; then
+if [ -n "${SG_BASE:-}" ]; then
+  echo "sg-pat / sg-base (this tree's build against $SG_BASE): $(ratio sg-pat sg-base)x"
+elif [ "$PROTO" = h2 ]; then
   echo "sg-pat / sg-pat-hyper-srv (a control over h2: the same code both ways): $(ratio sg-pat sg-pat-hyper-srv)x"
 else
   echo "sg-pat / sg-pat-hyper-srv (own HTTP/1 loop's cost vs hyper's server): $(ratio sg-pat sg-pat-hyper-srv)x"
 fi
-paired "${ALL[sg-pat]}" "${ALL[sg-pat-hyper-srv]}"
+paired "${ALL[sg-pat]}" "${ALL[$THIRD]}"
