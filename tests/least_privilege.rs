@@ -175,17 +175,15 @@ async fn suggest_after_a_scripted_workload() {
     assert_eq!(r.json()["calls"], json!([]));
 
     // `scopegate suggest` against the running gateway.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "suggest",
-            "--admin",
-            &admin.to_string(),
-            "--token-id",
-            "tok_broad",
-            "--json",
-        ])
-        .output()
-        .expect("suggest");
+    let suggest = |id: &str, json_out: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["suggest", "--admin", &admin.to_string(), "--token-id", id]);
+        if json_out {
+            cmd.arg("--json");
+        }
+        cmd.output().expect("suggest")
+    };
+    let out = suggest("tok_broad", true);
     assert!(
         out.status.success(),
         "{}",
@@ -215,16 +213,7 @@ async fn suggest_after_a_scripted_workload() {
     );
 
     // The text form, for people.
-    let out = std::process::Command::new(BIN)
-        .args([
-            "suggest",
-            "--admin",
-            &admin.to_string(),
-            "--token-id",
-            "tok_broad",
-        ])
-        .output()
-        .expect("suggest");
+    let out = suggest("tok_broad", false);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("10 allowed calls in 4 shapes"), "{text}");
     assert!(
@@ -235,16 +224,7 @@ async fn suggest_after_a_scripted_workload() {
     assert!(!text.contains("nothing: the current cube"), "{text}");
     // No secret in what suggest prints or the admin serves.
     assert!(!text.contains(&broad.secret));
-    let out = std::process::Command::new(BIN)
-        .args([
-            "suggest",
-            "--admin",
-            &admin.to_string(),
-            "--token-id",
-            "nobody",
-        ])
-        .output()
-        .expect("suggest");
+    let out = suggest("nobody", false);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no usage recorded"));
 
@@ -256,16 +236,7 @@ async fn suggest_after_a_scripted_workload() {
             .status,
         200
     );
-    let out = std::process::Command::new(BIN)
-        .args([
-            "suggest",
-            "--admin",
-            &admin.to_string(),
-            "--token-id",
-            "tok/unused~1",
-        ])
-        .output()
-        .expect("suggest");
+    let out = suggest("tok/unused~1", false);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
