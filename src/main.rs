@@ -380,13 +380,14 @@ fn init_tracing(format: LogFormat) -> Result<scopegate::logging::Guard> {
     use tracing_subscriber::EnvFilter;
     const VAR: &str = "SCOPEGATE_LOG_BUFFER_LINES";
     let lines = match std::env::var(VAR) {
-        Err(_) => scopegate::logging::DEFAULT_BUFFER_LINES,
-        Ok(v) => v
-            .trim()
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| anyhow!("{VAR}: `{v}` is not a number of lines (1 or more)"))?,
+        Err(std::env::VarError::NotPresent) => scopegate::logging::DEFAULT_BUFFER_LINES,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            bail!("{VAR} is not UTF-8: expected a number of lines (1 or more)")
+        }
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => bail!("{VAR}={v:?}: expected a number of lines (1 or more)"),
+        },
     };
     let (writer, guard) =
         scopegate::logging::stdout(lines).context("starting the log writer thread")?;

@@ -652,7 +652,8 @@ async fn demo_falls_back_to_a_free_port_only_when_not_told_where() {
 
 /// `scopegate serve` with one variable set, expected to refuse to start:
 /// its stderr. Stops it and fails if it is still running after 10 s.
-fn serve_refuses(cfg: &Path, var: &str, value: &str) -> String {
+fn serve_refuses(cfg: &Path, var: &str, value: impl AsRef<std::ffi::OsStr>) -> String {
+    let value = value.as_ref();
     let mut child = Command::new(BIN)
         .args(["serve", "--config", cfg.to_str().expect("utf8")])
         .env(var, value)
@@ -724,12 +725,22 @@ async fn the_worker_count_is_read_back_in_the_log_and_checked() {
             "stderr: {err}"
         );
     }
+    // Not UTF-8: refused too, not taken as unset.
+    use std::os::unix::ffi::OsStrExt;
+    let garbled = std::ffi::OsStr::from_bytes(b"2\xff");
+    for var in ["SCOPEGATE_WORKERS", "SCOPEGATE_LOG_BUFFER_LINES"] {
+        let err = serve_refuses(&cfg, var, garbled);
+        assert!(
+            err.contains(&format!("{var} is not UTF-8")),
+            "stderr: {err}"
+        );
+    }
     // The log queue's length is checked the same way.
     for bad in ["0", "many"] {
         let err = serve_refuses(&cfg, "SCOPEGATE_LOG_BUFFER_LINES", bad);
         assert!(
             err.contains(&format!(
-                "SCOPEGATE_LOG_BUFFER_LINES: `{bad}` is not a number of lines"
+                "SCOPEGATE_LOG_BUFFER_LINES={bad:?}: expected a number of lines"
             )),
             "stderr: {err}"
         );
