@@ -499,6 +499,8 @@ fn scheduler_name() -> &'static str {
 
 async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
     let options = scopegate::server::ServeOptions::from_env().map_err(anyhow::Error::msg)?;
+    let in_future_client =
+        scopegate::upstream::upstream_client_from_env().map_err(anyhow::Error::msg)?;
     let backlog = scopegate::server::backlog_for(gw.current().snapshot.limits.max_connections);
     let listener = scopegate::server::bind(listen, backlog)
         .with_context(|| format!("binding listen.addr {listen}"))?;
@@ -520,7 +522,7 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
         // Which client carries bodiless requests and small whole bodies to
         // a plaintext HTTP/1.1 upstream (SCOPEGATE_UPSTREAM_CLIENT=hyper
         // switches to hyper's).
-        upstream_client = if scopegate::upstream::raw_client_enabled() { "in-future" } else { "hyper" },
+        upstream_client = if in_future_client { "in-future" } else { "hyper" },
         // Which server reads plain HTTP/1.1 requests
         // (SCOPEGATE_HTTP1_SERVER=hyper switches to hyper's alone).
         http1_server = if options.h1_fast_path { "own" } else { "hyper" },

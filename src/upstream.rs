@@ -318,11 +318,32 @@ fn idempotent(m: &http::Method) -> bool {
     .contains(m)
 }
 
+/// Chooses the client for plaintext HTTP/1.1 upstreams.
+pub const UPSTREAM_CLIENT_ENV: &str = "SCOPEGATE_UPSTREAM_CLIENT";
+
 /// `SCOPEGATE_UPSTREAM_CLIENT=hyper` sends every request through hyper's
 /// client: the switch back if the in-future client ever misbehaves, and
-/// the baseline for A/B measurements.
+/// the baseline for A/B measurements. Unset or `in-future` is the default;
+/// anything else is an error (`serve` stops on it, naming the variable).
+pub fn upstream_client_from_env() -> Result<bool, String> {
+    match std::env::var(UPSTREAM_CLIENT_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(true),
+        Ok(v) if v == "in-future" => Ok(true),
+        Ok(v) if v == "hyper" => Ok(false),
+        Ok(v) => Err(format!(
+            "{UPSTREAM_CLIENT_ENV}={v:?}: expected \"in-future\" (the default) or \"hyper\""
+        )),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!(
+            "{UPSTREAM_CLIENT_ENV} is not UTF-8: expected \"in-future\" (the default) or \"hyper\""
+        )),
+    }
+}
+
+/// Whether the in-future client is on: [`upstream_client_from_env`], with
+/// the default for a value `serve` would have refused (the library's
+/// callers, such as tests, do not check it first).
 pub fn raw_client_enabled() -> bool {
-    std::env::var("SCOPEGATE_UPSTREAM_CLIENT").map_or(true, |v| v != "hyper")
+    upstream_client_from_env().unwrap_or(true)
 }
 
 /// A response body from either client.

@@ -611,6 +611,35 @@ async fn the_http1_server_switch_is_named_in_the_log_and_checked() {
         err.contains("SCOPEGATE_HTTP1_SERVER=\"fast\""),
         "stderr: {err}"
     );
+    // The upstream client's switch likewise: named in the log, checked.
+    for (env, want) in [(Some("in-future"), "in-future"), (Some("hyper"), "hyper")] {
+        let vars: Vec<(&str, &str)> = env
+            .map(|v| ("SCOPEGATE_UPSTREAM_CLIENT", v))
+            .into_iter()
+            .collect();
+        let mut log = Vec::new();
+        let (child, _rx, gw, _) = spawn_serve_with(&cfg, &mut log, &vars);
+        let started = log
+            .iter()
+            .find(|l| l.contains("gateway listening"))
+            .expect("start line");
+        assert!(
+            started.contains(&format!("\"upstream_client\":\"{want}\"")),
+            "{env:?}: {started}"
+        );
+        assert_eq!(
+            get(gw, "/v1/tenants/acme-prod/markers", &tok).await.status,
+            200
+        );
+        drop(child);
+    }
+    for bad in ["Hyper", "hyper ", "raw"] {
+        let err = serve_refuses(&cfg, "SCOPEGATE_UPSTREAM_CLIENT", bad);
+        assert!(
+            err.contains(&format!("SCOPEGATE_UPSTREAM_CLIENT={bad:?}")),
+            "stderr: {err}"
+        );
+    }
 }
 
 /// Without `--listen`, a demo whose configured address (the shipped
