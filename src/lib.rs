@@ -32,3 +32,20 @@ pub mod usage;
 pub use config::{ConfigErrors, Snapshot};
 pub use proxy::Gateway;
 pub use server::serve;
+
+/// A switch back to hyper read from `var`: `Ok(true)` when unset or set to
+/// `ours` (the default, the gateway's own code), `Ok(false)` for `hyper`,
+/// and an error naming the variable for anything else.
+pub(crate) fn own_or_hyper(var: &str, ours: &str) -> Result<bool, String> {
+    match std::env::var(var) {
+        Err(std::env::VarError::NotPresent) => Ok(true),
+        Ok(v) if v == ours => Ok(true),
+        Ok(v) if v == "hyper" => Ok(false),
+        Ok(v) => Err(format!(
+            "{var}={v:?}: expected \"{ours}\" (the default) or \"hyper\""
+        )),
+        Err(std::env::VarError::NotUnicode(_)) => Err(format!(
+            "{var} is not UTF-8: expected \"{ours}\" (the default) or \"hyper\""
+        )),
+    }
+}

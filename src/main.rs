@@ -333,20 +333,19 @@ async fn suggest(admin: &str, token_id: &str, json_out: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-/// `SCOPEGATE_WORKERS`: unset is one worker per core; otherwise a whole
-/// number of worker threads, 1 or more. Anything else stops the command
-/// with the variable named, rather than quietly taking every core of a
-/// node the operator meant to share.
-fn workers_from_env() -> Result<Option<usize>> {
-    const VAR: &str = "SCOPEGATE_WORKERS";
-    match std::env::var(VAR) {
+/// A count read from `var`: `None` when unset, otherwise a whole number
+/// from 1 up (spaces around it allowed). Anything else stops the command
+/// with the variable named, rather than quietly taking a default the
+/// operator did not ask for.
+fn count_from_env(var: &str, of: &str) -> Result<Option<usize>> {
+    match std::env::var(var) {
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => {
-            bail!("{VAR} is not UTF-8: expected a number of worker threads (1 or more)")
+            bail!("{var} is not UTF-8: expected a number of {of} (1 or more)")
         }
         Ok(v) => match v.trim().parse::<usize>() {
             Ok(n) if n > 0 => Ok(Some(n)),
-            _ => bail!("{VAR}={v:?}: expected a number of worker threads (1 or more)"),
+            _ => bail!("{var}={v:?}: expected a number of {of} (1 or more)"),
         },
     }
 }
@@ -354,7 +353,7 @@ fn workers_from_env() -> Result<Option<usize>> {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     // A sidecar should not claim every core of its node: SCOPEGATE_WORKERS
     // caps the worker threads (default: one per core).
-    let workers = workers_from_env()?;
+    let workers = count_from_env("SCOPEGATE_WORKERS", "worker threads")?;
     if workers == Some(1) {
         // One worker: the current-thread scheduler, without work-stealing
         // machinery or cross-thread wakeups. bench/load.sh measured 42.4k
@@ -378,17 +377,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// until the end: dropping it writes out what is queued.
 fn init_tracing(format: LogFormat) -> Result<scopegate::logging::Guard> {
     use tracing_subscriber::EnvFilter;
-    const VAR: &str = "SCOPEGATE_LOG_BUFFER_LINES";
-    let lines = match std::env::var(VAR) {
-        Err(std::env::VarError::NotPresent) => scopegate::logging::DEFAULT_BUFFER_LINES,
-        Err(std::env::VarError::NotUnicode(_)) => {
-            bail!("{VAR} is not UTF-8: expected a number of lines (1 or more)")
-        }
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => bail!("{VAR}={v:?}: expected a number of lines (1 or more)"),
-        },
-    };
+    let lines = count_from_env("SCOPEGATE_LOG_BUFFER_LINES", "lines")?
+        .unwrap_or(scopegate::logging::DEFAULT_BUFFER_LINES);
     let (writer, guard) =
         scopegate::logging::stdout(lines).context("starting the log writer thread")?;
     let filter =

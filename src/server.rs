@@ -356,21 +356,7 @@ impl ServeOptions {
     /// From `SCOPEGATE_HTTP1_SERVER`: unset or `own` (the default), or
     /// `hyper`. Anything else is an error naming the variable.
     pub fn from_env() -> Result<ServeOptions, String> {
-        let h1_fast_path = match std::env::var(HTTP1_SERVER_ENV) {
-            Err(std::env::VarError::NotPresent) => true,
-            Ok(v) if v == "own" => true,
-            Ok(v) if v == "hyper" => false,
-            Ok(v) => {
-                return Err(format!(
-                    "{HTTP1_SERVER_ENV}={v:?}: expected \"own\" (the default) or \"hyper\""
-                ));
-            }
-            Err(std::env::VarError::NotUnicode(_)) => {
-                return Err(format!(
-                    "{HTTP1_SERVER_ENV} is not UTF-8: expected \"own\" (the default) or \"hyper\""
-                ));
-            }
-        };
+        let h1_fast_path = crate::own_or_hyper(HTTP1_SERVER_ENV, "own")?;
         Ok(ServeOptions { h1_fast_path })
     }
 }

@@ -326,17 +326,7 @@ pub const UPSTREAM_CLIENT_ENV: &str = "SCOPEGATE_UPSTREAM_CLIENT";
 /// the baseline for A/B measurements. Unset or `in-future` is the default;
 /// anything else is an error (`serve` stops on it, naming the variable).
 pub fn upstream_client_from_env() -> Result<bool, String> {
-    match std::env::var(UPSTREAM_CLIENT_ENV) {
-        Err(std::env::VarError::NotPresent) => Ok(true),
-        Ok(v) if v == "in-future" => Ok(true),
-        Ok(v) if v == "hyper" => Ok(false),
-        Ok(v) => Err(format!(
-            "{UPSTREAM_CLIENT_ENV}={v:?}: expected \"in-future\" (the default) or \"hyper\""
-        )),
-        Err(std::env::VarError::NotUnicode(_)) => Err(format!(
-            "{UPSTREAM_CLIENT_ENV} is not UTF-8: expected \"in-future\" (the default) or \"hyper\""
-        )),
-    }
+    crate::own_or_hyper(UPSTREAM_CLIENT_ENV, "in-future")
 }
 
 /// Whether the in-future client is on: [`upstream_client_from_env`], with
