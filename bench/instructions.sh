@@ -171,7 +171,7 @@ count() {
         nginx -p "$WORK/$conf" -c "$WORK/$conf/nginx.conf" 2>"$WORK/vg.err" & pid=$! ;;
     sg-*)
       port=$SG
-      local client=inline server=own
+      local client=in-future server=own
       local log=warn
       [ "$name" = sg-pat-hyper ] && client=hyper
       case $name in *-hyper-srv) server=hyper ;; esac
