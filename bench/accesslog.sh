@@ -38,10 +38,15 @@ HZ=$(getconf CLK_TCK)
 echo "access log cost: ES256, proxy pinned to CPU 1; wrk -t1 -c32 ${DUR}s, then paced at $RATE req/s for ${DUR}s; $ROUNDS interleaved rounds"
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${TARGETS[@]}"; do
-    rps=$(taskset -c 0 wrk -t1 -c32 -d"${DUR}s" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${PORT[$t]}$PATH_OK" | awk '/^Requests\/sec/ { printf "%d", $2 }')
+    taskset -c 0 wrk -t1 -c32 -d"${DUR}s" -H "Authorization: Bearer $JWT" "http://127.0.0.1:${PORT[$t]}$PATH_OK" > "$WORK/wrk.out"
+    # Every answer must be the upstream's: a refused token would measure
+    # the cost of a 401.
+    if grep -qE "Non-2xx|Socket errors" "$WORK/wrk.out"; then echo "$t: $(grep -E "Non-2xx|Socket errors" "$WORK/wrk.out")" >&2; exit 1; fi
+    rps=$(awk '/^Requests\/sec/ { printf "%d", $2 }' "$WORK/wrk.out")
     a=$(awk '{ print $14 + $15 }' "/proc/${PID[$t]}/stat")
     out=$(taskset -c 0 "$BIN/examples/paced" "127.0.0.1:${PORT[$t]}" "$PATH_OK" "$RATE" "$DUR" 32 "$JWT")
     b=$(awk '{ print $14 + $15 }' "/proc/${PID[$t]}/stat")
+    grep -q "errors=0 " <<<"$out" || { echo "$t: errors at $RATE req/s: $out" >&2; exit 1; }
     printf 'round %s  %-16s req/s %6s   busy while paced %3s%%   %s\n' "$r" "$t" "$rps" "$(( (b - a) * 100 / HZ / DUR ))" "$(sed -E 's/.*(p50_us=[0-9]+ p99_us=[0-9]+).*/\1/' <<<"$out")"
   done
 done
