@@ -2,7 +2,9 @@
 # nginx's plain proxy and scopegate's config, so they always measure the
 # same thing. Source it after `cd` to the repository root; it sets BIN,
 # PATH_OK, KEY_PUB, KEY_PRIV and TARGET_US.
-BIN=target/release
+# Where cargo put the release build (bench/smoke.sh builds into a directory
+# of its own).
+BIN=${CARGO_TARGET_DIR:-target}/release
 # Issue 5's p99 target: added over direct at half of peak, in µs (the
 # verdicts of load.sh and floor.sh).
 TARGET_US=250
