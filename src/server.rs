@@ -35,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, TryAcquireError, watch};
 
-use crate::proxy::{Gateway, Peer, RequestBody};
+use crate::proxy::{Gateway, Peer, PeerTexts, RequestBody};
 
 mod fast;
 pub mod streamed;
@@ -401,6 +401,7 @@ pub async fn serve_with(
 
     // Connections accepted since `shutdown` was last looked at.
     let mut unchecked = 0u32;
+    let mut texts = PeerTexts::default();
     loop {
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -454,7 +455,7 @@ pub async fn serve_with(
         let activity = Activity::new();
         let conn = Conn {
             gw: gw.clone(),
-            peer,
+            peer: texts.peer(peer, tls.is_some()),
             _place: open.register(&activity),
             activity,
             builder: builder.clone(),
@@ -470,7 +471,7 @@ pub async fn serve_with(
         // so that a plaintext connection does not copy the TLS one's
         // larger state (5.4 against 10.6 KB).
         match tls {
-            None => tokio::spawn(Box::pin(conn.run(stream, false))),
+            None => tokio::spawn(Box::pin(conn.run(stream))),
             Some(config) => tokio::spawn(Box::pin(conn.tls(stream, config))),
         };
     }
@@ -490,7 +491,7 @@ pub async fn serve_with(
 /// One accepted connection, and what serving it needs.
 struct Conn {
     gw: Arc<Gateway>,
-    peer: std::net::SocketAddr,
+    peer: Peer,
     activity: Arc<Activity>,
     /// Its place among the connections the [`clock`] looks at.
     _place: Place,
@@ -511,14 +512,14 @@ impl Conn {
             let now = self.activity.now_ms();
             self.activity.head_since.store(now, Ordering::Relaxed);
             self.activity.last.store(now, Ordering::Relaxed);
-            self.run(stream, true).await;
+            self.run(stream).await;
         }
     }
 
     /// Serve the connection until it ends: first with the own HTTP/1 loop
     /// (when on), then, from the first request that loop does not serve,
     /// with hyper. The clock's verdicts reach both.
-    async fn run<S>(self, stream: S, tls: bool)
+    async fn run<S>(self, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -532,7 +533,6 @@ impl Conn {
             fast,
             _permit,
         } = self;
-        let peer = Peer::new(peer, tls);
         let mut io = Tracked::new(stream, activity.clone());
         if fast {
             let next = {
