@@ -88,6 +88,7 @@
 //! gateway never produces them: it strips hop-by-hop fields from upstream
 //! answers and both upstream clients handle 1xx themselves.
 
+use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::mem::MaybeUninit;
 use std::pin::{Pin, pin};
@@ -188,6 +189,79 @@ struct Scratch {
     date: DateCache,
 }
 
+/// The most [`Scratch`]es a thread keeps for its next connections.
+const SPARES: usize = 16;
+/// The most field entries (in `fields`, and in `spare`'s capacity) and
+/// response bytes (`out`) a [`Scratch`] may hold to be kept: one a large
+/// answer grew is let go.
+const SPARE_FIELDS: usize = 64;
+const SPARE_OUT: usize = 16 * 1024;
+
+thread_local! {
+    /// Scratches that connections ended on this thread left, cleared.
+    static SPARE_SCRATCH: RefCell<Vec<Scratch>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A connection's [`Scratch`], taken at its first request from those
+/// connections on the same thread left, and left for the next when it
+/// ends. A client that opens a connection for each request then costs no
+/// allocation here (four, growing from empty: sg-close 1.2% of its
+/// instructions), and an upstream that sends no `Date` no date formatted
+/// for each connection (once a second instead). An idle connection holds
+/// an empty one, as before.
+#[derive(Default)]
+struct Pooled(Scratch);
+
+impl Pooled {
+    /// A head is about to be parsed: take a spare if this one is empty.
+    fn ready(&mut self) {
+        if self.0.fields.capacity() == 0
+            && let Ok(Some(spare)) = SPARE_SCRATCH.try_with(|s| s.try_borrow_mut().ok()?.pop())
+        {
+            self.0 = spare;
+        }
+    }
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Scratch;
+    fn deref(&self) -> &Scratch {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pooled {
+    fn deref_mut(&mut self) -> &mut Scratch {
+        &mut self.0
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let s = &mut self.0;
+        if s.fields.capacity() == 0
+            || s.fields.capacity() > SPARE_FIELDS
+            || s.spare.capacity() > SPARE_FIELDS
+            || s.out.capacity() > SPARE_OUT
+        {
+            return;
+        }
+        s.fields.clear();
+        s.spare.clear();
+        s.out.clear();
+        s.closes = false;
+        let s = std::mem::take(s);
+        // At thread exit the list may be gone: the scratch is just freed.
+        let _ = SPARE_SCRATCH.try_with(|spares| {
+            if let Ok(mut spares) = spares.try_borrow_mut()
+                && spares.len() < SPARES
+            {
+                spares.push(s);
+            }
+        });
+    }
+}
+
 /// Serve requests on `io` until the connection ends or a request is not
 /// this loop's to serve. `max_head` is hyper's `max_buf_size` on the same
 /// connection.
@@ -205,7 +279,7 @@ where
     let mut buf = BytesMut::new();
     // Nothing but the read buffer is allocated before the first request:
     // an idle connection costs what it costs hyper.
-    let mut scratch = Scratch::default();
+    let mut scratch = Pooled::default();
     loop {
         // The next head, from what is buffered and then from the socket.
         // A small body not all there is looked for among the bytes the
@@ -213,6 +287,7 @@ where
         let mut late = false;
         let (req, mut feed) = loop {
             if !buf.is_empty() {
+                scratch.ready();
                 match parse(&mut buf, max_head, late, &mut scratch) {
                     Parsed::Request(req) => break (req, None),
                     Parsed::Stream(req, feed) => break (req, Some(feed)),
@@ -1610,6 +1685,62 @@ mod tests {
             assert_eq!(out, Some("answered"));
             assert_eq!(&buf[..], after, "{limit}");
         }
+    }
+
+    /// A connection's scratch is left for the next connection on the same
+    /// thread, cleared; an unused one, one a large answer grew, and more
+    /// than [`SPARES`] are not kept.
+    #[test]
+    fn a_connections_scratch_is_left_cleared_for_the_next_on_its_thread() {
+        std::thread::spawn(|| {
+            let spares = || SPARE_SCRATCH.with_borrow(Vec::len);
+            let used = || {
+                let mut s = Pooled::default();
+                s.ready();
+                s.fields.push((HeaderName::from_static("x-field"), 0, 1));
+                s.spare.insert("x-left", HeaderValue::from_static("over"));
+                s.out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+                s.closes = true;
+                s
+            };
+            let mut first = Pooled::default();
+            first.ready();
+            assert_eq!(first.fields.capacity(), 0, "a spare on a new thread");
+            drop(first);
+            assert_eq!(spares(), 0, "an unused scratch kept");
+
+            drop(used());
+            assert_eq!(spares(), 1);
+            let mut next = Pooled::default();
+            next.ready();
+            assert_eq!(spares(), 0);
+            assert!(next.fields.capacity() > 0 && next.out.capacity() > 0);
+            assert!(next.fields.is_empty() && next.spare.is_empty() && next.out.is_empty());
+            assert!(!next.closes);
+            drop(next);
+
+            type Grow = fn(&mut Scratch);
+            let outsized: [Grow; 3] = [
+                |s| s.fields.reserve(SPARE_FIELDS + 1),
+                |s| s.spare.reserve(SPARE_FIELDS + 1),
+                |s| s.out.reserve(SPARE_OUT + 1),
+            ];
+            for (i, grow) in outsized.into_iter().enumerate() {
+                let mut s = Pooled::default();
+                s.ready();
+                assert_eq!(spares(), 0, "{i}");
+                grow(&mut s);
+                drop(s);
+                assert_eq!(spares(), 0, "an outsized scratch kept: {i}");
+                drop(used());
+            }
+
+            let many: Vec<Pooled> = (0..SPARES + 3).map(|_| used()).collect();
+            drop(many);
+            assert_eq!(spares(), SPARES);
+        })
+        .join()
+        .expect("the test thread");
     }
 
     /// An answer done on its third poll, waking itself until then.
