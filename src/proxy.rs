@@ -105,17 +105,18 @@ impl Peer {
 /// The `X-Forwarded-For` text of the address the last connection came
 /// from, kept by an accept loop: a client that opens a connection for each
 /// request (most often one address, the application beside a sidecar)
-/// has its text made once, and each connection after shares it (no
-/// formatting, no allocation: 1.5% of such a request's instructions).
+/// has its text made once, and each connection after shares it: no
+/// formatting and no allocation (`Peer::new` alone was 203 of such a
+/// request's 32,000 instructions).
 #[derive(Default)]
-pub struct PeerTexts {
+pub(crate) struct PeerTexts {
     last: Option<(std::net::IpAddr, HeaderValue)>,
 }
 
 impl PeerTexts {
     /// [`Peer::new`], sharing the text of the previous address when it is
     /// the same.
-    pub fn peer(&mut self, addr: SocketAddr, tls: bool) -> Peer {
+    pub(crate) fn peer(&mut self, addr: SocketAddr, tls: bool) -> Peer {
         let ip = addr.ip();
         if let Some((last, text)) = &self.last
             && *last == ip
