@@ -1735,6 +1735,19 @@ mod tests {
                 drop(used());
             }
 
+            // At the bounds, kept.
+            let mut s = Pooled::default();
+            s.ready();
+            // Cleared when kept: reserving the bound holds exactly it.
+            s.fields.reserve_exact(SPARE_FIELDS);
+            s.out.reserve_exact(SPARE_OUT);
+            assert_eq!(
+                (s.fields.capacity(), s.out.capacity()),
+                (SPARE_FIELDS, SPARE_OUT)
+            );
+            drop(s);
+            assert_eq!(spares(), 1, "kept at the bounds");
+
             let many: Vec<Pooled> = (0..SPARES + 3).map(|_| used()).collect();
             drop(many);
             assert_eq!(spares(), SPARES);
