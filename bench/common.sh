@@ -21,6 +21,14 @@ start_work() {
   trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"' EXIT
 }
 
+# wrk_failed FILE LABEL: whether wrk's output in FILE counts an answer
+# other than 2xx, or a socket error (told on stderr after LABEL): every
+# answer measured must be the upstream's, not a denial's.
+wrk_failed() {
+  grep -qE "Non-2xx|Socket errors" "$1" || return 1
+  echo "$2: $(grep -E "Non-2xx|Socket errors" "$1" | tr '\n' ' ')" >&2
+}
+
 wait_port() { for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 # nginx_conf DIR PORT UPSTREAM_PORT [MAIN_DIRECTIVE...]: a plain reverse

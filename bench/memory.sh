@@ -75,7 +75,7 @@ if [ "$TLS" = 1 ]; then
 fi
 for ((t = 30; t <= SOAK; t += 30)); do
   wrk -t1 -c32 -d30s -H "Authorization: Bearer $PAT" "$URL" > "$WORK/wrk.out"
-  if grep -qE "Non-2xx|Socket errors" "$WORK/wrk.out"; then echo "t=${t}s: $(grep -E "Non-2xx|Socket errors" "$WORK/wrk.out")" >&2; exit 1; fi
+  if wrk_failed "$WORK/wrk.out" "t=${t}s"; then exit 1; fi
   NOW=$(rss); [ "$NOW" -gt "$MAX" ] && MAX=$NOW
   echo "t=${t}s  RSS ${NOW} kB  $(awk '/^Requests\/sec/ { print $2 " req/s" }' "$WORK/wrk.out")"
 done

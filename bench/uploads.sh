@@ -48,10 +48,8 @@ round() {
     now=$(eval "$rss"); [ "$now" -gt "$max" ] && max=$now
   done
   wait $w
-  # Every answer must be the upstream's 200: a denial reads no body.
-  if grep -qE "Non-2xx|Socket errors" "$WORK/wrk.out"; then
-    grep -E "Non-2xx|Socket errors" "$WORK/wrk.out" >&2; kill $pid; exit 1
-  fi
+  # A denial reads no body.
+  if wrk_failed "$WORK/wrk.out" "$1"; then kill $pid; exit 1; fi
   now=$(eval "$rss")
   kill $pid; wait $pid 2>/dev/null || true
   echo "$idle $max $now $(awk '/^Requests\/sec/ { print $2 }' "$WORK/wrk.out")"
