@@ -521,8 +521,11 @@ async fn run_gateway(gw: Arc<Gateway>, listen: SocketAddr) -> Result<()> {
         workers = tokio::runtime::Handle::current().metrics().num_workers(),
         "gateway listening"
     );
-    scopegate::server::serve_with(listener, gw, shutdown_signal(), options).await;
+    let served = scopegate::server::serve_with(listener, gw, shutdown_signal(), options)
+        .await
+        .with_context(|| format!("watching listen.addr {listen} for connections"));
     let _ = stop_tx.send(true);
+    served?;
     Ok(())
 }
 
@@ -998,6 +1001,8 @@ async fn demo(
     let _log = init_tracing(log_format)?;
 
     let gw = Gateway::new(snap).map_err(|e| anyhow!(e))?;
-    scopegate::serve(listener, gw, shutdown_signal()).await;
+    scopegate::serve(listener, gw, shutdown_signal())
+        .await
+        .context("watching the demo's listener for connections")?;
     Ok(ExitCode::SUCCESS)
 }

@@ -37,6 +37,7 @@ use tokio::sync::{Semaphore, TryAcquireError, watch};
 
 use crate::proxy::{Gateway, Peer, PeerTexts, RequestBody};
 
+mod accept;
 mod fast;
 pub mod streamed;
 #[doc(hidden)]
@@ -360,15 +361,20 @@ pub fn backlog_for(max_connections: usize) -> u32 {
 /// Serve the proxy on `listener` until `shutdown` resolves, then drain.
 /// TLS is used when the serving generation configures it; each new
 /// connection takes the certificate of the generation current when it is
-/// accepted. Limits are read once, at start.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+/// accepted. Limits are read once, at start. Fails only when the
+/// listener cannot be watched for connections (nothing was served).
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let options = ServeOptions::from_env().unwrap_or_else(|e| {
         tracing::warn!(error = %e, "serving HTTP/1 with hyper alone");
         ServeOptions {
             h1_fast_path: false,
         }
     });
-    serve_with(listener, gw, shutdown, options).await;
+    serve_with(listener, gw, shutdown, options).await
 }
 
 /// How the listener serves HTTP/1.
@@ -402,7 +408,8 @@ pub async fn serve_with(
     gw: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
     options: ServeOptions,
-) {
+) -> io::Result<()> {
+    let listener = accept::Listener::new(listener)?;
     let limits = gw.current().snapshot.limits.clone();
     let max = limits.max_connections;
     let permits = Arc::new(Semaphore::new(max));
@@ -522,6 +529,7 @@ pub async fn serve_with(
     {
         tracing::warn!(drain_timeout = ?limits.drain_timeout, "drain timeout passed with connections still open");
     }
+    Ok(())
 }
 
 /// One accepted connection, and what serving it needs.

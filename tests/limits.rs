@@ -334,7 +334,8 @@ async fn shutdown_drains_requests_in_flight() {
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
         .expect("serve returned after the drain")
-        .expect("join");
+        .expect("join")
+        .expect("served");
     // And nothing listens any more.
     assert!(
         TcpStream::connect(addr).await.is_err(),
@@ -416,7 +417,8 @@ async fn drain_timeout_bounds_the_wait() {
     tokio::time::timeout(Duration::from_secs(3), task)
         .await
         .expect("serve gave up after drain_timeout")
-        .expect("join");
+        .expect("join")
+        .expect("served");
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 

@@ -440,7 +440,7 @@ pub struct TestGateway {
     pub dir: tempfile::TempDir,
     pub path: PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    pub task: Option<tokio::task::JoinHandle<()>>,
+    pub task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 impl TestGateway {
