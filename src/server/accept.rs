@@ -17,6 +17,13 @@
 //! connection that arrives just after the look: epoll queues its edge, and
 //! tokio's readiness ticks keep a clear from undoing a newer readiness.
 //! Elsewhere than Linux the listener is tokio's, unchanged.
+//!
+//! One thing tokio's accept did is lost: it marks the streams it accepts
+//! readable (crate-private), so the first read tries the socket at once.
+//! `TcpStream::from_std` cannot, and the first read waits for the epoll
+//! event that registering the socket raises anyway. That is one more poll
+//! of the connection's task (about 480 user-space instructions a
+//! connection, 1.6%), against a failed system call saved.
 
 use std::io;
 use std::net::SocketAddr;
