@@ -772,3 +772,48 @@ async fn the_worker_count_is_read_back_in_the_log_and_checked() {
         );
     }
 }
+
+/// Out of file descriptors (`EMFILE`), the listener logs the failed
+/// accept and backs off instead of spinning; a request left waiting in the
+/// accept queue is served once descriptors are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_listener_backs_off_and_recovers() {
+    let up = Upstream::start(Default::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write_files(dir.path(), up.addr, &[], &Options::default());
+    let mut log = Vec::new();
+    let (child, rx, gw, _) = spawn_serve_limited(&cfg, &mut log, 64);
+    // More idle connections than the gateway has descriptors for.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(gw).await.expect("connect"));
+    }
+    wait_for(&rx, &mut log, |v| {
+        v["message"] == "accept failed"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("os error 24"))
+    });
+    let tok = markers_jwt();
+    let waiting = tokio::spawn(async move { get(gw, "/v1/tenants/acme-prod/markers", &tok).await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served while out of descriptors");
+    let failed = log.iter().filter(|l| l.contains("accept failed")).count();
+    drop(idle);
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+        .await
+        .expect("served once descriptors were free")
+        .expect("join");
+    assert_eq!(r.status, 200);
+    assert_eq!(up.count(), 1);
+    // Backing off: a few failed accepts in the 300 ms, not thousands.
+    while let Ok(line) = rx.try_recv() {
+        log.push(line);
+    }
+    let all = log.iter().filter(|l| l.contains("accept failed")).count();
+    assert!(
+        (1..=20).contains(&failed) && all <= failed + 20,
+        "{failed} failed accepts before, {all} in all"
+    );
+    drop(child);
+}

@@ -914,7 +914,42 @@ pub fn spawn_serve_with(
     std::net::SocketAddr,
     Option<std::net::SocketAddr>,
 ) {
-    let mut child = std::process::Command::new(BIN)
+    spawn_serve_by(std::process::Command::new(BIN), cfg, log, env)
+}
+
+/// [`spawn_serve`] with at most `nofile` open files (`ulimit -n`, set by
+/// `sh` before it becomes the gateway).
+pub fn spawn_serve_limited(
+    cfg: &std::path::Path,
+    log: &mut Vec<String>,
+    nofile: u32,
+) -> (
+    ChildGuard,
+    std::sync::mpsc::Receiver<String>,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+) {
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "ulimit -n \"$0\" && exec \"$@\""])
+        .arg(nofile.to_string())
+        .arg(BIN);
+    spawn_serve_by(sh, cfg, log, &[])
+}
+
+/// `cmd serve --config CFG` with `env`: the gateway's address (and the
+/// admin address, if any) from its start lines.
+fn spawn_serve_by(
+    mut cmd: std::process::Command,
+    cfg: &std::path::Path,
+    log: &mut Vec<String>,
+    env: &[(&str, &str)],
+) -> (
+    ChildGuard,
+    std::sync::mpsc::Receiver<String>,
+    std::net::SocketAddr,
+    Option<std::net::SocketAddr>,
+) {
+    let mut child = cmd
         .args(["serve", "--config", cfg.to_str().expect("utf8")])
         .envs(env.iter().copied())
         .env("SG_TEST_HS256", HS_SECRET)
