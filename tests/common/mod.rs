@@ -889,17 +889,18 @@ impl Drop for ChildGuard {
     }
 }
 
-/// `scopegate serve --config cfg`, with its stdout lines and the proxy's
-/// (and, when configured, the admin's) bound address.
-pub fn spawn_serve(
-    cfg: &std::path::Path,
-    log: &mut Vec<String>,
-) -> (
+/// A `scopegate serve` child: the process, its stdout lines, the gateway's
+/// address and the admin address, if any.
+pub type Serving = (
     ChildGuard,
     std::sync::mpsc::Receiver<String>,
     std::net::SocketAddr,
     Option<std::net::SocketAddr>,
-) {
+);
+
+/// `scopegate serve --config cfg`, with its stdout lines and the proxy's
+/// (and, when configured, the admin's) bound address.
+pub fn spawn_serve(cfg: &std::path::Path, log: &mut Vec<String>) -> Serving {
     spawn_serve_with(cfg, log, &[])
 }
 
@@ -908,27 +909,13 @@ pub fn spawn_serve_with(
     cfg: &std::path::Path,
     log: &mut Vec<String>,
     env: &[(&str, &str)],
-) -> (
-    ChildGuard,
-    std::sync::mpsc::Receiver<String>,
-    std::net::SocketAddr,
-    Option<std::net::SocketAddr>,
-) {
+) -> Serving {
     spawn_serve_by(std::process::Command::new(BIN), cfg, log, env)
 }
 
 /// [`spawn_serve`] with at most `nofile` open files (`ulimit -n`, set by
 /// `sh` before it becomes the gateway).
-pub fn spawn_serve_limited(
-    cfg: &std::path::Path,
-    log: &mut Vec<String>,
-    nofile: u32,
-) -> (
-    ChildGuard,
-    std::sync::mpsc::Receiver<String>,
-    std::net::SocketAddr,
-    Option<std::net::SocketAddr>,
-) {
+pub fn spawn_serve_limited(cfg: &std::path::Path, log: &mut Vec<String>, nofile: u32) -> Serving {
     let mut sh = std::process::Command::new("sh");
     sh.args(["-c", "ulimit -n \"$0\" && exec \"$@\""])
         .arg(nofile.to_string())
@@ -943,12 +930,7 @@ fn spawn_serve_by(
     cfg: &std::path::Path,
     log: &mut Vec<String>,
     env: &[(&str, &str)],
-) -> (
-    ChildGuard,
-    std::sync::mpsc::Receiver<String>,
-    std::net::SocketAddr,
-    Option<std::net::SocketAddr>,
-) {
+) -> Serving {
     let mut child = cmd
         .args(["serve", "--config", cfg.to_str().expect("utf8")])
         .envs(env.iter().copied())
