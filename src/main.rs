@@ -830,7 +830,9 @@ async fn demo(
     };
     let mut snap = load(&path, &demo_env)?;
 
-    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    // A queue as deep as the gateway's, so that a burst of new connections
+    // from a cold gateway is not dropped (tokio's default is 128).
+    let api = scopegate::server::bind(([127, 0, 0, 1], 0).into(), 4096)?;
     let api_addr = api.local_addr()?;
     tokio::spawn(stand_in_api(api));
     snap.upstream.scheme = http::uri::Scheme::HTTP;
