@@ -20,10 +20,11 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        // An accept queue of 4,096 (the gateway's own default, from
-        // `max_connections`): tokio's 128 overflowed when a cold gateway
-        // opened a connection for each of 256 clients at once, and each
-        // dropped SYN cost its request a one-second retransmission.
+        // An accept queue of 4,096 (the kernel's default cap, which the
+        // gateway's own default of 10,000 meets): tokio's 128 overflowed
+        // when a cold gateway opened a connection for each of 256 clients
+        // at once, and each dropped SYN cost its request a one-second
+        // retransmission.
         let listener = scopegate::server::bind(addr.parse().expect("address"), 4096).expect("bind");
         eprintln!("fast_upstream listening on {addr}");
         loop {
